@@ -1,0 +1,69 @@
+"""``python -m bench <hydra overrides>`` runs one experiment job.
+
+    python -m bench experiment=quick
+    python -m bench experiment=smoke game=sequential seed=1
+    python -m bench -m experiment=quick seed=0,1,2          # a sweep
+    python -m bench compare --help | python -m bench report --help
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "task", "partition", "game", "train", "logger", "experiment", "local")
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """Unknown config names as one clear line (Hydra's own message is a page)."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key in GROUPS:
+            for v in value.split(","):
+                if v and v != "null" and not (CONF / key / f"{v}.yaml").exists():
+                    names = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
+                    return f"{key}={v}: no such config; choose one of {names}"
+    return None
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("compare", "report"):
+        import importlib
+        mod = importlib.import_module(f"bench.{sys.argv[1]}")
+        sys.exit(mod.main(sys.argv[2:]))
+    from bench.errors import fail
+    msg = check_overrides(sys.argv[1:])
+    if msg:
+        fail(msg)
+
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+    def _run(cfg: DictConfig) -> None:
+        from bench.errors import ConfigError
+        try:
+            from bench.run import run_experiment, summary
+            records = run_experiment(cfg)
+        except ConfigError as e:
+            fail(e)
+        print(summary(records, cfg.results_dir))
+        if any(r["status"] != "ok" for r in records):
+            sys.exit(1)
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""A content-addressed on-disk store, written atomically.
+
+Every entry is written to a temp file in the same folder, fsynced, then
+``os.replace``d into place, so a reader sees either nothing or a whole entry.
+A truncated or unreadable entry (a crash of another tool, a full disk) reads
+as missing and is recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def content_key(obj) -> str:
+    """sha256 of the canonical JSON of ``obj``."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class DiskCache:
+    """JSON records and tensor blobs under ``root/<kind>/<key[:2]>/<key>``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, kind: str, key: str, ext: str) -> Path:
+        return self.root / kind / key[:2] / f"{key}.{ext}"
+
+    def get_json(self, kind: str, key: str) -> dict | None:
+        p = self._path(kind, key, "json")
+        try:
+            rec = json.loads(p.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        # a record must say which key it answers: guards against a stray or swapped file
+        return rec if isinstance(rec, dict) and rec.get("key") == key else None
+
+    def put_json(self, kind: str, key: str, rec: dict) -> None:
+        atomic_write_bytes(self._path(kind, key, "json"), json.dumps({**rec, "key": key}).encode())
+
+    def get_tensors(self, kind: str, key: str):
+        p = self._path(kind, key, "pt")
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception:   # truncated / corrupt: treat as missing
+            return None
+        return obj if isinstance(obj, dict) and obj.get("key") == key else None
+
+    def put_tensors(self, kind: str, key: str, obj: dict) -> None:
+        import io
+        buf = io.BytesIO()
+        torch.save({**obj, "key": key}, buf)
+        atomic_write_bytes(self._path(kind, key, "pt"), buf.getvalue())
+
+    def count(self, kind: str) -> int:
+        return sum(1 for _ in (self.root / kind).glob("*/*.*")) if (self.root / kind).exists() else 0

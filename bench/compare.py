@@ -1,0 +1,218 @@
+"""Regression check: a commit's latest results against a baseline.
+
+    python -m bench.compare                         # HEAD vs results/baselines/<experiment>.jsonl
+    python -m bench.compare --baseline 1a2b3c4      # HEAD vs another commit's records in results/runs
+    python -m bench.compare --baseline old.jsonl    # HEAD vs any JSONL file of records
+    python -m bench.compare --write-baseline        # freeze HEAD's latest records as the baseline
+
+Rows are (experiment, valuer, game); per seed the newest record counts, and
+metrics are averaged over the seeds both sides share. Exit status: 0 = no
+regression, 1 = a quality metric got worse than --tolerance (Spearman,
+Pearson or AUROC fell, rel-L2 rose), a valuer that worked now fails, or (with
+--cost-tolerance) a cost ratio grew past 1 + tolerance; 2 = missing results.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from bench.errors import fail
+from bench.report import render_table
+from bench.tracking import REPO_DIR, ResultsStore, dumps_line, get_metric, git_info, latest, \
+    read_jsonl
+
+# (header, section, key, +1 if higher is better else -1)
+QUALITY = [("ρ", "fidelity", "spearman", +1), ("pearson", "fidelity", "pearson", +1),
+           ("rel-L2", "fidelity", "rel_l2", -1), ("AUROC", "detection", "auroc", +1)]
+COST = [("wall ×", "cost", "wall_s"), ("fine-tunes ×", "cost", "fine_tunes")]
+
+
+def resolve_commit(ref: str) -> str:
+    """Full sha for a ref git knows (HEAD~1, a branch, a short sha); else ``ref`` unchanged."""
+    try:
+        p = subprocess.run(["git", "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"],
+                           cwd=REPO_DIR, capture_output=True, text=True, timeout=15)
+        return p.stdout.strip() if p.returncode == 0 and p.stdout.strip() else ref
+    except (OSError, subprocess.SubprocessError):
+        return ref
+
+
+def _of_commit(records: list[dict], commit: str) -> list[dict]:
+    return [r for r in records if str(r.get("commit", "")).startswith(commit)]
+
+
+def _mean(recs: list[dict], section: str, key: str) -> float | None:
+    xs = [v for v in (get_metric(r, section, key) for r in recs) if v is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def compare_rows(new: list[dict], old: list[dict], tol: float, cost_tol: float | None):
+    """Table rows for one experiment and whether any row regressed."""
+    by_key = lambda recs: _group(latest(recs))  # noqa: E731
+    n_g, o_g = by_key(new), by_key(old)
+    rows, regressed = [], False
+    for key in sorted(set(n_g) | set(o_g)):
+        valuer, game = key
+        if key not in n_g:
+            rows.append([valuer, game, "-"] + [""] * (len(QUALITY) + len(COST)) + ["not rerun"])
+            continue
+        if key not in o_g:
+            rows.append([valuer, game, str(len(n_g[key]))] + [""] * (len(QUALITY) + len(COST))
+                        + ["new (no baseline)"])
+            continue
+        seeds = sorted(set(n_g[key]) & set(o_g[key]), key=str) or None
+        pick = lambda g: [g[key][s] for s in (seeds or g[key])]  # noqa: E731
+        n_all, o_all = pick(n_g), pick(o_g)
+        n_ok = [r for r in n_all if r.get("status") == "ok"]
+        o_ok = [r for r in o_all if r.get("status") == "ok"]
+        bad = []
+        if len(n_ok) < len(n_all) and o_ok:
+            bad.append("FAILED")
+        cells = []
+        for name, sec, k, sign in QUALITY:
+            nv, ov = _mean(n_ok, sec, k), _mean(o_ok, sec, k)
+            if ov is None:
+                cells.append("—" if nv is None else f"{nv:.3f}")
+            elif nv is None:
+                cells.append("lost")
+                if n_ok:
+                    bad.append(name)
+            else:
+                worse = sign * (nv - ov) < -tol
+                cells.append(f"{nv:.3f} ({nv - ov:+.3f}){' !' if worse else ''}")
+                if worse:
+                    bad.append(name)
+        for name, sec, k in COST:
+            nv, ov = _mean(n_ok, sec, k), _mean(o_ok, sec, k)
+            if nv is None or not ov:
+                cells.append("—")
+                continue
+            worse = cost_tol is not None and nv / ov > 1 + cost_tol
+            cells.append(f"{nv / ov:.2f}{' !' if worse else ''}")
+            if worse:
+                bad.append(name)
+        n_seeds = f"{len(n_all)}" + ("" if seeds else " (no shared seeds)")
+        verdict = ("REGRESSED: " + ", ".join(bad) if bad
+                   else "failed, as in baseline" if not n_ok else "ok")
+        rows.append([valuer, game, n_seeds] + cells + [verdict])
+        regressed |= bool(bad)
+    return rows, regressed
+
+
+def _group(recs: list[dict]) -> dict[tuple[str, str], dict]:
+    g: dict = defaultdict(dict)
+    for r in recs:
+        g[(str(r.get("valuer")), str(r.get("game")))][r.get("seed")] = r
+    return g
+
+
+def write_baseline(records: list[dict], path: Path) -> int:
+    """Atomically replace ``path`` with the ok records (temp file + os.replace)."""
+    ok = sorted((r for r in records if r.get("status") == "ok"),
+                key=lambda r: (str(r.get("game")), str(r.get("valuer")), str(r.get("seed"))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.writelines(dumps_line(r) for r in ok)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(ok)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default="results", metavar="DIR",
+                    help="results folder holding runs/ and baselines/ (default: results)")
+    ap.add_argument("--experiment", metavar="NAME", help="only this experiment (default: all "
+                    "experiments the commit has records for)")
+    ap.add_argument("--commit", metavar="REF", help="the new side (default: current HEAD)")
+    ap.add_argument("--baseline", metavar="FILE_OR_COMMIT", help="a JSONL file of records, or a "
+                    "commit whose records in runs/ are the old side (default: "
+                    "<results>/baselines/<experiment>.jsonl)")
+    ap.add_argument("--baselines-dir", metavar="DIR",
+                    help="where committed baselines live (default: <results>/baselines)")
+    ap.add_argument("--tolerance", type=float, default=0.05,
+                    help="allowed drop of ρ/pearson/AUROC and rise of rel-L2 (default: 0.05)")
+    ap.add_argument("--cost-tolerance", type=float, metavar="FRAC",
+                    help="also fail if wall time or fine-tunes grow by more than this fraction "
+                         "(e.g. 0.5 = 1.5×); by default costs are only reported")
+    ap.add_argument("--write-baseline", action="store_true",
+                    help="write the commit's latest ok records to the baselines dir and exit")
+    args = ap.parse_args(argv)
+
+    store = ResultsStore(args.results)
+    base_dir = Path(args.baselines_dir) if args.baselines_dir else store.root / "baselines"
+    records = store.read(args.experiment)
+    if not records:
+        what = f" for experiment {args.experiment!r}" if args.experiment else ""
+        fail(f"no results in {store.runs}{what}; run `python -m bench experiment=<name>` "
+             "or pass --results DIR")
+    head = git_info()
+    commit = resolve_commit(args.commit) if args.commit else head["commit"]
+    new = _of_commit(records, commit)
+    if not new:
+        fail(f"no records of commit {commit[:12]} in {store.runs}; run the benchmark at this "
+             "commit or pass --commit <sha>")
+    experiments = sorted({str(r.get("experiment")) for r in new})
+
+    if args.write_baseline:
+        for exp in experiments:
+            recs = latest(r for r in new if r.get("experiment") == exp)
+            n = write_baseline(recs, base_dir / f"{exp}.jsonl")
+            dirty = " (from a dirty tree)" if any(r.get("dirty") for r in recs) else ""
+            print(f"wrote {n} records of {commit[:12]}{dirty} to {base_dir / f'{exp}.jsonl'}")
+        return 0
+
+    old_commit = None
+    if args.baseline and not Path(args.baseline).is_file():
+        if args.baseline.endswith(".jsonl") or os.sep in args.baseline:
+            fail(f"--baseline: file {args.baseline} not found; pass an existing file or a commit")
+        old_commit = resolve_commit(args.baseline)
+
+    headers = ["valuer", "game", "seeds"] + [q[0] for q in QUALITY] + [c[0] for c in COST] \
+        + ["verdict"]
+    any_regressed, compared = False, 0
+    for exp in experiments:
+        if old_commit:
+            old, src = _of_commit(store.read(exp), old_commit), f"commit {old_commit[:12]}"
+        else:
+            f = Path(args.baseline) if args.baseline else base_dir / f"{exp}.jsonl"
+            old = [r for r in read_jsonl(f) if r.get("experiment") == exp] if f.is_file() else []
+            src = str(f)
+        if not old:
+            print(f"{exp}: no baseline records in {src}; create one with --write-baseline",
+                  file=sys.stderr)
+            continue
+        new_exp = [r for r in new if r.get("experiment") == exp]
+        rows, regressed = compare_rows(new_exp, old, args.tolerance, args.cost_tolerance)
+        hw_new = {(r.get("hardware") or {}).get("id") for r in new_exp}
+        hw_old = {(r.get("hardware") or {}).get("id") for r in old}
+        print(f"{exp}: {commit[:12]}{' (dirty)' if head['dirty'] and commit == head['commit'] else ''}"
+              f" vs {src}  (tolerance {args.tolerance})")
+        if hw_new != hw_old:
+            print(f"  note: hardware differs ({', '.join(map(str, sorted(hw_new, key=str)))} vs "
+                  f"{', '.join(map(str, sorted(hw_old, key=str)))}); cost ratios are not like for like")
+        print(render_table(headers, rows) + "\n")
+        compared += 1
+        any_regressed |= regressed
+    if not compared:
+        fail("nothing to compare: no baseline records for "
+             + ", ".join(experiments) + "; create one with --write-baseline or pass --baseline")
+    print("REGRESSION" if any_regressed else "no regression beyond tolerance")
+    return 1 if any_regressed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""User-facing errors: one line that names the field and the fix."""
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+
+class ConfigError(Exception):
+    """A mistake the user can fix (a bad setting, an unwritable folder).
+
+    The message is one line: which field is wrong and what to set instead,
+    e.g. ``results_dir: cannot write to /x (read-only); set results_dir=<writable path>``.
+    """
+
+
+def fail(msg: object) -> NoReturn:
+    """Print ``error: <msg>`` to stderr and exit with status 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)

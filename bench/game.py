@@ -1,0 +1,240 @@
+"""The valuation game: players = owners, v(S) = score of the base fine-tuned on S.
+
+Two games (``kind``):
+  union       DPO on the pooled data of S (owners in index order), from the base,
+              reference = base.
+  sequential  DPO stage by stage over S's owners in ascending index, each stage
+              starting from and referenced to the previous stage's model
+              (the game in which the DPO arithmetic identity holds). Prefix
+              stages are cached and shared: {0,2} is a stage on top of {0}.
+v(∅) is the base model's score. Every v(S) lands in the on-disk cache under a
+key covering the task, the coalition's data (content), the eval set, the model,
+the trainer settings, the game, the seed and the code version, so every valuer
+and every rerun share it.
+
+A ``Game`` is picklable: worker processes rebuild the base model from the
+model cache and compute coalitions in parallel (joblib) when ``n_jobs > 1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.cache import DiskCache, content_key
+from bench.errors import ConfigError
+from bench.models import ModelSpec, load_base
+from bench.partition import Partition
+from bench.shapley import members
+from bench.task import Task
+from bench.train import METRICS, FineTuneDiverged, TrainSettings, dpo_stage, materialize, sequence_logps, utility_metrics
+
+GAMES = ("union", "sequential")
+
+
+def code_version() -> str:
+    """Hash of the sources that decide a utility, plus the library versions."""
+    import peft, transformers, trl
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("game.py", "train.py", "models.py"):
+        h.update((here / name).read_bytes())
+    h.update(f"{torch.__version__}/{transformers.__version__}/{trl.__version__}/{peft.__version__}".encode())
+    return h.hexdigest()[:12]
+
+
+def _owner_fp(pairs) -> str:
+    return content_key([asdict(p) for p in pairs])[:16]
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class UseLog:
+    """What a run asked of the game: one entry per distinct coalition used."""
+    entries: dict = field(default_factory=dict)   # mask -> {"fresh": bool, "compute_s": float, "peak_rss": int}
+
+    def add(self, mask: int, rec: dict, fresh: bool) -> None:
+        if mask not in self.entries or fresh:
+            self.entries[mask] = {"fresh": fresh, "compute_s": rec.get("train_s", 0) + rec.get("eval_s", 0),
+                                  "peak_rss": rec.get("peak_rss", 0), "trained": mask != 0}
+
+
+class Game:
+    def __init__(self, task: Task, partition: Partition, model: ModelSpec, train: TrainSettings,
+                 kind: str = "union", seed: int = 0, metric: str = "pref_acc",
+                 cache_dir: str | Path = "results/cache", n_jobs: int = 1, progress: bool = True):
+        if kind not in GAMES:
+            raise ConfigError(f"game.kind: unknown {kind!r}; choose one of {list(GAMES)}")
+        if metric not in METRICS:
+            raise ConfigError(f"game.metric: unknown {metric!r}; choose one of {list(METRICS)}")
+        self.task, self.partition, self.model_spec, self.train = task, partition, model, train
+        self.kind, self.seed, self.metric = kind, seed, metric
+        self.cache_dir, self.n_jobs, self.progress = str(cache_dir), n_jobs, progress
+        self.n = partition.n_owners
+        self.owner_sizes = partition.sizes()
+        self._owner_fps = [_owner_fp(o) for o in partition.owners]
+        self._static = {"code": code_version(), "task": task.fingerprint(),
+                        "eval": _owner_fp(task.eval), "model": asdict(model), "train": train.key(),
+                        "game": kind, "seed": seed}
+        self._base = None   # (model, tokenizer), loaded lazily in each process
+        self.log = UseLog()
+
+    # -- pickling: never ship the loaded model to workers
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_base"] = None
+        d["log"] = UseLog()
+        return d
+
+    @property
+    def cache(self) -> DiskCache:
+        return DiskCache(self.cache_dir)
+
+    def with_seed(self, seed: int) -> "Game":
+        return Game(self.task, self.partition, self.model_spec, self.train, self.kind, seed, self.metric,
+                    self.cache_dir, self.n_jobs, self.progress)
+
+    # ----------------------------------------------------------- keys
+    def key(self, mask: int) -> str:
+        """Content key of v(S): the coalition is named by its owners' data, in order."""
+        data = [self._owner_fps[i] for i in members(mask, self.n)]
+        return content_key({**self._static, "data": data})
+
+    # ----------------------------------------------------------- public
+    def utility(self, mask: int) -> float:
+        return float(self.record(mask)["metrics"][self.metric])
+
+    def record(self, mask: int) -> dict:
+        """The cached record of v(S) (metrics, per-pair eval log-probs, timings)."""
+        rec, fresh = self._get_or_compute(mask)
+        self.log.add(mask, rec, fresh)
+        return rec
+
+    def table(self, masks=None) -> np.ndarray:
+        """Utilities of ``masks`` (default: all 2^n), computing missing ones in
+        parallel; returns the full-length table with NaN where not asked."""
+        masks = list(range(2 ** self.n)) if masks is None else list(masks)
+        self.prefetch(masks)
+        out = np.full(2 ** self.n, np.nan)
+        for m in masks:
+            out[m] = self.utility(m)
+        return out
+
+    def prefetch(self, masks) -> None:
+        """Compute the missing coalitions among ``masks`` (by coalition size for the
+        sequential game, whose stages build on smaller prefixes)."""
+        missing = [m for m in dict.fromkeys(masks) if self.cache.get_json("utility", self.key(m)) is None]
+        if not missing:
+            return
+        levels = [missing] if self.kind == "union" else \
+            [[m for m in missing if bin(m).count("1") == k] for k in range(self.n + 1)]
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(missing), desc=f"coalitions ({self.kind}, seed {self.seed})",
+                   disable=not self.progress, unit="fit")
+        try:
+            for level in filter(None, levels):
+                if self.n_jobs > 1 and len(level) > 1:
+                    from joblib import Parallel, delayed
+                    jobs = (delayed(_compute_in_worker)(self, m, self.n_jobs) for m in level)
+                    for m, rec in Parallel(n_jobs=self.n_jobs, backend="loky",
+                                           return_as="generator_unordered")(jobs):
+                        self.log.add(m, rec, True)
+                        bar.update(1)
+                else:
+                    for m in level:
+                        rec, fresh = self._get_or_compute(m)
+                        self.log.add(m, rec, fresh)
+                        bar.update(1)
+        finally:
+            bar.close()
+
+    # ----------------------------------------------------------- internals
+    def base(self):
+        if self._base is None:
+            self._base = load_base(self.model_spec, self.task, self.cache_dir)
+        return self._base
+
+    def _base_logps(self):
+        key = content_key({**self._static, "data": "base-eval", "seed": None})
+        rec = self.cache.get_json("base_eval", key)
+        if rec is None:
+            model, tok = self.base()
+            lc, lr = sequence_logps(model, tok, self.model_spec, self.task.eval, self.train.score_batch_size)
+            rec = {"logp_chosen": lc.tolist(), "logp_rejected": lr.tolist()}
+            self.cache.put_json("base_eval", key, rec)
+        return np.array(rec["logp_chosen"]), np.array(rec["logp_rejected"])
+
+    def _get_or_compute(self, mask: int) -> tuple[dict, bool]:
+        key = self.key(mask)
+        rec = self.cache.get_json("utility", key)
+        if rec is not None:
+            return rec, False
+        rec = self._compute(mask)
+        self.cache.put_json("utility", key, rec)
+        return rec, True
+
+    def stages(self, mask: int) -> list[dict]:
+        """The weight stages whose chain gives the model of coalition ``mask``."""
+        if mask == 0:
+            return []
+        if self.kind == "union":
+            return [self._stage(mask, start_stages=[], pairs=self._pairs(mask))]
+        last = members(mask, self.n)[-1]
+        prefix = mask & ~(1 << last)
+        chain = self.stages(prefix)
+        return chain + [self._stage(mask, start_stages=chain, pairs=list(self.partition.owners[last]))]
+
+    def _pairs(self, mask: int):
+        return [p for i in members(mask, self.n) for p in self.partition.owners[i]]
+
+    def _stage(self, mask: int, start_stages: list[dict], pairs) -> dict:
+        key = self.key(mask)
+        st = self.cache.get_tensors("stage", key)
+        if st is not None:
+            return st
+        model, tok = self.base()
+        start = materialize(model, start_stages) if start_stages else model
+        t0 = time.perf_counter()
+        stage, stats = dpo_stage(start, tok, self.model_spec, pairs, self.train, seed=self.seed)
+        stage["train_s"], stage["stats"] = time.perf_counter() - t0, stats
+        # keep the stages others need: every sequential prefix; union singletons (per-owner models)
+        if self.kind == "sequential" or bin(mask).count("1") == 1:
+            self.cache.put_tensors("stage", key, stage)
+        return stage
+
+    def _compute(self, mask: int) -> dict:
+        model, tok = self.base()
+        base_lc, base_lr = self._base_logps()
+        train_s, stats, n_train = 0.0, {}, 0
+        if mask == 0:
+            lc, lr, eval_s = base_lc, base_lr, 0.0
+        else:
+            chain = self.stages(mask)
+            train_s, stats = chain[-1]["train_s"], chain[-1]["stats"]
+            n_train = len(self._pairs(mask))
+            policy = materialize(model, chain)
+            t0 = time.perf_counter()
+            lc, lr = sequence_logps(policy, tok, self.model_spec, self.task.eval, self.train.score_batch_size)
+            eval_s = time.perf_counter() - t0
+            if not (np.isfinite(lc).all() and np.isfinite(lr).all()):
+                raise FineTuneDiverged(f"coalition {members(mask, self.n)}: non-finite eval log-probs; lower train.lr")
+        return {"mask": mask, "members": list(members(mask, self.n)), "game": self.kind, "seed": self.seed,
+                "metrics": utility_metrics(lc, lr, base_lc, base_lr, self.train.beta),
+                "logp_chosen": np.asarray(lc).tolist(), "logp_rejected": np.asarray(lr).tolist(),
+                "n_train": n_train, "train_s": train_s, "eval_s": eval_s, "stats": stats,
+                "peak_rss": peak_rss_bytes(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def _compute_in_worker(game: Game, mask: int, n_jobs: int):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+    rec, _ = game._get_or_compute(mask)
+    return mask, rec

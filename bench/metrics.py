@@ -1,0 +1,101 @@
+"""Harness metrics: fidelity of estimated values, noisy-data detection, confidence intervals.
+
+Every number returned is a plain Python float (or None), so results are JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import stats
+from sklearn.cluster import KMeans
+from sklearn.metrics import average_precision_score, f1_score, r2_score, roc_auc_score
+
+NAN = float("nan")
+
+
+def _corr(fn, a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation statistic; NaN (without warnings) if undefined (n < 2 or constant input)."""
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return NAN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(fn(a, b).statistic)
+
+
+def _top(x: np.ndarray, k: int) -> set[int]:
+    """Indices of the k largest entries (ties broken by index)."""
+    return set(np.argsort(-x, kind="stable")[:k].tolist())
+
+
+def fidelity(est, truth, total_gain: float | None = None, k: int | None = None) -> dict:
+    """Agreement of estimated values `est` with reference values `truth`.
+
+    Keys: spearman, kendall, pearson; rel_l2 = ||est - truth|| / ||truth||; topk = overlap
+    fraction of the top-k sets (k defaults to max(1, n // 3)); sign_agreement = share of
+    players with equal sign (0 is its own sign); efficiency_gap = |sum(est) - total_gain|
+    (None without total_gain). Undefined correlations are NaN.
+    """
+    est, truth = np.asarray(est, dtype=float), np.asarray(truth, dtype=float)
+    if est.shape != truth.shape or est.ndim != 1:
+        raise ValueError(f"est and truth must be 1-D of equal length, got {est.shape} and {truth.shape}")
+    n = len(truth)
+    k = min(n, max(1, n // 3) if k is None else k)
+    norm = np.linalg.norm(truth)
+    return {
+        "spearman": _corr(stats.spearmanr, est, truth),
+        "kendall": _corr(stats.kendalltau, est, truth),
+        "pearson": _corr(stats.pearsonr, est, truth),
+        "rel_l2": float(np.linalg.norm(est - truth) / norm) if norm > 0 else NAN,
+        "topk": len(_top(est, k) & _top(truth, k)) / k if k > 0 else NAN,
+        "sign_agreement": float(np.mean(np.sign(est) == np.sign(truth))) if n else NAN,
+        "efficiency_gap": None if total_gain is None else float(abs(est.sum() - total_gain)),
+    }
+
+
+def r2(pred, actual) -> float:
+    """Coefficient of determination of `pred` as a prediction of `actual`; NaN if actual is constant."""
+    pred, actual = np.asarray(pred, dtype=float), np.asarray(actual, dtype=float)
+    if len(actual) < 2 or np.ptp(actual) == 0:
+        return NAN
+    return float(r2_score(actual, pred))
+
+
+def detection(values, is_bad, seed: int = 0) -> dict:
+    """How well low values flag the planted bad points (score = -values).
+
+    Keys: auroc, auprc; precision_at_k with k = number of bad points (ties in values
+    broken by index); f1 of a seeded 1-D two-means split of the values where the
+    cluster with the lower centroid is predicted bad (as in OpenDataVal; constant values
+    predict nothing bad). All None if is_bad has no positive or no negative.
+    """
+    values, is_bad = np.asarray(values, dtype=float), np.asarray(is_bad, dtype=bool)
+    if values.shape != is_bad.shape or values.ndim != 1:
+        raise ValueError(f"values and is_bad must be 1-D of equal length, got {values.shape} and {is_bad.shape}")
+    n_bad = int(is_bad.sum())
+    if n_bad == 0 or n_bad == len(is_bad):
+        return {"auroc": None, "auprc": None, "precision_at_k": None, "f1": None}
+    lowest = np.argsort(values, kind="stable")[:n_bad]
+    pred_bad = np.zeros(len(values), dtype=bool)
+    if np.ptp(values) > 0:
+        km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(values.reshape(-1, 1))
+        pred_bad = km.labels_ == int(np.argmin(km.cluster_centers_.ravel()))
+    return {
+        "auroc": float(roc_auc_score(is_bad, -values)),
+        "auprc": float(average_precision_score(is_bad, -values)),
+        "precision_at_k": float(is_bad[lowest].mean()),
+        "f1": float(f1_score(is_bad, pred_bad, zero_division=0.0)),
+    }
+
+
+def mean_ci(xs, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student-t confidence interval for the mean; one value -> (x, nan, nan)."""
+    x = np.asarray(xs, dtype=float).ravel()
+    if x.size == 0:
+        return NAN, NAN, NAN
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, NAN, NAN
+    half = float(stats.t.ppf((1 + level) / 2, df=x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    return mean, mean - half, mean + half

@@ -1,0 +1,181 @@
+"""One experiment job: build the game, compute the ground truth, run every valuer,
+measure it, record it.
+
+    config ─► Task ─► Partition ─► Game ─► Valuer ─► Valuation ─► metrics ─► records
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from bench import metrics as M
+from bench import shapley
+from bench.errors import ConfigError
+from bench.game import Game
+from bench.models import ModelSpec
+from bench.partition import make_partition
+from bench.task import local_pref, synthetic_pref
+from bench.train import FineTuneDiverged, TrainSettings
+from bench.tracking import ResultsStore, WandbLogger, provenance, to_jsonable
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+# ------------------------------------------------------------------ builders
+
+def _kwargs(cfg: DictConfig, drop=("kind",)) -> dict:
+    d = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in d.items() if k not in drop}
+
+
+def build_task(cfg: DictConfig):
+    t = cfg.task
+    if t.kind == "synthetic_pref":
+        return synthetic_pref(**_kwargs(t))
+    if t.kind == "local_pref":
+        return local_pref(**_kwargs(t))
+    raise ConfigError(f"task.kind: unknown {t.kind!r}; choose synthetic_pref or local_pref")
+
+
+def build_game(cfg: DictConfig, task=None, partition=None) -> tuple[Game, object]:
+    task = task or build_task(cfg)
+    part = partition or make_partition(task, **_kwargs(cfg.partition))
+    fields = set(ModelSpec.__dataclass_fields__)
+    model = ModelSpec(**{k: v for k, v in _kwargs(cfg.model, drop=()).items() if k in fields})
+    train = TrainSettings(**_kwargs(cfg.train, drop=()))
+    game = Game(task, part, model, train, kind=cfg.game.kind, seed=int(cfg.seed), metric=cfg.game.metric,
+                cache_dir=cfg.cache_dir, n_jobs=int(cfg.n_jobs), progress=bool(cfg.progress))
+    return game, part
+
+
+def available_valuers() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "valuer").glob("*.yaml"))
+
+
+def build_valuer(name: str, overrides: dict | None = None):
+    from hydra.utils import instantiate
+    path = CONF_DIR / "valuer" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"valuers: unknown valuer {name!r}; choose from {available_valuers()}")
+    vcfg = OmegaConf.merge(OmegaConf.load(path), overrides or {})
+    return instantiate(vcfg), OmegaConf.to_container(vcfg)
+
+
+# ------------------------------------------------------------------ truth
+
+def ground_truth(game: Game) -> dict:
+    """Exact retraining Shapley of the game, and under a second seed (noise ceiling)."""
+    table = game.table()
+    phi = shapley.exact_shapley(table)
+    shapley.check_efficiency(phi, table, atol=1e-9)
+    return {"table": table, "phi": phi, "gain": float(table[-1] - table[0])}
+
+
+def evaluate(val, truth: dict, truth2: dict, part, task_n_train: int) -> dict:
+    noisy = np.zeros(part.n_owners, bool)
+    noisy[part.truth.noisy_owners] = True
+    out = {
+        "fidelity": M.fidelity(val.owner_values, truth["phi"], truth["gain"]),
+        "noise_ceiling": M.fidelity(truth2["phi"], truth["phi"], truth["gain"]),
+        "detection": M.detection(val.owner_values, noisy),
+    }
+    if val.point_values is not None:
+        ids = [p.id for o in part.owners for p in o]
+        bad = np.isin(ids, part.truth.corrupted_ids)
+        out["detection_points"] = M.detection(val.point_values, bad)
+    return out
+
+
+# ------------------------------------------------------------------ the job
+
+def run_experiment(cfg: DictConfig) -> list[dict]:
+    store = ResultsStore(cfg.results_dir)
+    store.check_writable()                    # before any expensive work
+    names = list(cfg.valuers)
+    unknown = [n for n in names if n not in available_valuers()]
+    if unknown:
+        raise ConfigError(f"valuers: unknown {unknown}; choose from {available_valuers()}")
+    valuer_args = OmegaConf.to_container(cfg.valuer_args, resolve=True) or {}
+    built = {n: build_valuer(n, valuer_args.get(n)) for n in names}   # config errors surface now
+
+    task = build_task(cfg)
+    game, part = build_game(cfg, task)
+    prov = provenance(OmegaConf.to_container(cfg, resolve=True))
+    base = {"experiment": cfg.experiment_name, "game": game.kind, "seed": int(cfg.seed),
+            "n_owners": part.n_owners, "metric": game.metric, **prov,
+            "truth": {"noisy_owners": part.truth.noisy_owners, "duplicate_pairs": part.truth.duplicate_pairs,
+                      "n_corrupted": len(part.truth.corrupted_ids)},
+            "owner_sizes": part.sizes(), "config": OmegaConf.to_container(cfg, resolve=True)}
+    print(f"[dvbench] {cfg.experiment_name}: {part.n_owners} owners {part.sizes()}, game={game.kind}, "
+          f"metric={game.metric}, seed={cfg.seed}, model={cfg.model.name}, n_jobs={cfg.n_jobs}")
+
+    records: list[dict] = []
+    truth = truth2 = None
+    truth_error = None
+    t0 = time.perf_counter()
+    try:
+        truth = ground_truth(game)
+        truth2 = ground_truth(game.with_seed(int(cfg.seed) + int(cfg.noise_seed_offset)))
+    except FineTuneDiverged as e:
+        truth_error = f"ground truth: {e}"
+    truth_s = time.perf_counter() - t0
+
+    with WandbLogger(mode=cfg.logger.mode, project=cfg.logger.project, dir=cfg.logger.dir,
+                     run_name=f"{cfg.experiment_name}-s{cfg.seed}", config=base["config"],
+                     tags=[cfg.experiment_name, game.kind]) as wb:
+        for name, (valuer, vcfg) in built.items():
+            game.log.entries.clear()
+            rec = {**base, "valuer": name, "valuer_config": vcfg, "status": "ok", "error": None}
+            try:
+                if truth_error:
+                    raise FineTuneDiverged(truth_error)
+                from valuers.base import Budget
+                val = valuer.value(game, Budget(**OmegaConf.to_container(cfg.budget)))
+                if not np.all(np.isfinite(val.owner_values)):
+                    raise FineTuneDiverged("valuer returned non-finite values")
+                rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
+                           metrics=evaluate(val, truth, truth2, part, len(task.train)),
+                           extras=val.extras)
+                if val.point_values is not None:
+                    rec["point_values"] = val.point_values
+            except FineTuneDiverged as e:
+                rec.update(status="failed", error=str(e), owner_values=[], metrics={}, cost={})
+            except ConfigError:
+                raise
+            except Exception as e:   # a valuer crash is a failed record, with its traceback
+                rec.update(status="failed", error=f"{type(e).__name__}: {e}", owner_values=[], metrics={},
+                           cost={}, traceback=traceback.format_exc(limit=5))
+            rec["truth_values"] = truth["phi"] if truth else None
+            rec["truth_values_seed2"] = truth2["phi"] if truth2 else None
+            rec["utility_table"] = truth["table"] if truth else None
+            rec["truth_wall_s"] = truth_s
+            rec = to_jsonable(rec)
+            store.append(rec)
+            wb.log_record(rec, prefix=f"{name}/")
+            records.append(rec)
+        wb.log_tables(records)
+    return records
+
+
+def summary(records: list[dict], results_dir: str) -> str:
+    from bench.report import format_table
+    lines = [format_table(records)]
+    ok = [r for r in records if r["status"] == "ok"]
+    if ok:
+        r = ok[0]
+        lines.append(f"exact retraining Shapley (seed {r['seed']}): "
+                     + ", ".join(f"{v:+.3f}" for v in r["truth_values"]))
+        lines.append(f"second seed (noise ceiling):        "
+                     + ", ".join(f"{v:+.3f}" for v in r["truth_values_seed2"]))
+        lines.append(f"noisy owners {r['truth']['noisy_owners']}, duplicate pairs {r['truth']['duplicate_pairs']}")
+    for r in records:
+        if r["status"] != "ok":
+            lines.append(f"FAILED {r['valuer']}: {r['error']}")
+    lines.append(f"records appended to {Path(results_dir) / 'runs' / (records[0]['experiment'] + '.jsonl')}"
+                 if records else "no records")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Tests for bench/metrics.py."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from bench.metrics import detection, fidelity, mean_ci, r2
+
+
+def test_fidelity_perfect_ranking():
+    truth = np.array([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    f = fidelity(2 * truth, truth, total_gain=6.0, k=2)
+    assert f["spearman"] == pytest.approx(1) and f["kendall"] == pytest.approx(1) and f["pearson"] == pytest.approx(1)
+    assert f["rel_l2"] == pytest.approx(1.0)  # ||2t - t|| / ||t||
+    assert f["topk"] == 1.0 and f["sign_agreement"] == 1.0
+    assert f["efficiency_gap"] == pytest.approx(0.0)  # sum(2t) = 6
+    json.dumps(f)
+    assert all(v is None or type(v) is float for v in f.values())
+
+
+def test_fidelity_reversed_ranking():
+    truth = np.arange(1.0, 10.0)
+    f = fidelity(-truth, truth)
+    assert f["spearman"] == pytest.approx(-1) and f["kendall"] == pytest.approx(-1) and f["pearson"] == pytest.approx(-1)
+    assert f["topk"] == 0.0 and f["sign_agreement"] == 0.0 and f["efficiency_gap"] is None
+    assert f["rel_l2"] == pytest.approx(2.0)
+
+
+def test_fidelity_constant_estimate_is_nan_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = fidelity(np.ones(5), np.arange(5.0))
+    assert math.isnan(f["spearman"]) and math.isnan(f["kendall"]) and math.isnan(f["pearson"])
+
+
+def test_fidelity_topk_and_signs():
+    truth = np.array([5.0, 4.0, 3.0, -1.0, 0.0, -2.0])
+    est = np.array([5.0, 1.0, 3.0, 4.0, 0.0, 2.0])
+    f = fidelity(est, truth, k=3)
+    assert f["topk"] == pytest.approx(2 / 3)  # {0,1,2} vs {0,3,2}
+    assert f["sign_agreement"] == pytest.approx(4 / 6)  # zero matches zero; players 3 and 5 differ
+    assert f["kendall"] == pytest.approx(stats.kendalltau(est, truth).statistic)
+
+
+def test_r2():
+    y = np.array([1.0, 2.0, 4.0, 8.0])
+    assert r2(y, y) == 1.0
+    assert r2(np.full(4, y.mean()), y) == pytest.approx(0.0)
+    assert math.isnan(r2(y, np.ones(4)))
+
+
+def test_detection_perfect_separation():
+    values = np.array([-3.0, -2.5, 1.0, 1.2, 0.9, 1.1, -2.8, 1.3])
+    is_bad = values < 0
+    d = detection(values, is_bad)
+    assert d == {"auroc": 1.0, "auprc": 1.0, "precision_at_k": 1.0, "f1": 1.0}
+    assert all(type(v) is float for v in d.values())
+
+
+def test_detection_inverted_and_partial():
+    values = np.array([0.0, 1.0, 2.0, 3.0])
+    d = detection(values, [False, False, True, True])  # the bad ones have the highest values
+    assert d["auroc"] == 0.0 and d["precision_at_k"] == 0.0 and d["f1"] == 0.0
+    d = detection(values, [True, False, True, False])
+    assert d["precision_at_k"] == 0.5 and d["auroc"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("is_bad", [[False] * 4, [True] * 4])
+def test_detection_degenerate_labels_give_none(is_bad):
+    d = detection(np.arange(4.0), is_bad)
+    assert d == {"auroc": None, "auprc": None, "precision_at_k": None, "f1": None}
+
+
+def test_detection_constant_values_do_not_crash():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = detection(np.zeros(6), [True, False] * 3)
+    assert d["auroc"] == 0.5 and d["f1"] == 0.0
+
+
+def test_mean_ci():
+    mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    half = stats.t.ppf(0.975, 2) / np.sqrt(3)
+    assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert mean_ci([1.0, 2.0, 3.0], level=0.5)[2] < hi
+    m, lo, hi = mean_ci([4.2])
+    assert m == 4.2 and math.isnan(lo) and math.isnan(hi)
+    assert mean_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)

@@ -1,0 +1,270 @@
+"""Results store, provenance, W&B mirror, compare and report (fast, no network)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import compare, report
+from bench.errors import ConfigError, fail
+from bench.tracking import (ResultsStore, WandbLogger, config_hash, flatten_metrics, git_info,
+                            hardware_fingerprint, latest, to_jsonable)
+
+
+def make_record(valuer="exact", seed=0, commit="a" * 40, experiment="toy", game="union",
+                spearman=0.9, auroc=0.8, rel_l2=0.2, wall_s=10.0, fine_tunes=15, status="ok",
+                ts="2025-01-01T00:00:00+00:00"):
+    ok = status == "ok"
+    fid = {"spearman": spearman, "kendall": 0.8, "pearson": 0.95, "rel_l2": rel_l2,
+           "topk": 1.0, "efficiency_gap": 0.01}
+    return {
+        "experiment": experiment, "valuer": valuer, "game": game, "seed": seed, "n_owners": 4,
+        "commit": commit, "dirty": False, "config_hash": "0" * 12,
+        "hardware": {"id": "hw0"}, "timestamp": ts, "status": status,
+        "error": None if ok else "boom",
+        "owner_values": [0.1, 0.2, -0.3, 0.05] if ok else [],
+        "truth": {"noisy_owners": [2], "duplicate_pairs": [[0, 1]]},
+        "metrics": {"fidelity": fid if ok else {}, "noise_ceiling": dict(fid, spearman=0.95),
+                    "detection": {"auroc": auroc, "auprc": 0.7, "precision_at_k": 1.0, "f1": 1.0}
+                    if ok else {}},
+        "cost": {"wall_s": wall_s, "device": "cpu", "device_s": wall_s, "gpu_hours": 0.0,
+                 "fine_tunes": fine_tunes, "fine_tunes_cached": 0, "peak_mem_bytes": 1 << 20,
+                 "phases": {"train": wall_s}},
+        "config": {"valuer": {"name": valuer}},
+    }
+
+
+# --------------------------------------------------------------------------- store
+
+def test_round_trip_and_nan_is_null(tmp_path):
+    store = ResultsStore(tmp_path)
+    rec = make_record(spearman=float("nan"))
+    rec["owner_values"] = np.array([1.0, np.nan, np.inf, np.float32(0.5)])
+    rec["seed"] = np.int64(3)
+    path = store.append(rec)
+    assert path == tmp_path / "runs" / "toy.jsonl"
+    text = path.read_text()
+    assert text.count("\n") == 1 and "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    [back] = store.read("toy")
+    assert back["metrics"]["fidelity"]["spearman"] is None
+    assert back["owner_values"] == [1.0, None, None, 0.5] and back["seed"] == 3
+    assert store.read() == [back] and store.read("other") == []
+
+
+def test_truncated_last_line_is_skipped_and_next_append_survives(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append(make_record(seed=0))
+    path = store.append(make_record(seed=1))
+    data = path.read_bytes()
+    path.write_bytes(data[:-25])  # a writer died mid-line
+    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
+        assert [r["seed"] for r in store.read("toy")] == [0]
+    store.append(make_record(seed=2))  # must start on a fresh line
+    with pytest.warns(RuntimeWarning):
+        assert [r["seed"] for r in store.read("toy")] == [0, 2]
+
+
+def _append_many(root, worker, n, start):
+    start.wait()
+    store = ResultsStore(root)
+    for i in range(n):
+        rec = make_record(valuer=f"w{worker}", seed=i)
+        rec["owner_values"] = [float(worker)] * 3000  # ~15 kB lines: interleaving would show
+        store.append(rec)
+
+
+def test_concurrent_appends_from_processes(tmp_path):
+    ctx = mp.get_context("spawn")
+    start, n = ctx.Event(), 25
+    procs = [ctx.Process(target=_append_many, args=(tmp_path, w, n, start)) for w in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = (tmp_path / "runs" / "toy.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * n
+    recs = [json.loads(line) for line in lines]
+    for w in range(4):
+        mine = [r for r in recs if r["valuer"] == f"w{w}"]
+        assert [r["seed"] for r in mine] == list(range(n))
+        assert all(set(r["owner_values"]) == {float(w)} for r in mine)
+
+
+def test_unwritable_folder_fails_fast_with_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    store = ResultsStore(blocker / "results")
+    with pytest.raises(ConfigError) as exc:
+        store.check_writable()
+    msg = str(exc.value)
+    assert "\n" not in msg and str(blocker / "results") in msg and "results_dir=" in msg
+    with pytest.raises(ConfigError):
+        store.append(make_record())
+    assert blocker.read_text() == "x" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_check_writable_leaves_no_probe(tmp_path):
+    ResultsStore(tmp_path / "r").check_writable()
+    assert list((tmp_path / "r" / "runs").iterdir()) == []
+
+
+def test_fail_prints_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        fail("results_dir: nope")
+    assert exc.value.code == 2 and capsys.readouterr().err == "error: results_dir: nope\n"
+
+
+# --------------------------------------------------------------------------- provenance
+
+def test_config_hash_stable_and_ignores_volatile_keys():
+    a = {"model": {"name": "tiny", "lr": 1e-3}, "seed": 0, "results_dir": "/x"}
+    b = {"seed": 0, "results_dir": "/elsewhere", "model": {"lr": 1e-3, "name": "tiny"},
+         "hydra": {"run": {"dir": "out"}}}
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 12
+    assert config_hash(a) != config_hash({**a, "seed": 1})
+
+
+def test_to_jsonable():
+    @dataclasses.dataclass
+    class Cost:
+        wall_s: float
+        where: Path
+
+    out = to_jsonable({"c": Cost(np.float64(1.5), Path("/tmp/x")), 1: (np.bool_(True), -np.inf),
+                       "a": np.arange(3, dtype=np.int32)})
+    assert out == {"c": {"wall_s": 1.5, "where": "/tmp/x"}, "1": [True, None], "a": [0, 1, 2]}
+    assert type(out["a"][0]) is int
+
+
+def test_hardware_fingerprint_keys():
+    hw = hardware_fingerprint()
+    for k in ("platform", "python", "machine", "cpu", "n_cpus", "ram_bytes", "torch", "cuda",
+              "gpus", "id"):
+        assert k in hw
+    assert len(hw["id"]) == 12 and hardware_fingerprint()["id"] == hw["id"]
+
+
+def test_git_info_never_raises(tmp_path):
+    assert git_info(tmp_path)["commit"] == "unknown"
+    info = git_info()
+    assert set(info) == {"commit", "dirty"} and isinstance(info["dirty"], bool)
+
+
+# --------------------------------------------------------------------------- W&B
+
+def test_wandb_offline_writes_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # any network use would fail
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    (tmp_path / "values.json").write_text("[1, 2]")
+    recs = [make_record(valuer="exact"), make_record(valuer="tmc", spearman=float("nan"))]
+    with WandbLogger("offline", project="dvbench-test", dir=tmp_path / "wb", run_name="t",
+                     config={"a": 1}, tags=["test"]) as lg:
+        assert os.environ["WANDB_DIR"] == str(tmp_path / "wb")
+        flat = lg.log_record(recs[0])
+        assert flat["fidelity/spearman"] == 0.9 and flat["cost/fine_tunes"] == 15
+        lg.log_tables(recs)
+        lg.log_artifact(tmp_path / "values.json", "point values/exact", type="values")
+    assert "WANDB_DIR" not in os.environ
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_wandb_disabled_is_noop_without_import(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importing wandb would now raise
+    with WandbLogger("disabled", dir=tmp_path / "wb") as lg:
+        assert not lg.enabled
+        lg.log_record(make_record())
+        lg.log_tables([make_record()])
+        lg.log_artifact(tmp_path / "missing", "x")
+    assert not (tmp_path / "wb").exists()
+    with pytest.raises(ConfigError, match="logger.mode"):
+        WandbLogger("sometimes")
+
+
+def test_flatten_metrics_and_latest():
+    flat = flatten_metrics(make_record())
+    assert list(flat)[0].startswith("fidelity/") and flat["cost/phases/train"] == 10.0
+    assert "cost/device" not in flat  # strings are not metrics
+    old = make_record(spearman=0.1, ts="2025-01-01T00:00:00+00:00")
+    new = make_record(spearman=0.7, ts="2025-01-02T00:00:00+00:00")
+    assert latest([new, old]) == [new]
+
+
+# --------------------------------------------------------------------------- compare / report
+
+OLD, NEW = "a" * 40, "b" * 40
+
+
+def _store(tmp_path, new_spearman, new_status="ok"):
+    store = ResultsStore(tmp_path)
+    for seed in range(2):
+        store.append(make_record("exact", seed, OLD))
+        store.append(make_record("tmc", seed, OLD, spearman=0.8))
+        store.append(make_record("exact", seed, NEW, ts="2025-02-01T00:00:00+00:00"))
+        store.append(make_record("tmc", seed, NEW, spearman=new_spearman, status=new_status,
+                                 wall_s=30.0, ts="2025-02-01T00:00:00+00:00"))
+    return store
+
+
+def test_compare_flags_planted_regression(tmp_path, capsys):
+    _store(tmp_path, new_spearman=0.6)
+    assert compare.main(["--results", str(tmp_path), "--commit", OLD, "--write-baseline"]) == 0
+    assert (tmp_path / "baselines" / "toy.jsonl").is_file()
+    assert compare.main(["--results", str(tmp_path), "--commit", NEW]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED: ρ" in out and "-0.200" in out and "3.00" in out  # wall ratio reported
+    assert compare.main(["--results", str(tmp_path), "--commit", NEW, "--baseline", OLD]) == 1
+    assert compare.main(["--results", str(tmp_path), "--commit", NEW, "--tolerance", "0.3"]) == 0
+
+
+def test_compare_passes_within_tolerance_and_flags_cost_on_request(tmp_path, capsys):
+    _store(tmp_path, new_spearman=0.78)
+    assert compare.main(["--results", str(tmp_path), "--commit", NEW, "--baseline", OLD]) == 0
+    assert compare.main(["--results", str(tmp_path), "--commit", NEW, "--baseline", OLD,
+                         "--cost-tolerance", "0.5"]) == 1
+    assert "REGRESSED: wall" in capsys.readouterr().out
+
+
+def test_compare_flags_new_failure(tmp_path):
+    _store(tmp_path, new_spearman=0.8, new_status="failed")
+    assert compare.main(["--results", str(tmp_path), "--commit", NEW, "--baseline", OLD]) == 1
+
+
+def test_compare_missing_results_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--results", str(tmp_path / "none")])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: no results")
+    _store(tmp_path, 0.8)
+    with pytest.raises(SystemExit) as exc:  # no committed baseline yet
+        compare.main(["--results", str(tmp_path), "--commit", NEW])
+    assert exc.value.code == 2
+
+
+def test_report_table_and_plot(tmp_path, capsys):
+    recs = [make_record("exact", s, spearman=0.9 + 0.01 * s) for s in range(3)]
+    recs += [make_record("tmc", s, spearman=0.5) for s in range(2)]
+    recs += [make_record("tmc", 2, status="failed")]
+    text = report.format_table(recs)
+    assert "toy · game=union" in text and "0.910 ± 0.025" in text and "2/3" in text
+    md = report.format_table(recs, markdown=True)
+    assert "| valuer | n | fidelity ρ |" in md and "| tmc | 2/3 | 0.500 ± 0.000 |" in md
+    store = ResultsStore(tmp_path)
+    for r in recs:
+        store.append(r)
+    png = tmp_path / "plot.png"
+    assert report.main(["--results", str(tmp_path), "--plot", str(png)]) == 0
+    assert "exact" in capsys.readouterr().out and png.stat().st_size > 1000
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--results", str(tmp_path / "none")])
+    assert exc.value.code == 2
