@@ -50,6 +50,9 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from bench.train import quiet_libraries
+    quiet_libraries()
+
     @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
     def _run(cfg: DictConfig) -> None:
         from bench.errors import ConfigError

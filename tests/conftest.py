@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny task, a tiny model spec and trainer settings, and one
+session-wide cache folder so the tiny base model is built once per test session.
+
+Everything here runs offline on the CPU. ``DVBENCH_TEST_THREADS`` (default 2)
+sets torch's thread count; use 1 when another process is already using the cores
+(oversubscribed OpenMP threads make tiny-model training many times slower).
+"""
+from __future__ import annotations
+
+import os
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "WANDB_MODE": "offline", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+               "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ[_k] = _v
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+N_THREADS = int(os.environ.get("DVBENCH_TEST_THREADS", "2"))
+torch.set_num_threads(N_THREADS)
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.models import ModelSpec, load_base  # noqa: E402
+from bench.partition import make_partition  # noqa: E402
+from bench.task import synthetic_pref  # noqa: E402
+from bench.train import TrainSettings  # noqa: E402
+
+TINY_SOURCES = ("capitals", "tone", "reversal")
+TASK_KW = dict(sources=list(TINY_SOURCES), n_train_per_source=20, n_eval_per_source=10,
+               n_warmup_per_source=30, seed=0)
+SPEC = ModelSpec(n_layer=1, n_embd=32, n_head=2, warmup_epochs=1)
+TRAIN = TrainSettings(epochs=1, batch_size=8, lora_r=None)
+
+
+def subprocess_env() -> dict:
+    """Environment for child processes: offline, same thread count, repo importable."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(N_THREADS), MKL_NUM_THREADS=str(N_THREADS),
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def one_line(msg: str) -> bool:
+    return bool(msg.strip()) and "\n" not in msg.strip()
+
+
+@pytest.fixture(scope="session")
+def tiny_task():
+    return synthetic_pref(**TASK_KW)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    return SPEC
+
+
+@pytest.fixture(scope="session")
+def tiny_train():
+    return TRAIN
+
+
+@pytest.fixture(scope="session")
+def tiny_partition(tiny_task):
+    """3 owners, one per source; owner 2 (reversal) has its preferences flipped."""
+    return make_partition(tiny_task, "by_source", owner_sources=list(TINY_SOURCES), noisy_owners=[2])
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("dvbench-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_task, session_cache):
+    """(model, tokenizer) of the tiny base, built once into the session cache."""
+    return load_base(SPEC, tiny_task, session_cache)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, tiny_base, session_cache):
+    """An empty game cache that shares the session's already-built base models."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "models").symlink_to(session_cache / "models", target_is_directory=True)
+    return root
+
+
+@pytest.fixture
+def make_game(tiny_task, tiny_partition):
+    from bench.game import Game
+
+    def make(cache_dir, kind="union", seed=0, partition=None, train=TRAIN, metric="pref_acc", task=None):
+        return Game(task or tiny_task, partition or tiny_partition, SPEC, train, kind=kind, seed=seed,
+                    metric=metric, cache_dir=cache_dir, progress=False)
+    return make

@@ -1,0 +1,351 @@
+"""The valuation game on the tiny tier: v(∅), determinism, the sequential game's
+prefix stages, cache keys, scoring against a direct computation and against TRL,
+and what happens when training does nothing or blows up."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import SPEC, TRAIN
+
+from bench.game import Game
+from bench.partition import make_partition
+from bench.shapley import exact_shapley
+from bench.task import Pair
+from bench.models import render_prompt, render_response
+from bench.train import (FineTuneDiverged, clone_model, dpo_stage, materialize, sequence_logps, to_dataset,
+                         tokenize_pair, utility_metrics)
+
+
+def _pref_acc(lc, lr):
+    d = np.asarray(lc) - np.asarray(lr)
+    return float(np.mean((d > 0) + 0.5 * (d == 0)))
+
+
+def _state_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ v(∅)
+
+def test_empty_coalition_is_base_model(fresh_cache, make_game, tiny_base, tiny_task, monkeypatch):
+    import bench.game
+    def no_training(*a, **k):
+        raise AssertionError("v(∅) must not train")
+    monkeypatch.setattr(bench.game, "dpo_stage", no_training)
+    game = make_game(fresh_cache)
+    model, tok = tiny_base
+    lc, lr = sequence_logps(model, tok, SPEC, tiny_task.eval)
+    v0 = game.utility(0)
+    assert v0 == pytest.approx(_pref_acc(lc, lr), abs=1e-12)
+    rec = game.record(0)
+    assert rec["n_train"] == 0 and rec["train_s"] == 0
+    np.testing.assert_allclose(rec["logp_chosen"], lc, atol=1e-9)
+    np.testing.assert_allclose(rec["logp_rejected"], lr, atol=1e-9)
+    # relative to itself the base has zero implicit reward
+    assert rec["metrics"]["margin"] == 0 and rec["metrics"]["reward_acc"] == 0.5
+    assert game.cache.count("stage") == 0
+    assert game.log.entries[0]["trained"] is False
+    # the same in the sequential game
+    assert make_game(fresh_cache, kind="sequential").utility(0) == pytest.approx(v0, abs=1e-12)
+
+
+# ------------------------------------------------------------------ determinism
+
+def test_utility_is_deterministic(tmp_path, make_game, session_cache):
+    recs = []
+    for i in range(2):
+        root = tmp_path / f"c{i}"
+        root.mkdir()
+        (root / "models").symlink_to(session_cache / "models", target_is_directory=True)
+        game = make_game(root, seed=0)
+        recs.append(game.record(0b011))
+        assert game.log.entries[0b011]["fresh"] is True
+    a, b = recs
+    assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-12)
+    np.testing.assert_allclose(a["logp_chosen"], b["logp_chosen"], atol=1e-6)
+    np.testing.assert_allclose(a["logp_rejected"], b["logp_rejected"], atol=1e-6)
+    assert a["stats"]["first_loss"] == pytest.approx(np.log(2), abs=1e-6), "DPO starts at log 2"
+
+
+# ------------------------------------------------------------------ sequential
+
+def test_sequential_game_builds_on_prefix_stages(fresh_cache, make_game, tiny_base, tiny_task,
+                                                tiny_partition):
+    seq = make_game(fresh_cache, kind="sequential")
+    seq.table()
+    assert seq.cache.count("stage") == 7, "one stage per non-empty coalition"
+    chain = seq.stages(0b011)
+    assert len(chain) == 2
+    assert _state_equal(chain[0]["state"], seq.stages(0b001)[0]["state"])
+    assert len(seq.stages(0b111)) == 3 and len(seq.stages(0b101)) == 2
+    assert _state_equal(seq.stages(0b101)[0]["state"], chain[0]["state"]), "{0,2} starts from {0}"
+
+    # stage {0,1}: DPO on owner 1 from (and referenced to) the {0} model
+    model, tok = tiny_base
+    start = materialize(model, [chain[0]])
+    stage, _ = dpo_stage(start, tok, SPEC, tiny_partition.owners[1], TRAIN, seed=0)
+    lc, lr = sequence_logps(materialize(model, [chain[0], stage]), tok, SPEC, tiny_task.eval)
+    rec = seq.record(0b011)
+    np.testing.assert_allclose(rec["logp_chosen"], lc, atol=1e-5)
+    np.testing.assert_allclose(rec["logp_rejected"], lr, atol=1e-5)
+
+    # a singleton trains the same thing in both games
+    uni = make_game(fresh_cache, kind="union")
+    for m in (0b001, 0b010, 0b100):
+        assert uni.key(m) != seq.key(m)
+        a, b = uni.record(m), seq.record(m)
+        assert a["metrics"]["pref_acc"] == b["metrics"]["pref_acc"]
+        np.testing.assert_allclose(a["logp_chosen"], b["logp_chosen"], atol=1e-6)
+    assert uni.cache.count("stage") == 7 + 3          # union keeps only singleton stages
+    # ... but coalitions differ: the union of {0,1} is one run on pooled data
+    assert not np.allclose(uni.record(0b011)["logp_chosen"], rec["logp_chosen"], atol=1e-4)
+    assert uni.cache.count("stage") == 10, "union does not store non-singleton stages"
+
+
+# ------------------------------------------------------------------ keys
+
+def test_cache_key_covers_what_decides_a_utility(tmp_path, tiny_task, tiny_partition):
+    def game(**kw):
+        base = dict(task=tiny_task, partition=tiny_partition, model=SPEC, train=TRAIN, kind="union",
+                    seed=0, metric="pref_acc", cache_dir=tmp_path, progress=False)
+        return Game(**{**base, **kw})
+    ref = game()
+    full = 0b111
+    k = ref.key(full)
+    assert k == game().key(full)
+    assert len({ref.key(m) for m in range(8)}) == 8
+    assert game(seed=1).key(full) != k
+    assert ref.with_seed(1).key(full) == game(seed=1).key(full)
+    assert game(kind="sequential").key(full) != k
+    for change in (dict(lr=1e-4), dict(beta=0.2), dict(epochs=2), dict(batch_size=4), dict(lora_r=4),
+                   dict(max_length=64)):
+        assert game(train=dataclasses.replace(TRAIN, **change)).key(full) != k, change
+    assert game(model=dataclasses.replace(SPEC, n_embd=64)).key(full) != k
+    # not: the metric, the scoring batch size, where the cache is, how many workers
+    assert game(metric="margin").key(full) == k
+    assert game(train=dataclasses.replace(TRAIN, score_batch_size=7)).key(full) == k
+    assert game(cache_dir=tmp_path / "elsewhere").key(full) == k
+    # owner data: one flipped example in owner 2 changes every coalition holding owner 2 only
+    owners = [list(o) for o in tiny_partition.owners]
+    p = owners[2][0]
+    owners[2][0] = dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen)
+    changed = game(partition=dataclasses.replace(tiny_partition, owners=owners))
+    for m in range(8):
+        assert (changed.key(m) != ref.key(m)) == bool(m & 0b100), m
+    # the same data under another owner order is another coalition sequence
+    swapped = dataclasses.replace(tiny_partition, owners=[owners[1], owners[0], owners[2]])
+    assert game(partition=swapped).key(0b001) == game().key(0b010)
+
+
+def test_metric_shares_the_cache(fresh_cache, make_game):
+    a = make_game(fresh_cache, metric="pref_acc")
+    rec = a.record(0b001)
+    b = make_game(fresh_cache, metric="bt_loglik")
+    assert b.utility(0b001) == rec["metrics"]["bt_loglik"]
+    assert b.log.entries[0b001]["fresh"] is False
+
+
+# ------------------------------------------------------------------ scoring
+
+def _odd_pairs(tiny_task):
+    """Eval pairs plus a few of very different lengths (lots of padding in a batch)."""
+    extra = [Pair(1000, "x", "Reverse the word apple.", "elppa", "elpap"),
+             Pair(1001, "x", "Reply to: " + "My cat is sick. " * 4, "Of course, let me help." * 2, "No."),
+             Pair(1002, "x", "a", "b", "c")]
+    return list(tiny_task.eval[:12]) + extra
+
+
+def _direct_logps(model, tok, pairs):
+    """Full-vocabulary log-softmax of model(input_ids).logits, one unpadded sequence at a time."""
+    out = []
+    with torch.no_grad():
+        for p in pairs:
+            prompt = render_prompt(tok, SPEC, p.prompt)
+            p_ids = tok(prompt)["input_ids"]
+            row = []
+            for resp in (p.chosen, p.rejected):
+                ids = tok(prompt + render_response(SPEC, resp) + tok.eos_token)["input_ids"]
+                assert ids[:len(p_ids)] == p_ids and ids[-1] == tok.eos_token_id
+                logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+                lp = torch.log_softmax(logits, -1)
+                row.append(sum(lp[t - 1, ids[t]].item() for t in range(len(p_ids), len(ids))))
+            out.append(row)
+    a = np.array(out)
+    return a[:, 0], a[:, 1]
+
+
+@pytest.fixture(scope="module")
+def trained_model(tiny_base, tiny_partition):
+    """A model that has moved away from the base (scoring must hold for any weights)."""
+    model, tok = tiny_base
+    stage, _ = dpo_stage(model, tok, SPEC, tiny_partition.owners[1],
+                         dataclasses.replace(TRAIN, lr=5e-3), seed=0)
+    return materialize(model, [stage])
+
+
+@pytest.mark.parametrize("which", ["base", "trained"])
+def test_sequence_logps_matches_full_logits(tiny_base, tiny_task, trained_model, which):
+    model, tok = tiny_base
+    model = model if which == "base" else trained_model
+    pairs = _odd_pairs(tiny_task)
+    lc_ref, lr_ref = _direct_logps(model, tok, pairs)
+    lc, lr = sequence_logps(model, tok, SPEC, pairs, batch_size=64)
+    np.testing.assert_allclose(lc, lc_ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lr, lr_ref, atol=1e-5, rtol=0)
+    assert (lc < 0).all() and (lr < 0).all()
+    # batch size and padding do not matter
+    lc1, lr1 = sequence_logps(model, tok, SPEC, pairs, batch_size=1)
+    lc3, lr3 = sequence_logps(model, tok, SPEC, pairs, batch_size=3)
+    np.testing.assert_allclose(lc1, lc, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lr1, lr, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lc3, lc, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lr3, lr, atol=1e-5, rtol=0)
+    # neither does which token pads, nor which other pairs share the batch
+    old = tok.pad_token_id
+    try:
+        tok.pad_token_id = tok.convert_tokens_to_ids("a")
+        lcp, lrp = sequence_logps(model, tok, SPEC, pairs, batch_size=64)
+    finally:
+        tok.pad_token_id = old
+    np.testing.assert_allclose(lcp, lc, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lrp, lr, atol=1e-5, rtol=0)
+    lcs, lrs = sequence_logps(model, tok, SPEC, pairs[-3:], batch_size=64)
+    np.testing.assert_allclose(lcs, lc[-3:], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lrs, lr[-3:], atol=1e-5, rtol=0)
+
+
+def _dpo_trainer(model, tok, pairs, out):
+    from trl import DPOConfig, DPOTrainer
+    s = TRAIN
+    args = DPOConfig(output_dir=out, beta=s.beta, learning_rate=s.lr, num_train_epochs=s.epochs,
+                     per_device_train_batch_size=s.batch_size, max_length=s.max_length,
+                     weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,
+                     seed=0, data_seed=0, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                     report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+                     dataloader_num_workers=0)
+    return DPOTrainer(model=clone_model(model), ref_model=clone_model(model), args=args, processing_class=tok,
+                      train_dataset=to_dataset(pairs, tok, SPEC))
+
+
+@pytest.mark.parametrize("which", ["base", "trained"])
+def test_sequence_logps_matches_trl_reference(tiny_base, tiny_task, trained_model, which):
+    model, tok = tiny_base
+    model = model if which == "base" else trained_model
+    pairs = _odd_pairs(tiny_task)[9:]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _dpo_trainer(model, tok, pairs, out)
+        ds = trainer.train_dataset
+        for i, p in enumerate(pairs):   # the same tokenisation as TRL
+            p_ids, c_ids, r_ids = tokenize_pair(tok, SPEC, p)
+            assert (ds[i]["prompt_ids"], ds[i]["chosen_ids"], ds[i]["rejected_ids"]) == (p_ids, c_ids, r_ids)
+        batch = trainer.data_collator([ds[i] for i in range(len(pairs))])
+        with torch.no_grad():
+            ref_c, ref_r = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+        # and through the dataloader TRL trains from (shuffled): match by prompt length multiset
+        dl_batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            dl_c, dl_r = trainer.compute_ref_log_probs(trainer.ref_model, dl_batch)
+    lc, lr = sequence_logps(model, tok, SPEC, pairs)
+    np.testing.assert_allclose(lc, ref_c.double().numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lr, ref_r.double().numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(sorted(lc), sorted(dl_c.double().numpy()), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(sorted(lr), sorted(dl_r.double().numpy()), atol=1e-4, rtol=0)
+
+
+def test_utility_metrics_definitions():
+    lc, lr = np.array([-1.0, -2.0, -3.0, -4.0]), np.array([-2.0, -1.0, -3.0, -5.0])
+    blc, blr = np.array([-1.5, -1.5, -3.0, -4.0]), np.array([-1.5, -1.5, -3.0, -4.0])
+    m = utility_metrics(lc, lr, blc, blr, beta=0.5)
+    assert m["pref_acc"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    d = (lc - blc) - (lr - blr)                        # [1, -1, 0, 1]
+    assert m["reward_acc"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert m["margin"] == pytest.approx(np.mean(0.5 * d))
+    assert m["bt_loglik"] == pytest.approx(np.mean(np.log(1 / (1 + np.exp(-0.5 * d)))))
+
+
+# ------------------------------------------------------------------ training edge cases
+
+def test_dpo_stage_leaves_start_model_alone(tiny_base, tiny_partition):
+    model, tok = tiny_base
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage, stats = dpo_stage(model, tok, SPEC, tiny_partition.owners[0], dataclasses.replace(TRAIN, lr=1e-2),
+                             seed=0)
+    assert _state_equal(model.state_dict(), before)
+    assert not _state_equal(stage["state"], before), "a real learning rate must change the weights"
+    assert stats["steps"] == 3                          # 20 pairs, batch 8, one epoch
+
+
+def test_zero_learning_rate_changes_nothing(fresh_cache, make_game, tiny_base, tiny_partition):
+    model, tok = tiny_base
+    s0 = dataclasses.replace(TRAIN, lr=0.0)
+    stage, stats = dpo_stage(model, tok, SPEC, tiny_partition.owners[0], s0, seed=0)
+    assert _state_equal(stage["state"], model.state_dict())
+    assert stats["final_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    # so in the game every coalition is worth v(∅) and every Shapley value is 0
+    game = make_game(fresh_cache, train=s0)
+    table = game.table([0, 0b101, 0b111])
+    assert table[0b101] == table[0] and table[0b111] == table[0]
+    assert game.record(0b111)["metrics"]["margin"] == pytest.approx(0, abs=1e-9)
+
+
+def test_huge_learning_rate_never_returns_nan(fresh_cache, make_game, tiny_base, tiny_partition):
+    model, tok = tiny_base
+    s = dataclasses.replace(TRAIN, lr=1e6)
+    try:
+        stage, _ = dpo_stage(model, tok, SPEC, tiny_partition.owners[0], s, seed=0)
+    except FineTuneDiverged as e:
+        diverged = True
+        assert "train.lr" in str(e) and "\n" not in str(e)
+    else:
+        diverged = False
+        assert all(torch.isfinite(v).all() for v in stage["state"].values())
+    game = make_game(fresh_cache, train=s)
+    v0 = game.utility(0)
+    assert np.isfinite(v0)
+    if diverged:
+        with pytest.raises(FineTuneDiverged):
+            game.utility(0b001)
+        assert game.cache.get_json("utility", game.key(0b001)) is None, "a failure is not cached"
+        with pytest.raises(FineTuneDiverged):
+            make_game(fresh_cache, train=s).table()
+    else:
+        table = game.table()
+        assert np.isfinite(table).all()
+        assert np.isfinite(exact_shapley(table)).all()
+    for lr in (1e3,):                                     # large but finite: values stay finite
+        g = make_game(fresh_cache, train=dataclasses.replace(TRAIN, lr=lr))
+        try:
+            rec = g.record(0b001)
+        except FineTuneDiverged:
+            continue
+        assert all(np.isfinite(x) for x in rec["metrics"].values())
+        assert np.isfinite(rec["logp_chosen"]).all() and np.isfinite(rec["logp_rejected"]).all()
+
+
+def test_unknown_game_or_metric(tmp_path, tiny_task, tiny_partition):
+    from bench.errors import ConfigError
+    for kw in (dict(kind="nope"), dict(metric="nope")):
+        with pytest.raises(ConfigError) as e:
+            Game(tiny_task, tiny_partition, SPEC, TRAIN, cache_dir=tmp_path, **kw)
+        assert "\n" not in str(e.value) and "nope" in str(e.value)
+
+
+# ------------------------------------------------------------------ the science
+
+def test_flipped_owner_hurts(fresh_cache, make_game, tiny_task):
+    """Training on flipped reversal pairs lowers reversal preference accuracy vs training on clean ones."""
+    clean = make_partition(tiny_task, "by_source", owner_sources=["capitals", "tone", "reversal"])
+    noisy = make_partition(tiny_task, "by_source", owner_sources=["capitals", "tone", "reversal"],
+                           noisy_owners=[2])
+    s = dataclasses.replace(TRAIN, epochs=3, lr=3e-3)
+    rev = np.array([p.source == "reversal" for p in tiny_task.eval])
+    accs = {}
+    for name, part in (("clean", clean), ("noisy", noisy)):
+        rec = make_game(fresh_cache, partition=part, train=s).record(0b100)
+        d = np.array(rec["logp_chosen"]) - np.array(rec["logp_rejected"])
+        accs[name] = float(np.mean(d[rev]))
+    assert accs["noisy"] < accs["clean"], accs

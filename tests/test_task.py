@@ -1,0 +1,184 @@
+"""Tasks: the generated preference task and local JSONL / Parquet files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TASK_KW, one_line
+
+from bench.errors import ConfigError
+from bench.task import SOURCES, local_pref, synthetic_pref
+
+
+def _rows(task_split):
+    return [(p.id, p.source, p.prompt, p.chosen, p.rejected) for p in task_split]
+
+
+# ------------------------------------------------------------------ synthetic
+
+def test_synthetic_deterministic_per_seed():
+    a, b = synthetic_pref(**TASK_KW), synthetic_pref(**TASK_KW)
+    assert _rows(a.train) == _rows(b.train)
+    assert _rows(a.eval) == _rows(b.eval)
+    assert _rows(a.warmup) == _rows(b.warmup)
+    assert a.fingerprint() == b.fingerprint()
+    c = synthetic_pref(**{**TASK_KW, "seed": 1})
+    assert _rows(c.train) != _rows(a.train)
+    assert _rows(c.eval) != _rows(a.eval)
+    assert c.fingerprint() != a.fingerprint()
+
+
+def test_synthetic_sizes_ids_and_sources():
+    task = synthetic_pref(sources=SOURCES, n_train_per_source=15, n_eval_per_source=7,
+                          n_warmup_per_source=5, seed=3)
+    assert len(task.train) == 15 * len(SOURCES) and len(task.eval) == 7 * len(SOURCES)
+    for split in (task.train, task.eval, task.warmup):
+        ids = [p.id for p in split]
+        assert len(ids) == len(set(ids)), "ids must be unique within a split"
+    for split in (task.train, task.eval):
+        counts = {s: sum(p.source == s for p in split) for s in SOURCES}
+        assert set(counts) == set(SOURCES) and min(counts.values()) > 0, counts
+    assert task.sources == list(SOURCES)
+
+
+def test_eval_prompts_use_other_wordings():
+    task = synthetic_pref(sources=SOURCES, n_train_per_source=60, n_eval_per_source=40,
+                          n_warmup_per_source=0, seed=0)
+    train_prompts = {p.prompt for p in task.train}
+    leaked = [p.prompt for p in task.eval if p.prompt in train_prompts]
+    assert not leaked, leaked[:5]
+
+
+def test_chosen_differs_from_rejected():
+    task = synthetic_pref(sources=SOURCES, n_train_per_source=60, n_eval_per_source=40,
+                          n_warmup_per_source=40, seed=5)
+    for split in (task.train, task.eval, task.warmup):
+        same = [p for p in split if p.chosen == p.rejected]
+        assert not same, same[:3]
+
+
+def test_synthetic_answers_are_correct():
+    """The chosen answer is the right one (the task teaches what it claims)."""
+    task = synthetic_pref(sources=["arithmetic", "reversal"], n_train_per_source=30,
+                          n_eval_per_source=10, n_warmup_per_source=0, seed=2)
+    import re
+    for p in task.train + task.eval:
+        if p.source == "arithmetic":
+            a, b = map(int, re.findall(r"\d+", p.prompt))
+            assert int(p.chosen) == a + b and int(p.rejected) != a + b
+        else:
+            word = re.search(r"(?:word|Spell|Write|is) (\w+)", p.prompt).group(1)
+            assert p.chosen == word[::-1] and sorted(p.rejected) == sorted(p.chosen)
+
+
+@pytest.mark.parametrize("kw", [dict(sources=[]), dict(sources=["nope"]), dict(n_train_per_source=0)])
+def test_synthetic_bad_settings(kw):
+    with pytest.raises(ConfigError) as e:
+        synthetic_pref(**{**TASK_KW, **kw})
+    assert one_line(str(e.value))
+
+
+# ------------------------------------------------------------------ local files
+
+ROWS = [{"prompt": f"question {i}?", "chosen": f"good {i}", "rejected": f"bad {i}",
+         "source": "even" if i % 2 == 0 else "odd"} for i in range(10)]
+
+
+def _write(path, rows):
+    import datasets
+    ds = datasets.Dataset.from_list(rows)
+    if path.suffix == ".parquet":
+        ds.to_parquet(str(path))
+    else:
+        ds.to_json(str(path), lines=True)
+    return path
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_local_pref_with_heldout_fraction(tmp_path, ext):
+    path = _write(tmp_path / f"data.{ext}", ROWS)
+    task = local_pref(str(path), eval_fraction=0.2, seed=0)
+    assert len(task.eval) == 2 and len(task.train) == 8
+    got = {(p.prompt, p.chosen, p.rejected, p.source) for p in task.train + task.eval}
+    assert got == {(r["prompt"], r["chosen"], r["rejected"], r["source"]) for r in ROWS}
+    # held out, not shared
+    assert not {p.prompt for p in task.train} & {p.prompt for p in task.eval}
+    assert [p.id for p in task.train] == list(range(8)) and [p.id for p in task.eval] == [0, 1]
+    assert task.sources == ["even", "odd"]
+    # seeded: same seed, same split; the split is a function of the seed
+    again = local_pref(str(path), eval_fraction=0.2, seed=0)
+    assert [p.prompt for p in again.eval] == [p.prompt for p in task.eval]
+    splits = {tuple(p.prompt for p in local_pref(str(path), eval_fraction=0.2, seed=s).eval)
+              for s in range(6)}
+    assert len(splits) > 1
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_local_pref_with_eval_path(tmp_path, ext):
+    train = _write(tmp_path / f"train.{ext}", ROWS)
+    ev_rows = [{"prompt": "held?", "chosen": "yes", "rejected": "no"},
+               {"prompt": "held 2?", "chosen": "sure", "rejected": "nope"}]
+    ev = _write(tmp_path / f"eval.{ext}", ev_rows)
+    task = local_pref(str(train), eval_path=str(ev))
+    assert [p.prompt for p in task.train] == [r["prompt"] for r in ROWS]
+    assert [(p.prompt, p.chosen, p.rejected) for p in task.eval] == \
+        [(r["prompt"], r["chosen"], r["rejected"]) for r in ev_rows]
+    assert {p.source for p in task.eval} == {"all"}          # no source column -> one source
+    assert task.warmup == []
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+@pytest.mark.parametrize("missing", ["chosen", "prompt"])
+def test_local_pref_missing_column(tmp_path, ext, missing):
+    rows = [{k: v for k, v in r.items() if k != missing} for r in ROWS]
+    path = _write(tmp_path / f"data.{ext}", rows)
+    with pytest.raises(ConfigError) as e:
+        local_pref(str(path))
+    msg = str(e.value)
+    assert one_line(msg) and repr(missing) in msg and "task.path" in msg
+
+
+def test_local_pref_missing_column_in_eval_file(tmp_path):
+    train = _write(tmp_path / "train.jsonl", ROWS)
+    ev = _write(tmp_path / "eval.jsonl", [{"prompt": "p", "chosen": "c"}])
+    with pytest.raises(ConfigError) as e:
+        local_pref(str(train), eval_path=str(ev))
+    assert one_line(str(e.value)) and "'rejected'" in str(e.value) and "task.eval_path" in str(e.value)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_local_pref_empty_file(tmp_path, ext):
+    path = tmp_path / f"empty.{ext}"
+    path.write_bytes(b"")
+    with pytest.raises(ConfigError) as e:
+        local_pref(str(path))
+    assert one_line(str(e.value)) and "empty" in str(e.value)
+
+
+def test_local_pref_missing_file(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        local_pref(str(tmp_path / "nope.jsonl"))
+    assert one_line(str(e.value)) and "not found" in str(e.value)
+
+
+def test_local_pref_malformed_file_is_one_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "chosen": \n not json at all\n')
+    with pytest.raises(ConfigError) as e:
+        local_pref(str(path))
+    assert one_line(str(e.value))
+
+
+def test_local_pref_hub_path_needs_online():
+    with pytest.raises(ConfigError) as e:
+        local_pref("someone/some-preference-dataset")
+    msg = str(e.value)
+    assert one_line(msg) and "online" in msg
+
+
+def test_local_pref_too_few_rows(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(ConfigError) as e:
+        local_pref(str(path))
+    assert one_line(str(e.value))
