@@ -69,19 +69,24 @@ class UseLog:
 
 
 class Game:
-    def __init__(self, task: Task, partition: Partition, model: ModelSpec, train: TrainSettings,
+    def __init__(self, task: Task, owners: "list[list] | Partition", model: ModelSpec, train: TrainSettings,
                  kind: str = "union", seed: int = 0, metric: str = "pref_acc",
                  cache_dir: str | Path = "results/cache", n_jobs: int = 1, progress: bool = True):
         if kind not in GAMES:
             raise ConfigError(f"game.kind: unknown {kind!r}; choose one of {list(GAMES)}")
         if metric not in METRICS:
             raise ConfigError(f"game.metric: unknown {metric!r}; choose one of {list(METRICS)}")
-        self.task, self.partition, self.model_spec, self.train = task, partition, model, train
+        # A valuer sees the owners' data and the eval pairs, never the partition's
+        # ground truth nor the task's clean training pool (kept private in _task).
+        owners = owners.owners if isinstance(owners, Partition) else owners
+        self.owners: list[list] = [list(o) for o in owners]
+        self.eval = task.eval
+        self._task, self.model_spec, self.train = task, model, train
         self.kind, self.seed, self.metric = kind, seed, metric
         self.cache_dir, self.n_jobs, self.progress = str(cache_dir), n_jobs, progress
-        self.n = partition.n_owners
-        self.owner_sizes = partition.sizes()
-        self._owner_fps = [_owner_fp(o) for o in partition.owners]
+        self.n = len(self.owners)
+        self.owner_sizes = [len(o) for o in self.owners]
+        self._owner_fps = [_owner_fp(o) for o in self.owners]
         self._static = {"code": code_version(), "task": task.fingerprint(),
                         "eval": _owner_fp(task.eval), "model": asdict(model), "train": train.key(),
                         "game": kind, "seed": seed}
@@ -100,7 +105,7 @@ class Game:
         return DiskCache(self.cache_dir)
 
     def with_seed(self, seed: int) -> "Game":
-        return Game(self.task, self.partition, self.model_spec, self.train, self.kind, seed, self.metric,
+        return Game(self._task, self.owners, self.model_spec, self.train, self.kind, seed, self.metric,
                     self.cache_dir, self.n_jobs, self.progress)
 
     # ----------------------------------------------------------- keys
@@ -166,7 +171,7 @@ class Game:
     # ----------------------------------------------------------- internals
     def base(self):
         if self._base is None:
-            self._base = load_base(self.model_spec, self.task, self.cache_dir)
+            self._base = load_base(self.model_spec, self._task, self.cache_dir)
         return self._base
 
     def _base_logps(self):
@@ -174,7 +179,7 @@ class Game:
         rec = self.cache.get_json("base_eval", key)
         if rec is None:
             model, tok = self.base()
-            lc, lr = sequence_logps(model, tok, self.model_spec, self.task.eval, self.train.score_batch_size)
+            lc, lr = sequence_logps(model, tok, self.model_spec, self.eval, self.train.score_batch_size)
             rec = {"logp_chosen": lc.tolist(), "logp_rejected": lr.tolist()}
             self.cache.put_json("base_eval", key, rec)
         return np.array(rec["logp_chosen"]), np.array(rec["logp_rejected"])
@@ -197,10 +202,19 @@ class Game:
         last = members(mask, self.n)[-1]
         prefix = mask & ~(1 << last)
         chain = self.stages(prefix)
-        return chain + [self._stage(mask, start_stages=chain, pairs=list(self.partition.owners[last]))]
+        return chain + [self._stage(mask, start_stages=chain, pairs=list(self.owners[last]))]
+
+    def stage_meta(self) -> dict:
+        """What a stage's weights are only valid with: combining stages trained with
+        another beta, base model or tokenizer is meaningless (see valuers/dpo_arithmetic)."""
+        _, tok = self.base()
+        vocab = sorted(tok.get_vocab().items())
+        return {"beta": self.train.beta, "model": content_key(asdict(self.model_spec))[:16],
+                "base_task": self._static["task"] if self.model_spec.kind == "tiny" else None,
+                "tokenizer": content_key(vocab)[:16]}
 
     def _pairs(self, mask: int):
-        return [p for i in self.ordered(mask) for p in self.partition.owners[i]]
+        return [p for i in self.ordered(mask) for p in self.owners[i]]
 
     def _stage(self, mask: int, start_stages: list[dict], pairs) -> dict:
         key = self.key(mask)
@@ -212,6 +226,7 @@ class Game:
         t0 = time.perf_counter()
         stage, stats = dpo_stage(start, tok, self.model_spec, pairs, self.train, seed=self.seed)
         stage["train_s"], stage["stats"] = time.perf_counter() - t0, stats
+        stage["meta"] = self.stage_meta()
         # keep the stages others need: every sequential prefix; union singletons (per-owner models)
         if self.kind == "sequential" or bin(mask).count("1") == 1:
             self.cache.put_tensors("stage", key, stage)
@@ -229,7 +244,7 @@ class Game:
             n_train = len(self._pairs(mask))
             policy = materialize(model, chain)
             t0 = time.perf_counter()
-            lc, lr = sequence_logps(policy, tok, self.model_spec, self.task.eval, self.train.score_batch_size)
+            lc, lr = sequence_logps(policy, tok, self.model_spec, self.eval, self.train.score_batch_size)
             eval_s = time.perf_counter() - t0
             if not (np.isfinite(lc).all() and np.isfinite(lr).all()):
                 raise FineTuneDiverged(f"coalition {members(mask, self.n)}: non-finite eval log-probs; lower train.lr")

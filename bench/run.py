@@ -84,6 +84,12 @@ def evaluate(val, truth: dict, truth2: dict, part, task_n_train: int) -> dict:
         "noise_ceiling": M.fidelity(truth2["phi"], truth["phi"], truth["gain"]),
         "detection": M.detection(val.owner_values, noisy),
     }
+    table = val.extras.get("table")
+    if table is not None and len(table) == len(truth["table"]):   # a method with its own v(S) for all S
+        t = np.asarray(table, float)
+        out["utilities"] = {"r2": M.r2(t, truth["table"]), "r2_seed2": M.r2(truth2["table"], truth["table"]),
+                            "pearson": M.fidelity(t, truth["table"])["pearson"],
+                            "max_abs_err": float(np.max(np.abs(t - truth["table"])))}
     if val.point_values is not None:
         ids = [p.id for o in part.owners for p in o]
         bad = np.isin(ids, part.truth.corrupted_ids)
@@ -96,7 +102,7 @@ def evaluate(val, truth: dict, truth2: dict, part, task_n_train: int) -> dict:
 def run_experiment(cfg: DictConfig) -> list[dict]:
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
-    names = list(cfg.valuers)
+    names = available_valuers() if cfg.valuers == "all" else list(cfg.valuers)
     unknown = [n for n in names if n not in available_valuers()]
     if unknown:
         raise ConfigError(f"valuers: unknown {unknown}; choose from {available_valuers()}")

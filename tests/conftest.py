@@ -47,6 +47,18 @@ def subprocess_env() -> dict:
     return env
 
 
+def code_version() -> str:
+    """The hash the cache keys carry; it changes when game.py / train.py / models.py change."""
+    from bench.game import code_version as cv
+    return cv()
+
+
+def skip_if_code_changed(before: str) -> None:
+    """Others edit the code concurrently; an edit mid-test legitimately invalidates the cache."""
+    if code_version() != before:
+        pytest.skip("bench code changed during the test (cache keys changed); rerun")
+
+
 def one_line(msg: str) -> bool:
     return bool(msg.strip()) and "\n" not in msg.strip()
 

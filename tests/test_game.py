@@ -110,9 +110,10 @@ def test_sequential_game_builds_on_prefix_stages(fresh_cache, make_game, tiny_ba
 
 def test_cache_key_covers_what_decides_a_utility(tmp_path, tiny_task, tiny_partition):
     def game(**kw):
-        base = dict(task=tiny_task, partition=tiny_partition, model=SPEC, train=TRAIN, kind="union",
+        base = dict(partition=tiny_partition, model=SPEC, train=TRAIN, kind="union",
                     seed=0, metric="pref_acc", cache_dir=tmp_path, progress=False)
-        return Game(**{**base, **kw})
+        kw = {**base, **kw}
+        return Game(tiny_task, kw.pop("partition"), **kw)
     ref = game()
     full = 0b111
     k = ref.key(full)
@@ -136,9 +137,12 @@ def test_cache_key_covers_what_decides_a_utility(tmp_path, tiny_task, tiny_parti
     changed = game(partition=dataclasses.replace(tiny_partition, owners=owners))
     for m in range(8):
         assert (changed.key(m) != ref.key(m)) == bool(m & 0b100), m
-    # the same data under another owner order is another coalition sequence
+    # a coalition is named by its data, not by owner numbers
     swapped = dataclasses.replace(tiny_partition, owners=[owners[1], owners[0], owners[2]])
     assert game(partition=swapped).key(0b001) == game().key(0b010)
+    # union: pooled data, so renumbering owners changes nothing; sequential: the order is the game
+    assert game(partition=swapped).key(0b011) == game().key(0b011)
+    assert game(partition=swapped, kind="sequential").key(0b011) != game(kind="sequential").key(0b011)
 
 
 def test_metric_shares_the_cache(fresh_cache, make_game):
@@ -231,6 +235,7 @@ def _dpo_trainer(model, tok, pairs, out):
                       train_dataset=to_dataset(pairs, tok, SPEC))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("which", ["base", "trained"])
 def test_sequence_logps_matches_trl_reference(tiny_base, tiny_task, trained_model, which):
     model, tok = tiny_base
@@ -348,4 +353,5 @@ def test_flipped_owner_hurts(fresh_cache, make_game, tiny_task):
         rec = make_game(fresh_cache, partition=part, train=s).record(0b100)
         d = np.array(rec["logp_chosen"]) - np.array(rec["logp_rejected"])
         accs[name] = float(np.mean(d[rev]))
+    print("reversal eval margin", accs)
     assert accs["noisy"] < accs["clean"], accs
