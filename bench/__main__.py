@@ -46,6 +46,14 @@ def main() -> None:
     msg = check_overrides(sys.argv[1:])
     if msg:
         fail(msg)
+    for arg in sys.argv[1:]:          # fail before Hydra writes anything
+        if arg.startswith("results_dir="):
+            from bench.errors import ConfigError
+            from bench.tracking import ResultsStore
+            try:
+                ResultsStore(arg.split("=", 1)[1]).check_writable()
+            except ConfigError as e:
+                fail(e)
 
     import hydra
     from omegaconf import DictConfig

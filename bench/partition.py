@@ -83,8 +83,7 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
             cuts = np.array_split(order, n_owners)
         else:
             if sizes is None:
-                share = rng.dirichlet([alpha] * n_owners)
-                sizes = list(np.maximum(1, np.floor(share * len(pool))).astype(int))
+                sizes = dirichlet_sizes(len(pool), n_owners, alpha, rng)
             _check_sizes(sizes, n_owners, len(pool))
             cuts = np.split(order[: sum(sizes)], np.cumsum(sizes)[:-1])
         owners = [[pool[i] for i in sorted(c)] for c in cuts]
@@ -124,6 +123,20 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
     noisy_all = sorted(set(noisy_owners) | {c for c, o in dups if o in noisy_owners})
     truth = Truth(noisy_owners=noisy_all, corrupted_ids=sorted(corrupted), duplicate_pairs=dups)
     return Partition(owners=owners, truth=truth, description=f"{kind}:{[len(o) for o in owners]}")
+
+
+def dirichlet_sizes(n_pool: int, n_owners: int, alpha: float, rng: np.random.Generator) -> list[int]:
+    """Owner sizes with Dirichlet(alpha) shares, each >= 1, summing to exactly ``n_pool``
+    (one example each, the rest split by largest remainder)."""
+    if alpha <= 0:
+        raise ConfigError(f"partition.alpha: must be > 0 (got {alpha})")
+    share = rng.dirichlet([alpha] * n_owners)
+    rest = n_pool - n_owners
+    raw = share * rest
+    sizes = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - sizes))[: rest - sizes.sum()]:
+        sizes[i] += 1
+    return [int(s) + 1 for s in sizes]
 
 
 def _check_sizes(sizes, n_owners, n_pool):

@@ -5,6 +5,7 @@ measure it, record it.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import traceback
@@ -35,16 +36,21 @@ def _kwargs(cfg: DictConfig, drop=("kind",)) -> dict:
 
 def build_task(cfg: DictConfig):
     t = cfg.task
-    if t.kind == "synthetic_pref":
-        return synthetic_pref(**_kwargs(t))
-    if t.kind == "local_pref":
-        return local_pref(**_kwargs(t))
-    raise ConfigError(f"task.kind: unknown {t.kind!r}; choose synthetic_pref or local_pref")
+    builders = {"synthetic_pref": synthetic_pref, "local_pref": local_pref}
+    if t.kind not in builders:
+        raise ConfigError(f"task.kind: unknown {t.kind!r}; choose one of {list(builders)}")
+    fn = builders[t.kind]
+    accepted = set(inspect.signature(fn).parameters)
+    kw = _kwargs(t)
+    ignored = sorted(set(kw) - accepted)   # e.g. an experiment's generator sizes under task=local_pref
+    if ignored:
+        print(f"[dvbench] task.kind={t.kind} ignores task.{', task.'.join(ignored)}")
+    return fn(**{k: v for k, v in kw.items() if k in accepted})
 
 
 def build_game(cfg: DictConfig, task=None, partition=None) -> tuple[Game, object]:
     task = task or build_task(cfg)
-    part = partition or make_partition(task, **_kwargs(cfg.partition))
+    part = partition or make_partition(task, **_kwargs(cfg.partition, drop=()))
     fields = set(ModelSpec.__dataclass_fields__)
     model = ModelSpec(**{k: v for k, v in _kwargs(cfg.model, drop=()).items() if k in fields})
     train = TrainSettings(**_kwargs(cfg.train, drop=()))

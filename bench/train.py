@@ -36,12 +36,21 @@ class TrainSettings:
     max_length: int = 128
     weight_decay: float = 0.0
     scheduler: str = "linear"
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.0         # share of steps with linear lr warm-up, in [0, 1)
     lora_r: int | None = 8            # null -> full fine-tune
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"
     score_batch_size: int = 64
+
+    def __post_init__(self):
+        from bench.errors import ConfigError
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
+        if self.lr < 0 or self.epochs <= 0 or self.batch_size < 1:
+            raise ConfigError("train.lr >= 0, train.epochs > 0, train.batch_size >= 1 required")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ConfigError(f"train.lora_r: {self.lora_r} must be >= 1, or null for a full fine-tune")
 
     def key(self) -> dict:
         d = asdict(self)
@@ -143,9 +152,9 @@ def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: 
         args = DPOConfig(
             output_dir=out, beta=s.beta, learning_rate=s.lr, num_train_epochs=s.epochs,
             per_device_train_batch_size=s.batch_size, max_length=s.max_length,
-            weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,
+            weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,  # transformers 5: a float < 1 is a ratio
             seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False,
-            gradient_checkpointing=False, report_to="none", save_strategy="no",
+            report_to="none", save_strategy="no",
             logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         )
         trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
@@ -164,7 +173,8 @@ def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: 
         del trainer, trained, policy, ref
     bad = [x for x in losses if not math.isfinite(x)]
     if bad or not all(torch.isfinite(v).all() for v in stage["state"].values()):
-        raise FineTuneDiverged(f"non-finite loss after {len(losses) - len(bad)} steps (lr={s.lr}); "
+        what = "loss" if bad else "weights"
+        raise FineTuneDiverged(f"non-finite {what} after {result.global_step} steps (lr={s.lr}); "
                                f"lower train.lr")
     stats = {"steps": result.global_step, "final_loss": losses[-1] if losses else None,
              "first_loss": losses[0] if losses else None}

@@ -145,6 +145,23 @@ def test_cache_key_covers_what_decides_a_utility(tmp_path, tiny_task, tiny_parti
     assert game(partition=swapped, kind="sequential").key(0b011) != game(kind="sequential").key(0b011)
 
 
+def test_union_duplicate_owners_are_exact_twins(fresh_cache, make_game, tiny_task):
+    """Union game: an exact copy of an owner is the same player (same data, same v)."""
+    part = make_partition(tiny_task, "by_source", owner_sources=["capitals", "tone", "reversal"],
+                          duplicate_pairs=[[3, 1]])
+    game = make_game(fresh_cache, partition=part)
+    assert game.key(0b0010) == game.key(0b1000)
+    assert game.key(0b0011) == game.key(0b1001) and game.key(0b0111) == game.key(0b1101)
+    assert game.key(0b1010) != game.key(0b0010), "two copies is more data than one"
+    v1 = game.utility(0b0010)
+    v3 = game.utility(0b1000)
+    assert v1 == v3 and game.log.entries[0b1000]["fresh"] is False
+    seq = make_game(fresh_cache, partition=part, kind="sequential")
+    assert seq.key(0b0011) == seq.key(0b1001)          # same data in the same order
+    assert seq.key(0b0110) != seq.key(0b1100)          # data1 then data2 vs data2 then data1
+    assert game.key(0b0110) == game.key(0b1100)        # ... which the union game does not tell apart
+
+
 def test_metric_shares_the_cache(fresh_cache, make_game):
     a = make_game(fresh_cache, metric="pref_acc")
     rec = a.record(0b001)

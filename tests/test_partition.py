@@ -41,8 +41,6 @@ def test_owners_cover_pool_exactly(task, name):
     assert all(len(o) > 0 for o in part.owners)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG bench/partition.py make_partition: dirichlet shares are "
-                   "floor()ed, so up to n_owners-1 examples of the pool are silently dropped")
 @pytest.mark.parametrize("name", ["dirichlet", "dirichlet_flat"])
 def test_dirichlet_covers_pool_exactly(task, name):
     lost = []
@@ -181,9 +179,6 @@ def test_bad_partitions_are_one_line_config_errors(task, kw, field):
     assert one_line(msg) and field in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG bench/partition.py make_partition: dirichlet without sizes "
-                   "can draw max(1, floor(share*n)) sizes that sum past the pool, then fails with "
-                   "'partition.sizes: ask for ...', a setting the user never gave")
 def test_dirichlet_many_owners_does_not_blame_sizes(task):
     try:
         part = make_partition(task, kind="dirichlet", n_owners=50, alpha=0.05, seed=0)
