@@ -57,15 +57,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@dataclass(frozen=True)
+class Subset:
+    """An arbitrary training set (not an owner coalition), e.g. an LDS subset."""
+    pairs: tuple
+
+
 @dataclass
 class UseLog:
-    """What a run asked of the game: one entry per distinct coalition used."""
-    entries: dict = field(default_factory=dict)   # mask -> {"fresh": bool, "compute_s": float, "peak_rss": int}
+    """What a run asked of the game: one entry per distinct utility used."""
+    entries: dict = field(default_factory=dict)   # mask or cache key -> {"fresh", "compute_s", "peak_rss", "trained"}
 
-    def add(self, mask: int, rec: dict, fresh: bool) -> None:
-        if mask not in self.entries or fresh:
-            self.entries[mask] = {"fresh": fresh, "compute_s": rec.get("train_s", 0) + rec.get("eval_s", 0),
-                                  "peak_rss": rec.get("peak_rss", 0), "trained": mask != 0}
+    def add(self, key, rec: dict, fresh: bool) -> None:
+        if key not in self.entries or fresh:
+            self.entries[key] = {"fresh": fresh, "compute_s": rec.get("train_s", 0) + rec.get("eval_s", 0),
+                                 "peak_rss": rec.get("peak_rss", 0), "trained": rec.get("n_train", 0) > 0}
 
 
 class Game:
@@ -140,16 +146,34 @@ class Game:
             out[m] = self.utility(m)
         return out
 
-    def prefetch(self, masks) -> None:
-        """Compute the missing coalitions among ``masks`` (by coalition size for the
-        sequential game, whose stages build on smaller prefixes)."""
-        missing = [m for m in dict.fromkeys(masks) if self.cache.get_json("utility", self.key(m)) is None]
+    def subset_record(self, pairs) -> dict:
+        """v of an arbitrary training set (LDS subsets, SHED's proxy sets): DPO on
+        ``pairs`` (in the given order) from the base, reference = base, scored like
+        any coalition and cached by content. An empty set is the base model."""
+        item = Subset(tuple(pairs))
+        rec, fresh = self._get_or_compute(item)
+        self.log.add(self._item_key(item), rec, fresh)
+        return rec
+
+    def subset_utilities(self, subsets) -> np.ndarray:
+        """Utilities of many training sets, missing ones computed in parallel."""
+        items = [Subset(tuple(p)) for p in subsets]
+        self.prefetch(items)
+        return np.array([float(self.subset_record(it.pairs)["metrics"][self.metric]) for it in items])
+
+    def prefetch(self, items) -> None:
+        """Compute the missing coalitions (masks) or ``Subset``s among ``items``, in
+        parallel when n_jobs > 1 (by coalition size for the sequential game, whose
+        stages build on smaller prefixes)."""
+        missing = [m for m in dict.fromkeys(items)
+                   if self.cache.get_json("utility", self._item_key(m)) is None]
         if not missing:
             return
+        size = lambda m: bin(m).count("1") if isinstance(m, int) else 0
         levels = [missing] if self.kind == "union" else \
-            [[m for m in missing if bin(m).count("1") == k] for k in range(self.n + 1)]
+            [[m for m in missing if size(m) == k] for k in range(self.n + 1)]
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(missing), desc=f"coalitions ({self.kind}, seed {self.seed})",
+        bar = tqdm(total=len(missing), desc=f"fine-tunes ({self.kind}, seed {self.seed})",
                    disable=not self.progress, unit="fit")
         try:
             for level in filter(None, levels):
@@ -158,12 +182,12 @@ class Game:
                     jobs = (delayed(_compute_in_worker)(self, m, self.n_jobs) for m in level)
                     for m, rec in Parallel(n_jobs=self.n_jobs, backend="loky",
                                            return_as="generator_unordered")(jobs):
-                        self.log.add(m, rec, True)
+                        self.log.add(self._log_id(m), rec, True)
                         bar.update(1)
                 else:
                     for m in level:
                         rec, fresh = self._get_or_compute(m)
-                        self.log.add(m, rec, fresh)
+                        self.log.add(self._log_id(m), rec, fresh)
                         bar.update(1)
         finally:
             bar.close()
@@ -184,12 +208,27 @@ class Game:
             self.cache.put_json("base_eval", key, rec)
         return np.array(rec["logp_chosen"]), np.array(rec["logp_rejected"])
 
-    def _get_or_compute(self, mask: int) -> tuple[dict, bool]:
-        key = self.key(mask)
+    def _log_id(self, item):
+        """Coalitions are logged by mask, other training sets by cache key."""
+        return item if isinstance(item, int) else self._item_key(item)
+
+    def _item_key(self, item) -> str:
+        if isinstance(item, Subset):
+            if not item.pairs:
+                return self.key(0)
+            return content_key({**self._static, "game": "union", "data": ["pairs", _owner_fp(item.pairs)]})
+        return self.key(item)
+
+    def _get_or_compute(self, item) -> tuple[dict, bool]:
+        key = self._item_key(item)
         rec = self.cache.get_json("utility", key)
         if rec is not None:
             return rec, False
-        rec = self._compute(mask)
+        if isinstance(item, Subset) and item.pairs:
+            rec = self._score(lambda: [self._train_stage(key, [], list(item.pairs), keep=False)],
+                              n_train=len(item.pairs), info={"subset": True})
+        else:
+            rec = self._compute(0 if isinstance(item, Subset) else item)
         self.cache.put_json("utility", key, rec)
         return rec, True
 
@@ -217,7 +256,12 @@ class Game:
         return [p for i in self.ordered(mask) for p in self.owners[i]]
 
     def _stage(self, mask: int, start_stages: list[dict], pairs) -> dict:
-        key = self.key(mask)
+        # keep the stages others need: every sequential prefix; union singletons
+        # (per-owner models) and the grand coalition (the model influence methods study)
+        keep = self.kind == "sequential" or bin(mask).count("1") == 1 or mask == (1 << self.n) - 1
+        return self._train_stage(self.key(mask), start_stages, pairs, keep)
+
+    def _train_stage(self, key: str, start_stages: list[dict], pairs, keep: bool) -> dict:
         st = self.cache.get_tensors("stage", key)
         if st is not None:
             return st
@@ -227,37 +271,40 @@ class Game:
         stage, stats = dpo_stage(start, tok, self.model_spec, pairs, self.train, seed=self.seed)
         stage["train_s"], stage["stats"] = time.perf_counter() - t0, stats
         stage["meta"] = self.stage_meta()
-        # keep the stages others need: every sequential prefix; union singletons (per-owner models)
-        if self.kind == "sequential" or bin(mask).count("1") == 1:
+        if keep:
             self.cache.put_tensors("stage", key, stage)
         return stage
 
     def _compute(self, mask: int) -> dict:
+        return self._score(lambda: self.stages(mask), n_train=len(self._pairs(mask)) if mask else 0,
+                           info={"mask": mask, "members": list(members(mask, self.n))})
+
+    def _score(self, make_chain, n_train: int, info: dict) -> dict:
+        """Train (``make_chain`` returns the stages; none = the base) and score on the eval pairs."""
         model, tok = self.base()
         base_lc, base_lr = self._base_logps()
-        train_s, stats, n_train = 0.0, {}, 0
-        if mask == 0:
+        train_s, stats = 0.0, {}
+        chain = make_chain() if n_train else []
+        if not chain:
             lc, lr, eval_s = base_lc, base_lr, 0.0
         else:
-            chain = self.stages(mask)
             train_s, stats = chain[-1]["train_s"], chain[-1]["stats"]
-            n_train = len(self._pairs(mask))
             policy = materialize(model, chain)
             t0 = time.perf_counter()
             lc, lr = sequence_logps(policy, tok, self.model_spec, self.eval, self.train.score_batch_size)
             eval_s = time.perf_counter() - t0
             if not (np.isfinite(lc).all() and np.isfinite(lr).all()):
-                raise FineTuneDiverged(f"coalition {members(mask, self.n)}: non-finite eval log-probs; lower train.lr")
-        return {"mask": mask, "members": list(members(mask, self.n)), "game": self.kind, "seed": self.seed,
+                raise FineTuneDiverged(f"{info}: non-finite eval log-probs; lower train.lr")
+        return {**info, "game": self.kind, "seed": self.seed,
                 "metrics": utility_metrics(lc, lr, base_lc, base_lr, self.train.beta),
                 "logp_chosen": np.asarray(lc).tolist(), "logp_rejected": np.asarray(lr).tolist(),
                 "n_train": n_train, "train_s": train_s, "eval_s": eval_s, "stats": stats,
                 "peak_rss": peak_rss_bytes(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
-def _compute_in_worker(game: Game, mask: int, n_jobs: int):
+def _compute_in_worker(game: Game, item, n_jobs: int):
     from bench.train import quiet_libraries
     quiet_libraries()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
-    rec, _ = game._get_or_compute(mask)
-    return mask, rec
+    rec, _ = game._get_or_compute(item)
+    return item, rec

@@ -372,3 +372,28 @@ def test_flipped_owner_hurts(fresh_cache, make_game, tiny_task):
         accs[name] = float(np.mean(d[rev]))
     print("reversal eval margin", accs)
     assert accs["noisy"] < accs["clean"], accs
+
+
+def test_subsets_train_like_coalitions_and_are_cached(fresh_cache, make_game):
+    """A training set given as pairs (LDS, SHED) is the same fine-tune as the coalition
+    holding exactly those pairs, is cached by content, and the empty set is the base."""
+    game = make_game(fresh_cache)
+    owner0 = game.owners[0]
+    v_sub = game.subset_record(owner0)["metrics"]["pref_acc"]
+    assert v_sub == game.utility(0b001)            # same data, same seed, same training
+    assert game.subset_record([])["metrics"] == game.record(0)["metrics"]
+    half = owner0[: len(owner0) // 2]
+    u = game.subset_utilities([half, owner0, []])
+    assert u[1] == v_sub and u[2] == game.utility(0)
+    assert game.log.entries[game._item_key(__import__("bench.game").game.Subset(tuple(half)))]["trained"]
+    again = make_game(fresh_cache)
+    again.subset_utilities([half])
+    assert not any(e["fresh"] for e in again.log.entries.values())
+
+
+def test_valuers_cannot_reach_the_ground_truth(fresh_cache, make_game):
+    """The game holds owners' data and the eval set; no planted labels, no clean pool."""
+    game = make_game(fresh_cache)
+    public = {k for k in vars(game) if not k.startswith("_")}
+    assert not {"partition", "truth", "task"} & public
+    assert not any(hasattr(v, "noisy_owners") or hasattr(v, "corrupted_ids") for v in vars(game).values())
