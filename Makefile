@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv bench bench-quick test test-slow bench-micro compare report clean-cache help
+.PHONY: venv bench bench-quick bench-scaling test test-slow bench-micro compare report clean-cache help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -37,6 +37,9 @@ test-slow: $(STAMP)  ## slow end-to-end tests
 
 bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, stored per hardware
 	$(BIN)/python -m pytest -q -m benchmark -p no:xdist --benchmark-storage=results/benchmarks --benchmark-autosave
+
+bench-scaling: $(STAMP)  ## cost of DPO arithmetic vs exact retraining at n = 4, 6, 8 (tiny tier)
+	$(BIN)/python -m bench.scaling --owners 4 6 8
 
 compare: $(STAMP)  ## compare the latest run with results/baselines (BASE=, EXP=)
 	$(BIN)/python -m bench.compare $(if $(EXP),--experiment $(EXP)) $(if $(BASE),--baseline $(BASE))

@@ -6,7 +6,6 @@ measure it, record it.
 from __future__ import annotations
 
 import inspect
-import os
 import time
 import traceback
 from pathlib import Path
@@ -182,7 +181,7 @@ def summary(records: list[dict], results_dir: str) -> str:
         r = ok[0]
         lines.append(f"exact retraining Shapley (seed {r['seed']}): "
                      + ", ".join(f"{v:+.3f}" for v in r["truth_values"]))
-        lines.append(f"second seed (noise ceiling):        "
+        lines.append("second seed (noise ceiling):        "
                      + ", ".join(f"{v:+.3f}" for v in r["truth_values_seed2"]))
         lines.append(f"noisy owners {r['truth']['noisy_owners']}, duplicate pairs {r['truth']['duplicate_pairs']}")
     for r in records:

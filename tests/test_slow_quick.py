@@ -1,0 +1,31 @@
+"""Slow end-to-end check of the retraining valuers on the `quick` preset (6 owners,
+one flipped, one duplicate): run with `make test-slow` or `pytest -m slow`."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import subprocess_env
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "experiment=quick", "logger=none", f"results_dir={tmp_path}",
+           "valuers=[random,loo,retrain_shapley,mc_shapley]", "progress=false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=3600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    recs = {r["valuer"]: r for r in map(json.loads, (tmp_path / "runs" / "quick.jsonl").read_text().splitlines())}
+    assert set(recs) == {"random", "loo", "retrain_shapley", "mc_shapley"}
+    truth = recs["retrain_shapley"]
+    phi, phi2 = np.array(truth["truth_values"]), np.array(truth["truth_values_seed2"])
+    table = np.array(truth["utility_table"])
+    assert abs(phi.sum() - (table[-1] - table[0])) < 1e-9                      # efficiency
+    noisy, (copy, orig) = truth["truth"]["noisy_owners"], truth["truth"]["duplicate_pairs"][0]
+    for values in (phi, phi2):                                                 # both seeds
+        assert int(np.argmin(values)) in noisy and values[noisy[0]] < 0        # noisy owner lowest, negative
+        assert abs(values[copy] - values[orig]) < 1e-9                         # exact twins in the union game
+    assert recs["loo"]["metrics"]["detection"]["auroc"] == 1.0
+    mc = recs["mc_shapley"]
+    assert mc["metrics"]["fidelity"]["rel_l2"] < 0.5 and mc["cost"]["fine_tunes"] <= 63
