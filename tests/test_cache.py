@@ -184,3 +184,14 @@ def test_resume_after_kill(tmp_path, fresh_cache, make_game, tiny_task):
     skip_if_code_changed(version)
     assert res["fresh"] and not any(res["fresh"].values()), res["fresh"]
     assert res["table"] == pytest.approx(table.tolist(), abs=1e-12)
+
+
+def test_code_version_ignores_comments_and_docstrings_but_not_code(tmp_path):
+    from bench.game import _code_fingerprint
+    a = tmp_path / "a.py"
+    a.write_text('def f(x):\n    """doc"""\n    return x + 1\n')
+    base = _code_fingerprint(a)
+    a.write_text('# a comment\ndef f(x):\n    """other doc"""\n\n    return x + 1   # why\n')
+    assert _code_fingerprint(a) == base
+    a.write_text('def f(x):\n    return x + 2\n')
+    assert _code_fingerprint(a) != base
