@@ -27,6 +27,8 @@ COLUMNS = [
     ("rel-L2", "fidelity", "rel_l2", ".3f", True),
     ("ceiling ρ", "noise_ceiling", "spearman", ".3f", False),
     ("ceiling rel-L2", "noise_ceiling", "rel_l2", ".3f", False),
+    ("R² v(S)", "utilities", "r2", ".3f", True),
+    ("ceiling R²", "utilities", "r2_seed2", ".3f", False),
     ("detection AUROC", "detection", "auroc", ".3f", True),
     ("P@k", "detection", "precision_at_k", ".2f", False),
     ("fine-tunes", "cost", "fine_tunes", ".0f", False),
