@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv bench bench-quick bench-scaling test test-slow bench-micro compare report clean-cache help
+.PHONY: venv bench bench-quick bench-scaling bench-selection test test-slow bench-micro compare report clean-cache help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -40,6 +40,9 @@ bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, stored per hardware
 
 bench-scaling: $(STAMP)  ## cost of DPO arithmetic vs exact retraining at n = 4, 6, 8 (tiny tier)
 	$(BIN)/python -m bench.scaling --owners 4 6 8
+
+bench-selection: $(STAMP)  ## SHED selection curve (QOCS/QWCS vs random vs all) on the quick preset, 3 seeds
+	$(BIN)/python -m bench.selection --experiment quick --seeds 0 1 2 --out results/plots/selection_quick.png
 
 compare: $(STAMP)  ## compare the latest run with results/baselines (BASE=, EXP=)
 	$(BIN)/python -m bench.compare $(if $(EXP),--experiment $(EXP)) $(if $(BASE),--baseline $(BASE))

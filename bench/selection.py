@@ -65,7 +65,7 @@ def _standardize(s: np.ndarray) -> np.ndarray:
 
 def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05, 0.1, 0.2, 0.5),
                     seeds=(0, 1, 2), methods=METHODS, beta: float = 1.0, standardize: bool = True,
-                    train_seeds: bool = True) -> dict:
+                    train_seeds: bool = True, eval_game=None) -> dict:
     """Utilities of QOCS / QWCS / random subsets per size and seed, and of all data.
 
     ``clusters``: the cluster of each example in ``[p for o in game.owners for p in o]``
@@ -74,6 +74,10 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
     z-scored first when ``standardize`` (so beta is unit-free). Returns a JSON-able
     dict: ``rows`` (one per method, size, seed), ``summary`` (mean and 95% CI per
     method and size), ``paired`` (method − random and method − all, paired by seed).
+
+    ``eval_game`` scores the subsets (default ``game``). SHED's scores come from the
+    game's eval set, so scoring the selection on that same set selects on the test
+    metric; pass a game over the same training data with a held-out eval set to avoid it.
     """
     from bench.metrics import mean_ci
     from valuers.shed import flat_pairs, qocs, qwcs, softmax_weights, target_count
@@ -96,9 +100,12 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
     scores = _standardize(raw) if standardize else raw
     counts = [target_count(s, n, "selection.sizes") for s in sizes]
 
+    scorer = game if eval_game is None else eval_game
+    if eval_game is not None and len(flat_pairs(eval_game)) != n:
+        raise ValueError("eval_game must hold the same training examples as game")
     rows = []
     for seed in seeds:
-        g = game.with_seed(game.seed + int(seed)) if train_seeds else game
+        g = scorer.with_seed(scorer.seed + int(seed)) if train_seeds else scorer
         plan = []   # (method, size, count, indices)
         for j, (size, count) in enumerate(zip(sizes, counts)):
             for m in SIZED:
@@ -138,9 +145,10 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
                 continue
             paired[f"{m}-{ref}"] = [ci([by[(m, c, s)] - by[(ref, n if ref == "all" else c, s)] for s in seeds])
                                     for c in counts]
-    return {"metric": game.metric, "n_examples": n, "sizes": [float(s) for s in sizes], "counts": counts,
+    return {"metric": scorer.metric, "n_examples": n, "held_out_eval": eval_game is not None,
+            "sizes": [float(s) for s in sizes], "counts": counts,
             "seeds": [int(s) for s in seeds], "methods": list(methods), "beta": beta, "standardize": standardize,
-            "train_seeds": train_seeds, "base_utility": float(game.subset_utilities([[]])[0]),
+            "train_seeds": train_seeds, "base_utility": float(scorer.subset_utilities([[]])[0]),
             "cluster_scores": raw.tolist(), "cluster_sizes": np.bincount(labels, minlength=len(raw)).tolist(),
             "qwcs_weights": softmax_weights(scores, beta).tolist(),
             "rows": rows, "summary": summary, "paired": paired}
@@ -191,8 +199,8 @@ def format_curve(curve: dict) -> str:
     def f(st):
         lo = "" if not np.isfinite(st["lo"]) else f" [{st['lo']:.3f}, {st['hi']:.3f}]"
         return f"{st['mean']:.3f}{lo}"
-    lines = [f"metric {curve['metric']}, {curve['n_examples']} examples, seeds {curve['seeds']}, "
-             f"base {curve['base_utility']:.3f}"]
+    lines = [(f"metric {curve['metric']}, {curve['n_examples']} examples, seeds {curve['seeds']}, "
+              f"base {curve['base_utility']:.3f}")]
     if "all" in curve["summary"]:
         lines.append(f"  all data: {f(curve['summary']['all'])}")
     for m in [x for x in curve["methods"] if x != "all"]:

@@ -83,6 +83,11 @@ class CostMeter:
             if own_compute:     # work not already counted as a game utility
                 self._own_s += dt
 
+    def add_own(self, seconds: float) -> None:
+        """Charge compute done earlier and reused now (e.g. cached embeddings), so the
+        from-scratch cost stays honest whatever was cached."""
+        self._own_s += float(seconds)
+
     def cost(self) -> Cost:
         used = self.game.log.entries.values()
         trained = [e for e in used if e["trained"]]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -51,6 +51,7 @@ class Clustering:
     labels: np.ndarray      # [N] cluster of each example
     proxies: np.ndarray     # [C] example index of each cluster's proxy
     sizes: np.ndarray       # [C] members per cluster
+    centroids: np.ndarray   # [C, d]
     inertia: float
 
 
@@ -84,7 +85,7 @@ def cluster(embeddings: np.ndarray, n_clusters: int, seed: int = 0, n_init: int 
         idx = np.flatnonzero(labels == c)
         d = np.linalg.norm(x[idx] - km.cluster_centers_[c], axis=1)
         proxies[c] = idx[int(np.argmin(d))]           # first minimum = lowest index
-    return Clustering(labels, proxies, sizes, float(km.inertia_))
+    return Clustering(labels, proxies, sizes, km.cluster_centers_, float(km.inertia_))
 
 
 # ------------------------------------------------------------------ stage 2: proxy Shapley
@@ -162,7 +163,7 @@ def exact_proxy_shapley(utilities: Callable[[list[Coalition]], Sequence[float]],
 
 # ------------------------------------------------------------------ stage 3: selection
 
-def target_count(target: float | int, n: int, field_name: str = "target") -> int:
+def target_count(target: float, n: int, field_name: str = "target") -> int:
     """A selection size: a float is a fraction of the n examples in (0, 1] (rounded,
     at least 1), an int is a count in [1, n]."""
     if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, float, np.integer, np.floating)):
@@ -272,6 +273,7 @@ class SHED:
     # -- stage 1 (no training; also used by bench.selection)
     def clusters(self, game, meter: CostMeter | None = None) -> tuple[Clustering, dict]:
         from contextlib import nullcontext
+
         from bench.embed import embed_pairs
         pairs = flat_pairs(game)
         if self.n_clusters > len(pairs):   # fail before loading the embedding model
@@ -310,7 +312,6 @@ class SHED:
                   "n_init": self.n_init, "inertia": cl.inertia, "embedding": emb_info,
                   "clusters": cl.labels.tolist(), "cluster_sizes": cl.sizes.tolist(),
                   "proxies": cl.proxies.tolist(), "proxy_ids": [pairs[i].id for i in cl.proxies]}
-        stderr_proxy = None
         per_pass = None
         with meter.phase("fine_tune+score"):
             if self.method == "exact":
@@ -328,7 +329,7 @@ class SHED:
                 stop = (lambda done: time.perf_counter() - t0 > budget.max_seconds) \
                     if budget.max_seconds is not None else None
                 res = group_removal_shapley(utilities, C, g, k, rng, self.drop_share, stop)
-                phi, stderr_proxy, per_pass = res.values, res.stderr, res.per_pass
+                phi, per_pass = res.values, res.per_pass
                 extras.update(group_size=g, passes_requested=self.passes, passes=len(res.per_pass),
                               drop_share=self.drop_share, nominal_utilities=len(res.per_pass) * groups_per_pass,
                               v_empty=res.passes[0]["utilities"][-1], v_all=res.passes[0]["utilities"][0],
@@ -349,5 +350,6 @@ class SHED:
         extras["proxy_values"] = phi.tolist()
         if emb_info["cached"]:     # the embedding's from-scratch cost, recorded when it was computed
             extras["embed_s_recorded"] = emb_info["embed_s"]
+            meter.add_own(emb_info["embed_s"])
         return Valuation(owner_values, point_values=point_values, stderr=stderr, cost=meter.cost(),
                          extras=extras)
