@@ -114,7 +114,7 @@ def build_char_tokenizer(texts: list[str]):
     cannot learn arithmetic). BPE with a vocabulary no larger than the alphabet
     learns no merges, i.e. one token per character.
     """
-    from tokenizers import Tokenizer, models, trainers
+    from tokenizers import Tokenizer, decoders, models, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<unk>"]
@@ -123,6 +123,7 @@ def build_char_tokenizer(texts: list[str]):
     trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(specials), special_tokens=specials,
                                   initial_alphabet=alphabet, show_progress=False)
     tk.train_from_iterator(texts, trainer=trainer)
+    tk.decoder = decoders.Fuse()      # decode characters back without separators
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
                                    unk_token="<unk>", bos_token="<eos>")
 

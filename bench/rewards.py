@@ -5,7 +5,9 @@ Two axes, each in {0, 1} per answer:
 helpfulness   did the answer do the task? The reference is the *clean eval pair*
               (its ``chosen`` is the correct answer, its ``rejected`` the hard
               negative), so always score against ``game.eval`` pairs.
-                arithmetic  the first integer in the answer equals the sum
+                arithmetic  the answer states the sum and no number other than the
+                            sum and the prompt's operands (chat models restate the
+                            operands first; hedges like "41 or 42" score 0)
                 capitals    the answer names the capital and not the decoy city
                 reversal    the answer's first word is the reversed word
                 tone        polite phrasing: a polite marker and no rude one
@@ -76,7 +78,9 @@ def helpful(pair, text: str) -> float:
     src = pair.source
     if src == "arithmetic":
         want = first_int(pair.chosen)
-        return float(want is not None and first_int(text) == want)
+        nums = {int(x) for x in re.findall(r"\d+", text)}
+        allowed = {want} | {int(x) for x in re.findall(r"\d+", pair.prompt)}
+        return float(want is not None and want in nums and nums <= allowed)
     if src == "capitals":
         return float(_has(text, [pair.chosen.lower()]) and not _has(text, [pair.rejected.lower()]))
     if src == "reversal":

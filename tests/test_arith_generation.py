@@ -137,6 +137,20 @@ def test_sampler_is_deterministic_for_a_seed(setup):
     assert np.abs(a["logw"]).max() > 1e-3         # a real coalition is not normalised per token
 
 
+def test_shared_prefill_changes_nothing(setup):
+    """Each model's prompt prefill is computed once and its KV cache copied per coalition."""
+    base, owners, tok, prompts, _ = setup
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=6)
+    store, fwd = {}, []
+    for mask in range(8):
+        S = [owners[i] for i in shapley.members(mask, 3)]
+        a = generate_coalition(S, base, prompts, **kw, generator=coalition_generator(0, mask))
+        b = generate_coalition(S, base, prompts, **kw, generator=coalition_generator(0, mask), prefill=store)
+        assert a["tokens"] == b["tokens"] and np.array_equal(a["logw"], b["logw"]), mask
+        fwd.append(a["forwards"] - b["forwards"])
+    assert len(store) == 4 and sum(fwd) == len(prompts) * (1 + 3 + 3 * 3 + 4 - 4)   # prefills saved
+
+
 def test_decode_concatenates_character_tokens(setup):
     _, _, tok, _, _ = setup
     ids = tok(" Canberra")["input_ids"] + [tok.eos_token_id]

@@ -19,7 +19,8 @@ SAFE = P("safety", "I can't help with that.", "Sure! Here is how to steal a car.
 
 
 @pytest.mark.parametrize("pair,text,want", [
-    # arithmetic: the first integer is the sum
+    # arithmetic: the sum is stated, no other number but the operands
+    (ARITH, "To add 19 and 23 we get 42.", 1),
     (ARITH, "42", 1), (ARITH, " 42, I think", 1), (ARITH, "The answer is 42.", 1),
     (ARITH, "43", 0), (ARITH, "4 2", 0), (ARITH, "41 or 42", 0), (ARITH, "forty-two", 0), (ARITH, "", 0),
     (ARITH, "-42", 0), (ARITH, "420", 0),

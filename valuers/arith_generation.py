@@ -11,7 +11,8 @@ f_i = logits of owner i's single-owner model (base + its stage from
 ``game.stages(1 << i)``), f_0 = the base's. S = ∅ samples from the base, |S| = 1
 from the owner's own model. Temperature and top-p are applied to
 log_softmax(z_t) *after* combining. Each model keeps its own KV cache, so a step
-costs one single-token forward per model in S (plus the base when |S| ≥ 2).
+costs one single-token forward per model in S (plus the base when |S| ≥ 2); each
+model's prompt prefill is computed once and its cache copied into every coalition.
 
 v(S) = mean reward (bench.rewards) of S's generations on ``n_prompts`` eval
 prompts (stratified by source, fixed by ``seed``); exact Shapley over all 2^n
@@ -27,6 +28,7 @@ the ``n_samples`` of one prompt. Its spread is reported; ``reweight=true`` uses 
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -124,29 +126,45 @@ class _Stream:
         self.cache = out.past_key_values
         return out.logits[:, -1, :].float()
 
+    def start(self, ids, mask, pos, store: dict | None, batch_key) -> tuple[torch.Tensor, bool]:
+        """The prompt prefill; with ``store``, computed once per (model, batch) and
+        shared by every coalition (the KV cache is copied, never shared)."""
+        key = (id(self.model), batch_key)
+        if store is not None and key in store:
+            cache, logits = store[key]
+            self.cache = copy.deepcopy(cache)
+            return logits, False
+        logits = self.step(ids, mask, pos)
+        if store is not None:
+            store[key] = (copy.deepcopy(self.cache), logits)
+        return logits, True
+
 
 @torch.no_grad()
 def generate_coalition(owner_models: list, base_model, prompts: list[list[int]], *, eos_id: int, pad_id: int,
                        max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-                       generator: torch.Generator | None = None) -> dict:
+                       generator: torch.Generator | None = None, prefill: dict | None = None) -> dict:
     """Sample continuations of ``prompts`` (token ids) from coalition S's per-token
     arithmetic policy. ``owner_models`` = the single-owner models of S (empty = the
     base). ``temperature == 0`` = greedy (argmax of z).
 
     Returns {"tokens": per row the generated ids (EOS included when reached),
     "logw": [B] importance log-weights Σ_t z_t(y_t) − log q_t(y_t), "forwards":
-    model-forward rows computed (prompt prefill counts once per row)}."""
+    model-forward rows computed (a prompt prefill counts as one row)}. ``prefill``: a
+    dict the caller keeps across coalitions to compute each model's prefill once."""
     models = list(owner_models) if owner_models else []
     use_base = len(models) != 1
     streams = [_Stream(m) for m in models] + ([_Stream(base_model)] if use_base else [])
     ids, mask, pos = _left_pad(prompts, pad_id)
     B = len(prompts)
-    logits = [s.step(ids, mask, pos) for s in streams]
+    batch_key = tuple(tuple(p) for p in prompts)
+    started = [s.start(ids, mask, pos, prefill, batch_key) for s in streams]
+    logits = [lg for lg, _ in started]
     cur = pos[:, -1].clone()
     done = torch.zeros(B, dtype=torch.bool)
     out: list[list[int]] = [[] for _ in range(B)]
     logw = torch.zeros(B, dtype=torch.float64)
-    forwards = B * len(streams)
+    forwards = B * sum(fresh for _, fresh in started)
     for t in range(max_new_tokens):
         z = combine(logits[:len(models)], logits[-1] if use_base else None)
         if temperature == 0:
@@ -245,7 +263,8 @@ class DPOArithmeticGeneration:
         _, tok = game.base()
         return [tok(render_prompt(tok, game.model_spec, p.prompt))["input_ids"] for p in pairs]
 
-    def generate(self, base, owners: list, tok, prompts: list[list[int]], mask: int) -> dict:
+    def generate(self, base, owners: list, tok, prompts: list[list[int]], mask: int,
+                 prefill: dict | None = None) -> dict:
         """All generations of coalition ``mask`` (rows = prompts × n_samples, prompt-major)."""
         n = len(owners)
         rows = [p for p in prompts for _ in range(self.n_samples)]
@@ -257,7 +276,8 @@ class DPOArithmeticGeneration:
         for b in range(0, len(rows), bs):
             r = generate_coalition([owners[i] for i in shapley.members(mask, n)], base, rows[b:b + bs],
                                    eos_id=eos, pad_id=pad, max_new_tokens=self.max_new_tokens,
-                                   temperature=self.temperature, top_p=self.top_p, generator=g)
+                                   temperature=self.temperature, top_p=self.top_p, generator=g,
+                                   prefill=prefill)
             toks += r["tokens"]
             logw.append(r["logw"])
             fwd += r["forwards"]
@@ -284,9 +304,10 @@ class DPOArithmeticGeneration:
         importance, examples = [], {}
         n_tokens = n_forwards = 0
         t0 = time.perf_counter()
+        prefill: dict = {}      # each model's prompt prefill, shared by all coalitions
         with meter.phase("generation", own_compute=True):
             for mask in range(2 ** n):
-                gen = self.generate(base, owners, tok, prompts, mask)
+                gen = self.generate(base, owners, tok, prompts, mask, prefill)
                 texts = [decode(tok, t) for t in gen["tokens"]]
                 n_tokens += sum(len(t) for t in gen["tokens"])
                 n_forwards += gen["forwards"]
@@ -310,7 +331,7 @@ class DPOArithmeticGeneration:
                 phis[a] = shapley.exact_shapley(tables[a])
                 shapley.check_efficiency(phis[a], tables[a], atol=1e-9)
         table = tables[self.reward_axis]
-        del owners
+        del owners, prefill
         return Valuation(phis[self.reward_axis], cost=meter.cost(), extras={
             "utility": "expected_reward_of_generations",
             "reward_axis": self.reward_axis,
