@@ -78,7 +78,7 @@ def helpful(pair, text: str) -> float:
     src = pair.source
     if src == "arithmetic":
         want = first_int(pair.chosen)
-        nums = {int(x) for x in re.findall(r"\d+", text)}
+        nums = {int(x) for x in re.findall(r"-?\d+", text)}
         allowed = {want} | {int(x) for x in re.findall(r"\d+", pair.prompt)}
         return float(want is not None and want in nums and nums <= allowed)
     if src == "capitals":
