@@ -31,6 +31,8 @@ COLUMNS = [
     ("ceiling R²", "utilities", "r2_seed2", ".3f", False),
     ("detection AUROC", "detection", "auroc", ".3f", True),
     ("P@k", "detection", "precision_at_k", ".2f", False),
+    ("point AUROC", "detection_points", "auroc", ".3f", False),
+    ("LDS", "lds", "lds", ".3f", False),
     ("fine-tunes", "cost", "fine_tunes", ".0f", False),
     ("compute s", "cost", "device_s", ".1f", False),
     ("wall s", "cost", "wall_s", ".1f", False),

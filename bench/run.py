@@ -81,7 +81,7 @@ def ground_truth(game: Game) -> dict:
     return {"table": table, "phi": phi, "gain": float(table[-1] - table[0])}
 
 
-def evaluate(val, truth: dict, truth2: dict, part, task_n_train: int) -> dict:
+def evaluate(val, truth: dict, truth2: dict, part, game=None, lds_cfg=None) -> dict:
     noisy = np.zeros(part.n_owners, bool)
     noisy[part.truth.noisy_owners] = True
     out = {
@@ -99,6 +99,11 @@ def evaluate(val, truth: dict, truth2: dict, part, task_n_train: int) -> dict:
         ids = [p.id for o in part.owners for p in o]
         bad = np.isin(ids, part.truth.corrupted_ids)
         out["detection_points"] = M.detection(val.point_values, bad)
+        if game is not None and lds_cfg and lds_cfg.get("n_subsets", 0) > 0:
+            from bench.lds import lds
+            r = lds(game, val.point_values, m_subsets=lds_cfg["n_subsets"], frac=lds_cfg["frac"],
+                    seed=lds_cfg["seed"])
+            out["lds"] = {"lds": r["lds"], "pearson": r.get("pearson"), "n_subsets": r["n_subsets"]}
     return out
 
 
@@ -150,7 +155,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                 if not np.all(np.isfinite(val.owner_values)):
                     raise FineTuneDiverged("valuer returned non-finite values")
                 rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
-                           metrics=evaluate(val, truth, truth2, part, len(task.train)),
+                           metrics=evaluate(val, truth, truth2, part, game.with_seed(game.seed),
+                                            OmegaConf.to_container(cfg.lds, resolve=True)),
                            extras=val.extras)
                 if val.point_values is not None:
                     rec["point_values"] = val.point_values
