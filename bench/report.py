@@ -80,8 +80,13 @@ def summarize(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]
     return {k: dict(sorted(v.items())) for k, v in sorted(groups.items())}
 
 
-def format_table(records: list[dict], markdown: bool = False) -> str:
+BRIEF = ("fidelity ρ", "pearson", "rel-L2", "ceiling ρ", "ceiling rel-L2", "R² v(S)", "ceiling R²",
+         "detection AUROC", "fine-tunes", "compute s")
+
+
+def format_table(records: list[dict], markdown: bool = False, brief: bool = False) -> str:
     """One table per (experiment, game): a row per valuer, cells mean ± CI over seeds."""
+    cols = [c for c in COLUMNS if not brief or c[0] in BRIEF]
     out = []
     for (exp, game), by_valuer in summarize(records).items():
         rows = []
@@ -89,10 +94,10 @@ def format_table(records: list[dict], markdown: bool = False) -> str:
             ok = [r for r in recs if r.get("status", "ok") == "ok"]
             n = f"{len(ok)}/{len(recs)}" if len(ok) < len(recs) else str(len(ok))
             rows.append([valuer, n] + [_cell([get_metric(r, s, k) for r in ok], spec, ci)
-                                       for _, s, k, spec, ci in COLUMNS])
+                                       for _, s, k, spec, ci in cols])
         title = f"{exp} · game={game}"
         out.append((f"**{title}**\n\n" if markdown else f"{title}\n")
-                   + render_table(["valuer", "n"] + [c[0] for c in COLUMNS], rows, markdown))
+                   + render_table(["valuer", "n"] + [c[0] for c in cols], rows, markdown))
     return "\n\n".join(out)
 
 
@@ -144,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--experiment", metavar="NAME", help="only this experiment")
     ap.add_argument("--commit", metavar="SHA", help="only records of this commit (prefix ok)")
     ap.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
+    ap.add_argument("--brief", action="store_true", help="the main columns only (the README's tables)")
     ap.add_argument("--plot", metavar="OUT.png", help="also write a PNG of fidelity and cost")
     args = ap.parse_args(argv)
 
@@ -156,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         what += f" at commit {args.commit}" if args.commit else ""
         fail(f"no results in {store.runs}{what}; run `python -m bench experiment=<name>` "
              "or pass --results DIR")
-    print(format_table(records, markdown=args.markdown))
+    print(format_table(records, markdown=args.markdown, brief=args.brief))
     if args.plot:
         print(f"wrote {plot(records, args.plot)}", file=sys.stderr)
     return 0
