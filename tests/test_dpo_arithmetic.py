@@ -81,3 +81,31 @@ def test_benchmark_all_coalitions_n12_1000_pairs(benchmark):
 
     phi = benchmark(score)
     assert phi.shape == (n,)
+
+
+def test_single_owner_margin_equals_the_directly_trained_model(tiny_task, tiny_base, monkeypatch):
+    """The owner model the arithmetic uses (LoRA weights extracted, saved, re-applied to
+    the base and merged) gives the same eval margins as the model TRL just trained."""
+    import trl
+    from bench.train import TrainSettings, dpo_stage, materialize, sequence_logps
+    from conftest import SPEC
+
+    captured = {}
+    original = trl.DPOTrainer.train
+
+    def spy(self, *a, **k):
+        out = original(self, *a, **k)
+        captured["model"] = self.model          # the trained peft model, adapter not merged
+        return out
+
+    monkeypatch.setattr(trl.DPOTrainer, "train", spy)
+    model, tok = tiny_base
+    s = TrainSettings(epochs=2, batch_size=8, lr=5e-3, lora_r=4, lora_alpha=8)
+    stage, _ = dpo_stage(model, tok, SPEC, tiny_task.train[:24], s, seed=0)
+    direct_c, direct_r = sequence_logps(captured["model"], tok, SPEC, tiny_task.eval)
+    rebuilt_c, rebuilt_r = sequence_logps(materialize(model, [stage]), tok, SPEC, tiny_task.eval)
+    base_c, base_r = sequence_logps(model, tok, SPEC, tiny_task.eval)
+    direct = (direct_c - base_c) - (direct_r - base_r)
+    rebuilt = (rebuilt_c - base_c) - (rebuilt_r - base_r)
+    assert np.abs(direct).max() > 1e-3                 # training moved the margins
+    np.testing.assert_allclose(rebuilt, direct, atol=1e-4, rtol=1e-5)
