@@ -118,6 +118,10 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         raise ConfigError(f"valuers: unknown {unknown}; choose from {available_valuers()}")
     valuer_args = OmegaConf.to_container(cfg.valuer_args, resolve=True) or {}
     built = {n: build_valuer(n, valuer_args.get(n)) for n in names}   # config errors surface now
+    lds_n, lds_frac = int(cfg.lds.n_subsets), float(cfg.lds.frac)
+    if lds_n and (lds_n < 3 or not 0 < lds_frac < 1):
+        raise ConfigError(f"lds: n_subsets={lds_n}, frac={lds_frac}; use n_subsets >= 3 (or 0 = off) "
+                          f"and frac in (0, 1)")
 
     task = build_task(cfg)
     game, part = build_game(cfg, task)

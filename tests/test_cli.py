@@ -167,6 +167,7 @@ BAD = {
     "model": (["model=nope"], ("model", "nope", "tiny")),
     "valuer": (["valuers=[nope]"], ("valuers", "nope", "retrain_shapley")),
     "empty_owner": (["partition.sizes=[0,20,20]"], ("partition", "owner 0")),
+    "lds": (["lds.n_subsets=2"], ("lds", "n_subsets")),   # refused before any fine-tune
 }
 
 
