@@ -105,6 +105,15 @@ def removal_groups(n: int, g: int, rng: np.random.Generator) -> list[Coalition]:
     return [tuple(sorted(int(i) for i in order[s:s + g])) for s in range(0, n, g)]
 
 
+def _check_removal_args(g: int, passes: int, drop_share: str) -> None:
+    if g < 1:
+        raise ConfigError(f"valuer.group_size: {g} must be >= 1")
+    if passes < 1:
+        raise ConfigError(f"valuer.passes: {passes} must be >= 1")
+    if drop_share not in DROP_SHARES:
+        raise ConfigError(f"valuer.drop_share: unknown {drop_share!r}; choose one of {list(DROP_SHARES)}")
+
+
 def group_removal_shapley(utilities: Callable[[list[Coalition]], Sequence[float]], n: int, g: int,
                           passes: int, rng: np.random.Generator, drop_share: str = "full",
                           stop: Callable[[int], bool] | None = None) -> RemovalResult:
@@ -117,12 +126,7 @@ def group_removal_shapley(utilities: Callable[[list[Coalition]], Sequence[float]
     """
     if n < 1:
         raise ValueError(f"need n >= 1 players, got {n}")
-    if g < 1:
-        raise ConfigError(f"valuer.group_size: {g} must be >= 1")
-    if passes < 1:
-        raise ConfigError(f"valuer.passes: {passes} must be >= 1")
-    if drop_share not in DROP_SHARES:
-        raise ConfigError(f"valuer.drop_share: unknown {drop_share!r}; choose one of {list(DROP_SHARES)}")
+    _check_removal_args(g, passes, drop_share)
     seen: set[Coalition] = set()
     per_pass, log = [], []
     for k in range(passes):
@@ -258,12 +262,7 @@ class SHED:
         if method == "exact" and n_clusters > MAX_EXACT_CLUSTERS:
             raise ConfigError(f"valuer.n_clusters: {n_clusters} is too many for method=exact (2^{n_clusters} "
                               f"fine-tunes); use <= {MAX_EXACT_CLUSTERS} or valuer.method=removal")
-        if group_size < 1:
-            raise ConfigError(f"valuer.group_size: {group_size} must be >= 1")
-        if passes < 1:
-            raise ConfigError(f"valuer.passes: {passes} must be >= 1")
-        if drop_share not in DROP_SHARES:
-            raise ConfigError(f"valuer.drop_share: unknown {drop_share!r}; choose one of {list(DROP_SHARES)}")
+        _check_removal_args(group_size, passes, drop_share)
         if n_init < 1:
             raise ConfigError(f"valuer.n_init: {n_init} must be >= 1")
         self.name, self.n_clusters, self.method = name, int(n_clusters), method
