@@ -88,9 +88,19 @@ def build_workload(cfg: dict):
     return subject, layers, ex, ref
 
 
+
+def _stack(n: int, batches):
+    """Rows ``(indices, [b, d] array)`` from batches into one [n, d] array."""
+    import numpy as np
+    out = None
+    for idx, flat in batches:
+        if out is None:
+            out = np.zeros((n, flat.shape[1]), dtype=flat.dtype)
+        out[idx] = flat
+    return out
+
 def make_pass(method: str, subject, layers, ex, ref, cfg: dict):
     """A function running one pass of ``method`` over all examples."""
-    import numpy as np
     import torch
     from valuers.logra import (GradientLogger, batches, collate, example_losses, iter_projected,
                                projection_shapes, random_projections, row_logps)
@@ -100,14 +110,9 @@ def make_pass(method: str, subject, layers, ex, ref, cfg: dict):
         logger = GradientLogger(subject.model, layers, proj)
 
         def run():
-            out = None
             with logger as lg:
-                for idx, g, _ in iter_projected(subject, lg, ex, ref, "dpo", bs):
-                    flat = torch.cat([g[n] for n, _ in layers], 1).detach().cpu().numpy()
-                    if out is None:
-                        out = np.zeros((len(ex), flat.shape[1]), dtype=flat.dtype)
-                    out[idx] = flat
-            return out
+                return _stack(len(ex), ((idx, torch.cat([g[n] for n, _ in layers], 1).detach().cpu().numpy())
+                                        for idx, g, _ in iter_projected(subject, lg, ex, ref, "dpo", bs)))
         return run
     if method == "naive":
         from valuers.influence_naive import dense_projection, per_example_gradients
@@ -117,13 +122,9 @@ def make_pass(method: str, subject, layers, ex, ref, cfg: dict):
                  if d and m.weight.numel() > d else None) for n, m in layers}
 
         def run():
-            out = None
-            for idx, g in per_example_gradients(subject, layers, ex, ref, "dpo", bs):
-                flat = torch.cat([g[n] if P[n] is None else g[n] @ P[n].T for n, _ in layers], 1).numpy()
-                if out is None:
-                    out = np.zeros((len(ex), flat.shape[1]), dtype=flat.dtype)
-                out[idx] = flat
-            return out
+            return _stack(len(ex), ((idx, torch.cat([g[n] if P[n] is None else g[n] @ P[n].T
+                                                     for n, _ in layers], 1).numpy())
+                                    for idx, g in per_example_gradients(subject, layers, ex, ref, "dpo", bs)))
         return run
     if method == "plain":
         params = [p for p in subject.model.parameters() if p.requires_grad]
