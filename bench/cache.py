@@ -7,6 +7,8 @@ as missing and is recomputed.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -74,6 +76,20 @@ class DiskCache:
         buf = io.BytesIO()
         torch.save({**obj, "key": key}, buf)
         atomic_write_bytes(self._path(kind, key, "pt"), buf.getvalue())
+
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str):
+        """An exclusive inter-process lock on one entry (POSIX ``flock``; released
+        by the OS if the holder dies). Lock files stay in ``root/locks`` (empty,
+        reused); they are never read as entries."""
+        p = self.root / "locks" / kind / f"{key}.lock"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def count(self, kind: str) -> int:
         return sum(1 for _ in (self.root / kind).glob("*/*.*")) if (self.root / kind).exists() else 0

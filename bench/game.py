@@ -93,7 +93,8 @@ class UseLog:
 class Game:
     def __init__(self, task: Task, owners: "list[list] | Partition", model: ModelSpec, train: TrainSettings,
                  kind: str = "union", seed: int = 0, metric: str = "pref_acc",
-                 cache_dir: str | Path = "results/cache", n_jobs: int = 1, progress: bool = True):
+                 cache_dir: str | Path = "results/cache", n_jobs: int = 1, progress: bool = True,
+                 eval_pairs=None):
         if kind not in GAMES:
             raise ConfigError(f"game.kind: unknown {kind!r}; choose one of {list(GAMES)}")
         if metric not in METRICS:
@@ -102,7 +103,7 @@ class Game:
         # ground truth nor the task's clean training pool (kept private in _task).
         owners = owners.owners if isinstance(owners, Partition) else owners
         self.owners: list[list] = [list(o) for o in owners]
-        self.eval = task.eval
+        self.eval = list(task.eval if eval_pairs is None else eval_pairs)
         self._task, self.model_spec, self.train = task, model, train
         self.kind, self.seed, self.metric = kind, seed, metric
         self.cache_dir, self.n_jobs, self.progress = str(cache_dir), n_jobs, progress
@@ -110,7 +111,7 @@ class Game:
         self.owner_sizes = [len(o) for o in self.owners]
         self._owner_fps = [_owner_fp(o) for o in self.owners]
         self._static = {"code": code_version(), "task": task.fingerprint(),
-                        "eval": _owner_fp(task.eval), "model": asdict(model), "train": train.key(),
+                        "eval": _owner_fp(self.eval), "model": asdict(model), "train": train.key(),
                         "game": kind, "seed": seed}
         self._base = None   # (model, tokenizer), loaded lazily in each process
         self.log = UseLog()
@@ -128,7 +129,16 @@ class Game:
 
     def with_seed(self, seed: int) -> "Game":
         return Game(self._task, self.owners, self.model_spec, self.train, self.kind, seed, self.metric,
-                    self.cache_dir, self.n_jobs, self.progress)
+                    self.cache_dir, self.n_jobs, self.progress, self.eval)
+
+    def with_eval(self, pairs) -> "Game":
+        """The same game scored on other eval pairs (e.g. a held-out test split, so a
+        selection made with this game's utilities is not judged on the set it was
+        tuned on). Fine-tunes are retrained: utilities are cached per eval set."""
+        if not pairs:
+            raise ConfigError("eval pairs: empty; give the held-out split at least one pair")
+        return Game(self._task, self.owners, self.model_spec, self.train, self.kind, self.seed, self.metric,
+                    self.cache_dir, self.n_jobs, self.progress, pairs)
 
     # ----------------------------------------------------------- keys
     def ordered(self, mask: int) -> list[int]:
@@ -240,12 +250,18 @@ class Game:
         rec = self.cache.get_json("utility", key)
         if rec is not None:
             return rec, False
-        if isinstance(item, Subset) and item.pairs:
-            rec = self._score(lambda: [self._train_stage(key, [], list(item.pairs), keep=False)],
-                              n_train=len(item.pairs), info={"subset": True})
-        else:
-            rec = self._compute(0 if isinstance(item, Subset) else item)
-        self.cache.put_json("utility", key, rec)
+        # one writer per entry: another process (a second job or worker on the same
+        # cache) training this coalition holds the lock; we wait and read its result
+        with self.cache.lock("utility", key):
+            rec = self.cache.get_json("utility", key)
+            if rec is not None:
+                return rec, False
+            if isinstance(item, Subset) and item.pairs:
+                rec = self._score(lambda: [self._train_stage(key, [], list(item.pairs), keep=False)],
+                                  n_train=len(item.pairs), info={"subset": True})
+            else:
+                rec = self._compute(0 if isinstance(item, Subset) else item)
+            self.cache.put_json("utility", key, rec)
         return rec, True
 
     def stages(self, mask: int) -> list[dict]:

@@ -62,12 +62,21 @@ def available_valuers() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "valuer").glob("*.yaml"))
 
 
+def default_valuers() -> list[str]:
+    """What ``valuers=all`` runs: every valuer except those whose YAML says
+    ``in_all: false`` (references that cost far more than the preset, e.g. point-level
+    permutation Shapley); name those explicitly."""
+    return [n for n in available_valuers()
+            if OmegaConf.load(CONF_DIR / "valuer" / f"{n}.yaml").get("in_all", True)]
+
+
 def build_valuer(name: str, overrides: dict | None = None):
     from hydra.utils import instantiate
     path = CONF_DIR / "valuer" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"valuers: unknown valuer {name!r}; choose from {available_valuers()}")
     vcfg = OmegaConf.merge(OmegaConf.load(path), overrides or {})
+    vcfg.pop("in_all", None)                # a harness setting, not the valuer's
     return instantiate(vcfg), OmegaConf.to_container(vcfg)
 
 
@@ -112,7 +121,7 @@ def evaluate(val, truth: dict, truth2: dict, part, game=None, lds_cfg=None) -> d
 def run_experiment(cfg: DictConfig) -> list[dict]:
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
-    names = available_valuers() if cfg.valuers == "all" else list(cfg.valuers)
+    names = default_valuers() if cfg.valuers == "all" else list(cfg.valuers)
     unknown = [n for n in names if n not in available_valuers()]
     if unknown:
         raise ConfigError(f"valuers: unknown {unknown}; choose from {available_valuers()}")
@@ -122,6 +131,11 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     if lds_n and (lds_n < 3 or not 0 < lds_frac < 1):
         raise ConfigError(f"lds: n_subsets={lds_n}, frac={lds_frac}; use n_subsets >= 3 (or 0 = off) "
                           f"and frac in (0, 1)")
+
+    sel = OmegaConf.to_container(cfg.selection, resolve=True)
+    bad = [n for n in sel["valuers"] if n not in names]
+    if bad:
+        raise ConfigError(f"selection.valuers: {bad} are not in valuers={names}; add them to valuers or drop them")
 
     task = build_task(cfg)
     game, part = build_game(cfg, task)
@@ -164,6 +178,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                            extras=val.extras)
                 if val.point_values is not None:
                     rec["point_values"] = val.point_values
+                if name in sel["valuers"]:
+                    rec["metrics"]["selection"] = run_selection(game, val, task, sel, valuer_args, cfg, name)
             except FineTuneDiverged as e:
                 rec.update(status="failed", error=str(e), owner_values=[], metrics={}, cost={})
             except ConfigError:
@@ -181,6 +197,19 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
             records.append(rec)
         wb.log_tables(records)
     return records
+
+
+def run_selection(game, val, task, sel: dict, valuer_args: dict, cfg, name: str) -> dict:
+    """The data-selection curve of one valuation (judged on the task's test split),
+    its plot under <results_dir>/plots/, and the compact curve for the record."""
+    from bench.selection import compact, curve_for_valuation, format_curve, plot_selection
+    curve = curve_for_valuation(game, val, task.test, valuer_args.get("shed"), sizes=sel["sizes"],
+                                seeds=sel["seeds"], methods=sel["methods"], beta=sel["beta"])
+    png = Path(cfg.results_dir) / "plots" / f"selection_{cfg.experiment_name}_{name}_s{cfg.seed}.png"
+    plot_selection(curve, png, title=f"{cfg.experiment_name}: {name} selection, {len(sel['seeds'])} seeds, "
+                                     f"95% CI" + ("" if curve["held_out_eval"] else " (not held out)"))
+    print(format_curve(curve))
+    return {**compact(curve), "plot": str(png)}
 
 
 def summary(records: list[dict], results_dir: str) -> str:

@@ -213,6 +213,34 @@ def format_curve(curve: dict) -> str:
     return "\n".join(lines)
 
 
+def curve_for_valuation(game, val, test_pairs=None, shed_args: dict | None = None, sizes=(0.05, 0.1, 0.2, 0.5),
+                        seeds=(0, 1, 2), methods=METHODS, beta: float = 1.0) -> dict:
+    """The selection curve of one valuation, as the harness runs it.
+
+    Clusters: the valuation's own (SHED), else SHED's clustering with ``shed_args``
+    (cluster scores = mean point value). Subsets are judged on ``test_pairs`` (a
+    held-out split the valuer never saw) when given; without one the curve is
+    marked ``held_out_eval: false``, because the valuer's scores came from the
+    same eval set."""
+    if val.point_values is None:
+        raise ConfigError(f"selection.valuers: {val.name!r} has no per-example values to select with; "
+                          f"remove it from selection.valuers")
+    clusters = val.extras.get("clusters")
+    if clusters is None:
+        from bench.run import build_valuer
+        shed, _ = build_valuer("shed", shed_args)
+        clusters = shed.clusters(game)[0].labels
+    eval_game = game.with_eval(test_pairs) if test_pairs else None
+    return selection_curve(game, val, clusters, sizes=tuple(sizes), seeds=tuple(seeds), methods=tuple(methods),
+                           beta=beta, eval_game=eval_game)
+
+
+def compact(curve: dict) -> dict:
+    """A curve without per-row subset indices (what goes into a run record)."""
+    return {**{k: v for k, v in curve.items() if k not in ("rows",)},
+            "rows": [{k: v for k, v in r.items() if k != "indices"} for r in curve["rows"]]}
+
+
 # ------------------------------------------------------------------ command line
 
 def compose_config(experiment: str, overrides: list[str]):
@@ -243,21 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from omegaconf import OmegaConf
 
-        from bench.run import build_game, build_valuer
+        from bench.run import build_game, build_task, build_valuer
         from valuers.base import Budget
         cfg = compose_config(args.experiment, args.overrides)
-        game, _ = build_game(cfg)
-        vargs = (OmegaConf.to_container(cfg.valuer_args, resolve=True) or {}).get(args.valuer)
-        valuer, vcfg = build_valuer(args.valuer, vargs)
+        task = build_task(cfg)
+        game, _ = build_game(cfg, task)
+        all_args = OmegaConf.to_container(cfg.valuer_args, resolve=True) or {}
+        valuer, vcfg = build_valuer(args.valuer, all_args.get(args.valuer))
         val = valuer.value(game, Budget(**OmegaConf.to_container(cfg.budget)))
-        if val.point_values is None:
-            raise ConfigError(f"--valuer {args.valuer}: has no per-example values to select with")
-        clusters = val.extras.get("clusters")
-        if clusters is None:       # any point valuer: cluster with SHED's settings
-            shed, _ = build_valuer("shed", vargs if args.valuer == "shed" else None)
-            clusters = shed.clusters(game)[0].labels
-        curve = selection_curve(game, val, clusters, sizes=tuple(args.sizes), seeds=tuple(args.seeds),
-                                methods=tuple(args.methods), beta=args.beta)
+        if not task.test:
+            print("[dvbench] no test split (task.n_test_per_source / task.test_path): subsets are judged on "
+                  "the eval set the valuer used", file=sys.stderr)
+        curve = curve_for_valuation(game, val, task.test, all_args.get("shed"), sizes=args.sizes,
+                                    seeds=args.seeds, methods=args.methods, beta=args.beta)
     except ConfigError as e:
         fail(e)
     curve.update(experiment=str(cfg.experiment_name), valuer=args.valuer, valuer_config=vcfg,

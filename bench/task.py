@@ -36,9 +36,12 @@ class Task:
     eval: list[Pair]           # held out; never partitioned, never corrupted
     warmup: list[Pair] = field(default_factory=list)  # domain text for the tiny tier's base model
     sources: list[str] = field(default_factory=list)
+    test: list[Pair] = field(default_factory=list)  # optional second held-out split (selection is judged here)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
+        # ``test`` is left out: no utility depends on it except through the eval set a
+        # game scores on, which game keys cover; so the test split shares caches
         for split in (self.train, self.eval, self.warmup):
             for p in split:
                 h.update(json.dumps(asdict(p), sort_keys=True).encode())
@@ -113,7 +116,7 @@ def _near_miss(word: str, rng: random.Random) -> str:
 
 
 def _make(source: str, rng: random.Random, split: str, arith_max: int = 49) -> tuple[str, str, str]:
-    ev = split == "eval"
+    ev = split in ("eval", "test")   # held-out splits share the eval wordings, not the draws
     if source == "arithmetic":
         a, b = rng.randint(0, arith_max), rng.randint(0, arith_max)
         prompt = (f"Compute {a} + {b}." if ev else f"What is {a} plus {b}?")
@@ -146,7 +149,7 @@ def _split(sources, n_per_source: int, seed: int, split: str, arith_max: int) ->
 
 def synthetic_pref(sources=SOURCES, n_train_per_source: int = 100, n_eval_per_source: int = 60,
                    n_warmup_per_source: int = 200, seed: int = 0, arith_max: int = 49,
-                   name: str = "synthetic_pref") -> Task:
+                   name: str = "synthetic_pref", n_test_per_source: int = 0) -> Task:
     """The generated preference task: deterministic for a given seed."""
     sources = list(sources)
     if not sources:
@@ -156,11 +159,13 @@ def synthetic_pref(sources=SOURCES, n_train_per_source: int = 100, n_eval_per_so
             raise ConfigError(f"task.sources: unknown source {s!r}; choose from {list(SOURCES)}")
     if n_train_per_source < 1 or n_eval_per_source < 1:
         raise ConfigError("task.n_train_per_source / n_eval_per_source: must be >= 1")
+    if n_test_per_source < 0:
+        raise ConfigError("task.n_test_per_source: must be >= 0 (0 = no test split)")
     return Task(name=name,
                 train=_split(sources, n_train_per_source, seed, "train", arith_max),
                 eval=_split(sources, n_eval_per_source, seed, "eval", arith_max),
                 warmup=_split(sources, n_warmup_per_source, seed, "warmup", arith_max),
-                sources=sources)
+                sources=sources, test=_split(sources, n_test_per_source, seed, "test", arith_max))
 
 
 # --------------------------------------------------------------------------
@@ -202,8 +207,9 @@ def _load_rows(path: str, field_name: str, split: str = "train", online: bool = 
 
 def local_pref(path: str, eval_path: str | None = None, eval_fraction: float = 0.2,
                seed: int = 0, online: bool = False, split: str = "train", eval_split: str | None = None,
-               name: str = "local_pref") -> Task:
-    """A user's preference data. Eval = ``eval_path`` if given, else a seeded held-out fraction."""
+               name: str = "local_pref", test_path: str | None = None) -> Task:
+    """A user's preference data. Eval = ``eval_path`` if given, else a seeded held-out fraction.
+    ``test_path``: an optional second held-out file (the selection experiment is judged on it)."""
     train = _rows_to_pairs(_load_rows(path, "task.path", split, online), "task.path")
     if eval_path or eval_split:
         rows = _load_rows(eval_path or path, "task.eval_path", eval_split or split, online)
@@ -221,5 +227,7 @@ def local_pref(path: str, eval_path: str | None = None, eval_fraction: float = 0
         train = [p for i, p in enumerate(train) if i not in held]
     train = [Pair(i, p.source, p.prompt, p.chosen, p.rejected) for i, p in enumerate(train)]
     ev = [Pair(i, p.source, p.prompt, p.chosen, p.rejected) for i, p in enumerate(ev)]
+    test = _rows_to_pairs(_load_rows(test_path, "task.test_path", split, online), "task.test_path") \
+        if test_path else []
     sources = sorted({p.source for p in train})
-    return Task(name=name, train=train, eval=ev, warmup=[], sources=sources)
+    return Task(name=name, train=train, eval=ev, warmup=[], sources=sources, test=test)

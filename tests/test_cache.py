@@ -195,3 +195,47 @@ def test_code_version_ignores_comments_and_docstrings_but_not_code(tmp_path):
     assert _code_fingerprint(a) == base
     a.write_text('def f(x):\n    return x + 2\n')
     assert _code_fingerprint(a) != base
+
+
+def test_lock_is_exclusive_across_processes(tmp_path):
+    """A second process waits for the entry lock the first one holds."""
+    c = DiskCache(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from bench.cache import DiskCache
+        with DiskCache({str(tmp_path)!r}).lock("utility", "k"):
+            print("held", flush=True)
+            time.sleep(1.5)
+        """)], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with c.lock("utility", "k"):
+            waited = time.monotonic() - t0
+        with c.lock("utility", "other"):      # other entries are not blocked
+            pass
+    finally:
+        holder.wait(timeout=30)
+    assert waited > 0.5, waited
+
+
+def test_concurrent_writers_train_each_coalition_once(tmp_path, fresh_cache):
+    """Two processes computing the same game on one cache folder at once: every
+    coalition is trained by exactly one of them, no entry is corrupt, and both
+    return identical tables."""
+    script = _script(tmp_path)
+    version = code_version()
+    procs = [subprocess.Popen([sys.executable, str(script), str(fresh_cache)], cwd=REPO,
+                              env={**subprocess_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    skip_if_code_changed(version)
+    res = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert res[0]["table"] == res[1]["table"]
+    trained = [sum(r["fresh"].values()) for r in res]
+    print("coalitions computed per process:", trained)
+    assert sum(trained) == 8, trained                 # 2^3 coalitions, each computed once in total
+    c = DiskCache(fresh_cache)
+    assert all(c.get_json("utility", p.stem) is not None for p in _entries(fresh_cache))
+    assert not list(fresh_cache.rglob("*.tmp"))

@@ -397,3 +397,22 @@ def test_valuers_cannot_reach_the_ground_truth(fresh_cache, make_game):
     public = {k for k in vars(game) if not k.startswith("_")}
     assert not {"partition", "truth", "task"} & public
     assert not any(hasattr(v, "noisy_owners") or hasattr(v, "corrupted_ids") for v in vars(game).values())
+
+
+def test_with_eval_scores_on_other_pairs(fresh_cache, make_game, tiny_task):
+    """A game over the same data scored on a held-out split: another eval set, other
+    cache entries, the same seed and owners; with_seed keeps the eval set."""
+    from bench.task import synthetic_pref
+    from conftest import TASK_KW
+    test = synthetic_pref(**TASK_KW, n_test_per_source=4).test
+    game = make_game(fresh_cache)
+    held = game.with_eval(test)
+    assert held.eval == test and held.owners == game.owners and held.seed == game.seed
+    assert held.key(1) != game.key(1)
+    assert held.with_seed(3).eval == test
+    rec = held.record(0b001)
+    assert len(rec["logp_chosen"]) == len(test)
+    assert len(game.record(0b001)["logp_chosen"]) == len(tiny_task.eval)
+    from bench.errors import ConfigError
+    with pytest.raises(ConfigError, match="eval pairs"):
+        game.with_eval([])

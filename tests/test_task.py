@@ -182,3 +182,27 @@ def test_local_pref_too_few_rows(tmp_path):
     with pytest.raises(ConfigError) as e:
         local_pref(str(path))
     assert one_line(str(e.value))
+
+
+def test_test_split_is_held_out_and_keeps_the_fingerprint():
+    """The optional test split: deterministic, eval wordings, different draws, no
+    effect on the task fingerprint (so games with and without it share caches)."""
+    plain = synthetic_pref(**TASK_KW)
+    task = synthetic_pref(**TASK_KW, n_test_per_source=5)
+    again = synthetic_pref(**TASK_KW, n_test_per_source=5)
+    assert plain.test == [] and len(task.test) == 5 * len(TASK_KW["sources"])
+    assert task.test == again.test
+    assert task.train == plain.train and task.eval == plain.eval
+    assert task.fingerprint() == plain.fingerprint()
+    ev = {p.prompt for p in task.eval}
+    assert {p.prompt for p in task.test} - ev, "test draws differ from the eval draws"
+    with pytest.raises(ConfigError, match="task.n_test_per_source"):
+        synthetic_pref(**TASK_KW, n_test_per_source=-1)
+
+
+def test_local_pref_test_path(tmp_path):
+    train = _write(tmp_path / "train.jsonl", ROWS)
+    test = _write(tmp_path / "test.jsonl", [{"prompt": "t?", "chosen": "a", "rejected": "b"}])
+    task = local_pref(str(train), test_path=str(test))
+    assert [p.prompt for p in task.test] == ["t?"]
+    assert local_pref(str(train)).test == []

@@ -58,6 +58,18 @@ class Budget:
     max_seconds: float | None = None
 
 
+def flat_pairs(game) -> list:
+    """Every training example in the canonical order of point values (owner by owner)."""
+    return [p for o in game.owners for p in o]
+
+
+def owner_sums(point_values, sizes) -> np.ndarray:
+    """Owners' values as the sums of their examples' values (examples in owner order)."""
+    pv = np.asarray(point_values, float)
+    bounds = np.cumsum([0] + list(sizes))
+    return np.array([float(pv[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
 class Valuer(Protocol):
     name: str
 

@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import ConfigError
-from valuers.base import Budget, CostMeter, Valuation
+from valuers.base import Budget, CostMeter, Valuation, owner_sums  # noqa: F401 (owner_sums re-exported)
 
 LOG_FORMAT = 1
 LOSSES = ("dpo", "sft")
@@ -633,11 +633,6 @@ def query_vectors(subject: Subject, logger: GradientLogger, pairs, loss: str, ba
             sums[n] = s if n not in sums else sums[n] + s
     M = len(ex)
     return [(sums[n] / M).numpy() for n in logger.names], tot / M
-
-
-def owner_sums(point_values: np.ndarray, sizes) -> np.ndarray:
-    bounds = np.cumsum([0] + list(sizes))
-    return np.array([float(point_values[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def check_common(train_loss, damping_scale, batch_size, dtype):

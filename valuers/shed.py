@@ -35,7 +35,7 @@ import numpy as np
 
 from bench import shapley
 from bench.errors import ConfigError
-from valuers.base import Budget, CostMeter, Valuation
+from valuers.base import Budget, CostMeter, Valuation, flat_pairs
 
 METHODS = ("removal", "exact")
 DROP_SHARES = ("full", "split")
@@ -244,11 +244,6 @@ def qwcs(scores, clusters, target, beta: float, rng: np.random.Generator) -> np.
 
 # ------------------------------------------------------------------ the valuer
 
-def flat_pairs(game) -> list:
-    """Every training example in the canonical order of point values."""
-    return [p for o in game.owners for p in o]
-
-
 class SHED:
     """Cluster-proxy Shapley (see module docstring). ``metric`` null = the game's metric."""
 
@@ -335,6 +330,7 @@ class SHED:
                               per_pass_groups=[p["groups"] for p in res.passes],
                               per_pass_drops=[p["drops"] for p in res.passes],
                               per_pass_utilities=[p["utilities"] for p in res.passes],
+                              per_pass_values=per_pass.tolist(),
                               proxy_stderr=res.stderr.tolist())
         with meter.phase("values", own_compute=True):
             point_values = phi[cl.labels].astype(float)

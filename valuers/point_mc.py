@@ -1,0 +1,72 @@
+"""Point-level permutation Monte Carlo Shapley (TMC-Shapley, Ghorbani & Zou 2019):
+the players are the training examples, not the owners.
+
+A permutation of the N examples is walked from the empty set; each prefix is a
+fine-tune from the base on exactly those examples (``game.subset_utilities``,
+cached by content, so prefixes shared with LDS or SHED are reused). An example's
+value is its mean marginal contribution; an owner's value is the sum over its
+examples. Truncation skips the rest of a permutation once the prefix is within
+``truncation_tol * |v(all) - v(∅)|`` of the full-data utility (marginals counted
+as 0; relative to the gain, since accuracy-like utilities start high at the base).
+
+This is the point-level reference the cheap point valuers are compared with at
+equal fine-tune budget: ``extras["trajectory"]`` holds the owner and point
+values after every completed permutation with the fine-tunes spent so far.
+A permutation costs up to N fine-tunes, so ``max_fine_tunes`` is checked after
+each permutation (the last one may overshoot it by < N).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bench import shapley
+from bench.errors import ConfigError
+from valuers.base import Budget, CostMeter, Valuation, flat_pairs, owner_sums
+
+
+class PointMCShapley:
+    def __init__(self, name: str = "point_mc_shapley", max_permutations: int = 4, truncation_tol: float | None = 0.05,
+                 max_fine_tunes: int | None = None, seed: int = 0):
+        if max_permutations < 1:
+            raise ConfigError(f"valuer.max_permutations: {max_permutations}; use >= 1")
+        if truncation_tol is not None and not 0 <= truncation_tol < 1:
+            raise ConfigError(f"valuer.truncation_tol: {truncation_tol}; use a share in [0, 1) or null (off)")
+        if max_fine_tunes is not None and max_fine_tunes < 1:
+            raise ConfigError(f"valuer.max_fine_tunes: {max_fine_tunes}; use >= 1 or null (no cap)")
+        self.name, self.seed = name, seed
+        self.max_permutations, self.truncation_tol, self.max_fine_tunes = max_permutations, truncation_tol, max_fine_tunes
+
+    def value(self, game, budget: Budget) -> Valuation:
+        meter = CostMeter(game)
+        pairs = flat_pairs(game)
+        N = len(pairs)
+        cap = budget.max_fine_tunes or self.max_fine_tunes
+        trained: set[int] = set()
+
+        def utility(mask: int) -> float:
+            idx = [i for i in range(N) if mask >> i & 1]    # canonical order: v depends on the set only
+            if idx:
+                trained.add(mask)
+            return float(game.subset_utilities([[pairs[i] for i in idx]])[0])
+
+        trajectory = []
+
+        def after_permutation(m: int, running: np.ndarray) -> bool:
+            trajectory.append({"permutations": m, "fine_tunes": len(trained),
+                               "owner_values": owner_sums(running, game.owner_sizes).tolist(),
+                               "point_values": np.asarray(running, float).tolist()})
+            return cap is not None and len(trained) >= cap
+
+        rng = np.random.default_rng(self.seed + 7919 * game.seed)
+        with meter.phase("fine_tune+score"):
+            tol = None
+            if self.truncation_tol is not None:     # the engine truncates relative to |v(all)|
+                v_all, v_empty = utility((1 << N) - 1), utility(0)
+                tol = self.truncation_tol * abs(v_all - v_empty) / abs(v_all) if v_all else None
+            res = shapley.permutation_shapley(utility, N, rng, max_permutations=self.max_permutations,
+                                              min_permutations=self.max_permutations, tol=None,
+                                              truncation_tol=tol, callback=after_permutation, check_every=1)
+        point = np.asarray(res.values, float)
+        return Valuation(owner_sums(point, game.owner_sizes), point_values=point, cost=meter.cost(), extras={
+            "n_examples": N, "n_permutations": res.n_permutations, "truncation_tol": self.truncation_tol,
+            "trajectory": trajectory})
