@@ -3,6 +3,8 @@
     python -m bench experiment=quick
     python -m bench experiment=smoke game=sequential seed=1
     python -m bench -m experiment=quick seed=0,1,2          # a sweep
+    python -m bench experiment=quick game.shard=0/4          # one slice of the ground truth
+    python -m bench assemble experiment=quick                # check all slices cached, then run
     python -m bench compare --help | python -m bench report --help
 """
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
         import importlib
         mod = importlib.import_module(f"bench.{sys.argv[1]}")
         sys.exit(mod.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "assemble":   # = game.shard=assemble (bench/shard.py)
+        sys.argv[1:2] = ["game.shard=assemble"]
     from bench.errors import fail
     msg = check_overrides(sys.argv[1:])
     if msg:

@@ -83,6 +83,19 @@ def _total_ram() -> int | None:
         return None
 
 
+def _cpu_brand(cpu: str) -> str:
+    """The marketing name where ``cpu`` is only an architecture (macOS reports "arm")."""
+    if platform.system() == "Darwin":
+        try:
+            p = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                               text=True, timeout=5)
+            if p.returncode == 0 and p.stdout.strip():
+                return p.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return cpu
+
+
 @functools.lru_cache(maxsize=None)
 def _hardware() -> dict:
     hw: dict[str, Any] = {
@@ -92,14 +105,19 @@ def _hardware() -> dict:
         "cpu": _cpu_model(),
         "n_cpus": os.cpu_count(),
         "ram_bytes": _total_ram(),
-        "torch": None, "cuda": False, "cuda_version": None, "gpus": [],
+        "torch": None, "cuda": False, "cuda_version": None, "hip_version": None, "gpus": [],
+        "mps": False,
     }
+    hw["cpu_name"] = _cpu_brand(hw["cpu"])
     try:
         import torch
 
         hw["torch"] = torch.__version__
+        mps = getattr(torch.backends, "mps", None)     # Apple silicon
+        hw["mps"] = bool(mps is not None and mps.is_available())
         hw["cuda"] = bool(torch.cuda.is_available())
         hw["cuda_version"] = torch.version.cuda
+        hw["hip_version"] = getattr(torch.version, "hip", None)
         if hw["cuda"]:
             hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:  # no torch, or a broken driver: still fingerprint the CPU side
@@ -113,6 +131,44 @@ def _hardware() -> dict:
 def hardware_fingerprint() -> dict:
     """Machine description plus a short stable ``id`` (cpu, n_cpus, RAM GiB, GPUs)."""
     return copy.deepcopy(_hardware())
+
+
+# Words that name no hardware: vendors' trademarks, "CPU", "Processor", core counts
+# (the slug has its own), clock speeds.
+_SLUG_NOISE = frozenset({"r", "tm", "c", "cpu", "processor", "nvidia", "corporation", "geforce",
+                         "graphics", "with", "radeon", "apu", "soc"})
+
+
+def _slug_words(text: Any, max_words: int = 5) -> str:
+    """``"AMD EPYC 7763 64-Core Processor"`` -> ``"amd-epyc-7763"``."""
+    text = str(text or "").split("@")[0]                       # "... @ 2.40GHz"
+    text = re.sub(r"\b[\w]+-core\b", " ", text, flags=re.I)      # "64-Core", "Quad-Core"
+    words = [w for w in re.split(r"[^a-z0-9]+", text.lower()) if w and w not in _SLUG_NOISE]
+    return "-".join(words[:max_words]) or "unknown"
+
+
+def hardware_slug(hw: dict | None = None) -> str:
+    """A short, stable, filesystem-safe name for a kind of machine (``[a-z0-9-]``, <= 64 chars).
+
+    ``cpu-<n>c-<RAM>g-<cpu>`` (``cpu-2c-24g-amd-epyc``), ``cuda-<gpu>-x<count>-<n>c``
+    (``cuda-a100-sxm4-80gb-x1-32c``; ``rocm-`` on ROCm builds; ``-mixed`` when the GPUs
+    differ) or ``mps-<chip>-<RAM>g`` (``mps-apple-m2-pro-32g``). It keys per-hardware
+    micro-benchmarks and baselines; ``id`` (a hash of the same facts) stays the exact key.
+    ``hw`` is a ``hardware_fingerprint()`` dict (default: this machine's).
+    """
+    hw = hardware_fingerprint() if hw is None else hw
+    n_cpus = int(hw.get("n_cpus") or 0)
+    ram_gib = round((hw.get("ram_bytes") or 0) / 2**30)
+    gpus = [str(g) for g in hw.get("gpus") or []]
+    if gpus:
+        kind = "rocm" if hw.get("hip_version") else "cuda"
+        mixed = "-mixed" if len(set(gpus)) > 1 else ""
+        slug = f"{kind}-{_slug_words(gpus[0])}-x{len(gpus)}{mixed}-{n_cpus}c"
+    elif hw.get("mps"):
+        slug = f"mps-{_slug_words(hw.get('cpu_name') or hw.get('cpu'))}-{ram_gib}g"
+    else:
+        slug = f"cpu-{n_cpus}c-{ram_gib}g-{_slug_words(hw.get('cpu_name') or hw.get('cpu'))}"
+    return re.sub(r"-+", "-", slug)[:64].strip("-")
 
 
 def to_jsonable(obj: Any) -> Any:
