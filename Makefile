@@ -8,6 +8,9 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
+PRESET    ?=
+ARGS      ?=
+BENCH_TOL ?= 25
 
 .PHONY: venv bench bench-quick bench-scaling bench-selection test test-slow bench-micro compare report clean-cache help
 
@@ -23,8 +26,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## create .venv and install the project
 
-bench: $(STAMP)  ## the default benchmark: SmolLM2-135M + LoRA, 4 owners, all valuers
-	$(BIN)/python -m bench experiment=default
+bench: $(STAMP)  ## fingerprint, the preset that fits (CPU: default), report + baseline candidate (PRESET= ARGS= STRICT=1)
+	$(BIN)/python -m bench.hardware bench $(if $(PRESET),--preset $(PRESET)) $(if $(STRICT),--strict) -- $(ARGS)
 
 bench-quick: $(STAMP)  ## tiny tier, 6 owners (a couple of minutes)
 	$(BIN)/python -m bench experiment=quick
@@ -35,8 +38,8 @@ test: $(STAMP)  ## fast test suite (CPU, no network)
 test-slow: $(STAMP)  ## slow end-to-end tests
 	$(BIN)/python -m pytest -q -m slow
 
-bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, stored per hardware
-	$(BIN)/python -m pytest -q -m benchmark -p no:xdist --benchmark-storage=results/benchmarks --benchmark-autosave
+bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, saved per hardware, vs the last run (BENCH_TOL=25 %)
+	$(BIN)/python -m bench.hardware micro --tolerance $(BENCH_TOL) -- $(ARGS)
 
 bench-scaling: $(STAMP)  ## cost of DPO arithmetic vs exact retraining at n = 4, 6, 8 (tiny tier)
 	$(BIN)/python -m bench.scaling --owners 4 6 8
@@ -47,8 +50,8 @@ bench-selection: $(STAMP)  ## SHED selection curve (QOCS/QWCS vs random vs all) 
 compare: $(STAMP)  ## compare the latest run with results/baselines (BASE=, EXP=)
 	$(BIN)/python -m bench.compare $(if $(EXP),--experiment $(EXP)) $(if $(BASE),--baseline $(BASE))
 
-report: $(STAMP)  ## print tables from results/runs
-	$(BIN)/python -m bench.report
+report: $(STAMP)  ## tables + plots of results/runs into results/report.md (and results/report/*.png)
+	$(BIN)/python -m bench.report --out results/report.md
 
 clean-cache:  ## delete caches (utilities, models, tokenizers)
 	rm -rf results/cache

@@ -3,6 +3,7 @@
     python -m bench.report                          # every experiment in results/runs
     python -m bench.report --experiment smoke --markdown
     python -m bench.report --plot results/smoke.png
+    python -m bench.report --out results/report.md     # tables + plots (make report)
 
 Rows are grouped by (experiment, game, valuer); for each seed only the newest
 record counts. Cells show the mean over seeds ± the half-width of a 95 %
@@ -141,6 +142,187 @@ def plot(records: list[dict], out: str | Path) -> Path:
     return out
 
 
+# ------------------------------------------------------------------ results/report.md
+
+def _ok(recs):
+    return [r for r in recs if r.get("status", "ok") == "ok"]
+
+
+def _grid(n: int, w: float, h: float):
+    """A figure with n panels, at most 3 per row; returns (fig, flat list of n axes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = min(3, max(n, 1))
+    rows = math.ceil(max(n, 1) / cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(w * cols, h * rows))
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
+
+
+def plot_frontier(groups, out: Path) -> Path:
+    """Fidelity (Spearman vs exact, mean ± CI over seeds) against cost (fine-tunes,
+    log) per valuer; the line joins the Pareto-optimal valuers (cheaper and better)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = _grid(len(groups), 5.5, 4.2)
+    for ax, ((exp, game), by_valuer) in zip(axes, groups.items()):
+        pts = []
+        for v, recs in by_valuer.items():
+            ok = _ok(recs)
+            (rho, h), (ft, _) = (mean_ci([get_metric(r, "fidelity", "spearman") for r in ok]),
+                                 mean_ci([get_metric(r, "cost", "fine_tunes") for r in ok]))
+            if math.isnan(rho) or math.isnan(ft):
+                continue
+            x = max(ft, 0.5)       # zero-fine-tune methods sit at the left edge of the log axis
+            ax.errorbar(x, rho, yerr=0 if math.isnan(h) else h, fmt="o", capsize=3)
+            ax.annotate(v, (x, rho), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            pts.append((x, rho))
+        front, best = [], -math.inf
+        for x, y in sorted(pts):
+            if y > best:
+                front.append((x, y))
+                best = y
+        if len(front) > 1:
+            ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto frontier")
+            ax.legend(fontsize=7, loc="lower right")
+        ceil = mean_ci([get_metric(r, "noise_ceiling", "spearman") for rs in by_valuer.values() for r in _ok(rs)])[0]
+        if not math.isnan(ceil):
+            ax.axhline(ceil, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set(title=f"{exp} · {game}", xlabel="fine-tunes (log; 0 drawn at 0.5)",
+               ylabel="Spearman ρ vs exact Shapley (dotted: noise ceiling)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_owner_values(groups, out: Path) -> Path:
+    """Owner values per valuer, each record scaled to unit L2 norm (methods differ in
+    scale), mean ± 95% CI over seeds; the exact retraining Shapley first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axes = plt.subplots(len(groups), 1, squeeze=False, figsize=(10, 3.4 * len(groups)))
+    for ax, ((exp, game), by_valuer) in zip(axes[:, 0], groups.items()):
+        series = {}
+        first = next((r for rs in by_valuer.values() for r in _ok(rs) if r.get("owner_values")), None)
+        if first is None:
+            continue
+        n = len(first["owner_values"])
+        seeds = {}      # the exact Shapley once per seed, from whichever valuer's record carries it
+        for rs in by_valuer.values():
+            for r in _ok(rs):
+                if r.get("truth_values") and len(r["truth_values"]) == n:
+                    seeds.setdefault(r.get("seed"), r["truth_values"])
+        series["exact (truth)"] = list(seeds.values())
+        for v, recs in by_valuer.items():
+            if v != "retrain_shapley":
+                series[v] = [r["owner_values"] for r in _ok(recs) if len(r.get("owner_values") or []) == n]
+        width = 0.8 / max(len(series), 1)
+        for j, (name, vals) in enumerate(series.items()):
+            if not vals:
+                continue
+            arr = np.array([np.asarray(v, float) / (np.linalg.norm(v) or 1.0) for v in vals])
+            stats = [mean_ci(arr[:, i]) for i in range(n)]
+            ax.bar(np.arange(n) + (j - len(series) / 2 + 0.5) * width, [m for m, _ in stats], width,
+                   yerr=[0 if math.isnan(h) else h for _, h in stats], capsize=2, label=name)
+        noisy = set(first.get("truth", {}).get("noisy_owners", []))
+        ax.set_xticks(range(n), [f"owner {i}" + (" (noisy)" if i in noisy else "") for i in range(n)])
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set(title=f"{exp} · {game}: owner values (unit-norm per record)", ylabel="value / ‖values‖")
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _roc(scores, labels):
+    """ROC points of 'low value = bad' (flagging the lowest-valued first)."""
+    import numpy as np
+    order = np.argsort(np.asarray(scores, float), kind="stable")
+    y = np.asarray(labels, bool)[order]
+    tp, fp = np.cumsum(y), np.cumsum(~y)
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
+def plot_detection_roc(groups, out: Path) -> Path:
+    """Noisy-data detection ROC per valuer (seed of each valuer's newest record):
+    example level when the valuer has point values, else owner level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from bench.budget import corrupted_mask
+    fig, axes = _grid(len(groups), 5, 4.4)
+    for ax, ((exp, game), by_valuer) in zip(axes, groups.items()):
+        for v, recs in by_valuer.items():
+            ok = [r for r in _ok(recs) if r.get("owner_values")]
+            if not ok:
+                continue
+            r = ok[-1]
+            if r.get("point_values") is not None:
+                try:
+                    bad = corrupted_mask(r)
+                except Exception:      # a record whose task cannot be rebuilt here (e.g. a moved file)
+                    bad = None
+                if bad is not None and bad.any() and len(bad) == len(r["point_values"]):
+                    x, y = _roc(r["point_values"], bad)
+                    ax.plot(x, y, label=f"{v} (examples)")
+                    continue
+            labels = np.isin(np.arange(len(r["owner_values"])), r.get("truth", {}).get("noisy_owners", []))
+            if labels.any() and not labels.all():
+                x, y = _roc(r["owner_values"], labels)
+                ax.step(x, y, where="post", ls="--", label=f"{v} (owners)")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.6)
+        ax.set(title=f"{exp} · {game}: noisy-data detection", xlabel="false positive rate",
+               ylabel="true positive rate")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_report(records: list[dict], out_md: str | Path) -> Path:
+    """``out_md`` (markdown tables, mean ± 95% CI over seeds) plus PNGs in a folder
+    next to it: fidelity-vs-cost frontier, owner values, detection ROC, and every
+    selection curve found in the records."""
+    from bench.cache import atomic_write_bytes
+    from bench.tracking import utc_timestamp
+    out_md = Path(out_md)
+    figs = out_md.with_suffix("")
+    figs.mkdir(parents=True, exist_ok=True)
+    groups = {k: v for k, v in summarize(records).items()     # groups with owner values to plot
+              if any(r.get("owner_values") for rs in v.values() for r in _ok(rs))}
+    parts = [f"# dvbench report\n\n{len(records)} records, generated {utc_timestamp()} by "
+             f"`python -m bench report --out {out_md}`. Cells: mean ± 95% CI half-width over seeds "
+             f"(newest record per seed); `n` counts seeds (ok/all).\n",
+             format_table(records, markdown=True)]
+    pngs = [("Fidelity vs cost", plot_frontier(groups, figs / "frontier.png")),
+            ("Owner values", plot_owner_values(groups, figs / "owner_values.png")),
+            ("Noisy-data detection", plot_detection_roc(groups, figs / "detection_roc.png"))]
+    from bench.selection import plot_selection
+    for (exp, game), by_valuer in groups.items():
+        for v, recs in by_valuer.items():
+            for r in _ok(recs):
+                sel = (r.get("metrics") or {}).get("selection")
+                if sel:
+                    p = plot_selection(sel, figs / f"selection_{exp}_{game}_{v}_s{r['seed']}.png",
+                                       title=f"{exp}: {v} selection ({len(sel['seeds'])} seeds, 95% CI)")
+                    pngs.append((f"Selection: {exp} {v} seed {r['seed']}", p))
+    parts += [f"## {title}\n\n![{title}]({p.relative_to(out_md.parent)})" for title, p in pngs]
+    atomic_write_bytes(out_md, ("\n\n".join(parts) + "\n").encode())
+    return out_md
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
     ap.add_argument("--brief", action="store_true", help="the main columns only (the README's tables)")
     ap.add_argument("--plot", metavar="OUT.png", help="also write a PNG of fidelity and cost")
+    ap.add_argument("--out", metavar="REPORT.md",
+                    help="write a markdown report with tables and PNG plots (frontier, owner values, "
+                         "detection ROC, selection curves) in a folder next to it, e.g. results/report.md")
     args = ap.parse_args(argv)
 
     store = ResultsStore(args.results)
@@ -163,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"no results in {store.runs}{what}; run `python -m bench experiment=<name>` "
              "or pass --results DIR")
     print(format_table(records, markdown=args.markdown, brief=args.brief))
+    if args.out:
+        print(f"wrote {write_report(records, args.out)}", file=sys.stderr)
     if args.plot:
         print(f"wrote {plot(records, args.plot)}", file=sys.stderr)
     return 0

@@ -59,6 +59,9 @@ def build_game(cfg: DictConfig, task=None, partition=None) -> tuple[Game, object
     return game, part
 
 
+BASELINES = ("random", "retrain_shapley")     # always in a job's records
+
+
 def available_valuers() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "valuer").glob("*.yaml"))
 
@@ -124,6 +127,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     store.check_writable()                    # before any expensive work
     parse_shard(cfg.game.get("shard"))        # a malformed shard spec fails now
     names = default_valuers() if cfg.valuers == "all" else list(cfg.valuers)
+    # the floor and the ceiling of every table: random is free, retrain_shapley
+    # reuses the ground truth the job computes anyway
+    names = list(dict.fromkeys([*BASELINES, *names]))
     unknown = [n for n in names if n not in available_valuers()]
     if unknown:
         raise ConfigError(f"valuers: unknown {unknown}; choose from {available_valuers()}")

@@ -268,3 +268,28 @@ def test_report_table_and_plot(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         report.main(["--results", str(tmp_path / "none")])
     assert exc.value.code == 2
+
+
+def test_report_file_with_plots(tmp_path):
+    """report --out: markdown tables + frontier, owner-value, ROC and selection PNGs."""
+    recs = [dict(make_record("retrain_shapley", s), truth_values=[0.1, 0.2, -0.3, 0.05]) for s in range(2)]
+    recs += [dict(make_record("random", s, spearman=0.0, fine_tunes=0), truth_values=[0.1, 0.2, -0.3, 0.05])
+             for s in range(2)]
+    sel = {"metric": "pref_acc", "n_examples": 20, "sizes": [0.5], "counts": [10], "seeds": [0, 1],
+           "methods": ["qocs", "all"], "base_utility": 0.5, "held_out_eval": True,
+           "summary": {"qocs": {"sizes": [0.5], "counts": [10], "stats": [{"mean": 0.6, "lo": 0.55, "hi": 0.65,
+                                                                         "n": 2}]},
+                       "all": {"mean": 0.62, "lo": 0.6, "hi": 0.64, "n": 2}}, "paired": {}}
+    recs[0]["metrics"]["selection"] = sel
+    store = ResultsStore(tmp_path)
+    for r in recs:
+        store.append(r)
+    out = tmp_path / "report.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| retrain_shapley | 2 |" in text and "| random | 2 |" in text
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["detection_roc.png", "frontier.png", "owner_values.png",
+                    "selection_toy_union_retrain_shapley_s0.png"]
+    for p in pngs:
+        assert f"report/{p}" in text and (tmp_path / "report" / p).stat().st_size > 5000
