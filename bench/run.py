@@ -22,7 +22,7 @@ from bench.partition import make_partition
 from bench.shard import ASSEMBLE, missing, missing_message, parse_shard, run_shard
 from bench.task import local_pref, synthetic_pref
 from bench.train import FineTuneDiverged, TrainSettings
-from bench.tracking import ResultsStore, WandbLogger, provenance, to_jsonable
+from bench.tracking import ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -126,6 +126,14 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
     parse_shard(cfg.game.get("shard"))        # a malformed shard spec fails now
+    if str(cfg.logger.mode) not in (*WandbLogger.MODES, "none", "off"):
+        raise ConfigError(f"logger.mode: unknown {cfg.logger.mode!r}; use offline, online or disabled")
+    if str(cfg.logger.mode) in ("offline", "online"):
+        try:
+            Path(cfg.logger.dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"logger.dir: cannot create {cfg.logger.dir} ({e.strerror}); "
+                              f"set logger.dir=<writable path> or logger=none") from None
     names = default_valuers() if cfg.valuers == "all" else list(cfg.valuers)
     # the floor and the ceiling of every table: random is free, retrain_shapley
     # reuses the ground truth the job computes anyway
@@ -180,9 +188,11 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         truth_error = f"ground truth: {e}"
     truth_s = time.perf_counter() - t0
 
-    with WandbLogger(mode=cfg.logger.mode, project=cfg.logger.project, dir=cfg.logger.dir,
-                     run_name=f"{cfg.experiment_name}-s{cfg.seed}", config=base["config"],
-                     tags=[cfg.experiment_name, game.kind]) as wb:
+    wandb_run = lambda: WandbLogger(  # noqa: E731
+        mode=cfg.logger.mode, project=cfg.logger.project, dir=cfg.logger.dir,
+        run_name=f"{cfg.experiment_name}-{game.kind}-s{cfg.seed}", config=base["config"],
+        tags=[cfg.experiment_name, game.kind], group=sweep_group(str(cfg.experiment_name)))
+    with SafeLogger(wandb_run) as wb:
         for name, (valuer, vcfg) in built.items():
             game.log.entries.clear()
             rec = {**base, "valuer": name, "valuer_config": vcfg, "status": "ok", "error": None}
@@ -217,7 +227,22 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
             wb.log_record(rec, prefix=f"{name}/")
             records.append(rec)
         wb.log_tables(records)
+        log_point_values(wb, records)
     return records
+
+
+def log_point_values(wb, records: list[dict]) -> None:
+    """Per-example values as a W&B artifact (a run table is cut at 10,000 rows)."""
+    import json
+    import tempfile
+    rows = {r["valuer"]: r["point_values"] for r in records if r.get("point_values") is not None}
+    if not rows or getattr(wb, "logger", None) is None:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "point_values.json"
+        path.write_text(json.dumps({"experiment": records[0]["experiment"], "seed": records[0]["seed"],
+                                    "values": rows}))
+        wb.log_artifact(path, name=f"point_values-{records[0]['experiment']}-s{records[0]['seed']}")
 
 
 def run_selection(game, val, task, sel: dict, valuer_args: dict, cfg, name: str) -> dict:

@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -501,4 +502,66 @@ class WandbLogger:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.finish(exit_code=1 if exc_type else None)
+        return False
+
+
+def sweep_group(default: str) -> str:
+    """W&B group of a job: the Hydra sweep folder's name in a multirun (shared by
+    every job of the sweep), else ``default``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            if hc.mode == RunMode.MULTIRUN:
+                return Path(hc.runtime.output_dir).parent.name
+    except Exception:       # no Hydra (library use): fall back
+        pass
+    return default
+
+
+class SafeLogger:
+    """A W&B logger whose failures never stop a run: the local JSONL record is
+    written first and stays the source of truth; a W&B error (init, a table, an
+    artifact) prints one warning and turns W&B off for the rest of the job."""
+
+    def __init__(self, factory):
+        self.logger = None
+        try:
+            self.logger = factory()
+        except ConfigError:
+            raise
+        except Exception as e:
+            self._warn("init", e)
+
+    def _warn(self, what: str, e: Exception) -> None:
+        print(f"[dvbench] warning: W&B {what} failed ({type(e).__name__}: {e}); W&B is off for this job, "
+              f"the local results store is unaffected", file=sys.stderr)
+
+    def __getattr__(self, name):
+        target = getattr(self.logger, name, None) if self.logger is not None else None
+        if not callable(target):
+            return lambda *a, **k: None
+
+        def call(*a, **k):
+            try:
+                return target(*a, **k)
+            except Exception as e:
+                self._warn(name, e)
+                try:
+                    self.logger.finish(exit_code=1)
+                except Exception:
+                    pass
+                self.logger = None
+        return call
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.logger is not None:
+            try:
+                self.logger.finish(exit_code=1 if exc_type else None)
+            except Exception as e:
+                self._warn("finish", e)
         return False

@@ -293,3 +293,36 @@ def test_report_file_with_plots(tmp_path):
                     "selection_toy_union_retrain_shapley_s0.png"]
     for p in pngs:
         assert f"report/{p}" in text and (tmp_path / "report" / p).stat().st_size > 5000
+
+
+def test_safe_logger_survives_wandb_failures(capsys):
+    """A W&B failure (at init or mid-run) warns once and turns W&B off; nothing raises."""
+    from bench.tracking import SafeLogger
+
+    def broken():
+        raise RuntimeError("no disk")
+    with SafeLogger(broken) as wb:
+        assert wb.log_record({"valuer": "x"}) is None and wb.log_tables([]) is None
+    assert "W&B init failed (RuntimeError: no disk)" in capsys.readouterr().err
+
+    class Flaky:
+        calls, finished = [], []
+
+        def log_record(self, rec, prefix=""):
+            self.calls.append(rec)
+            raise OSError("quota")
+
+        def finish(self, exit_code=None):
+            self.finished.append(exit_code)
+    flaky = Flaky()
+    with SafeLogger(lambda: flaky) as wb:
+        wb.log_record({"a": 1})
+        wb.log_record({"a": 2})          # off after the first failure
+    assert flaky.calls == [{"a": 1}] and flaky.finished == [1]
+    err = capsys.readouterr().err
+    assert err.count("W&B log_record failed (OSError: quota)") == 1
+
+
+def test_sweep_group_outside_hydra():
+    from bench.tracking import sweep_group
+    assert sweep_group("quick") == "quick"
