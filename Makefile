@@ -44,8 +44,8 @@ bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, saved per hardware,
 bench-scaling: $(STAMP)  ## cost of DPO arithmetic vs exact retraining at n = 4, 6, 8 (tiny tier)
 	$(BIN)/python -m bench.scaling --owners 4 6 8
 
-bench-selection: $(STAMP)  ## SHED selection curve (QOCS/QWCS vs random vs all) on the quick preset, 3 seeds
-	$(BIN)/python -m bench.selection --experiment quick --seeds 0 1 2 --out results/plots/selection_quick.png
+bench-selection: $(STAMP)  ## selection curves (QOCS/QWCS vs random vs all, held-out test split, 3 seeds), tiny tier
+	$(BIN)/python -m bench experiment=selection
 
 compare: $(STAMP)  ## compare the latest run with results/baselines (BASE=, EXP=)
 	$(BIN)/python -m bench.compare $(if $(EXP),--experiment $(EXP)) $(if $(BASE),--baseline $(BASE))

@@ -15,14 +15,15 @@ status is the run's; a regression is reported but fails only with ``--strict``.
 
 ``micro`` (what ``make bench-micro`` runs): the ``benchmark``-marked tests under
 pytest-benchmark, saved to ``results/benchmarks/<slug>/`` and, when that folder holds an
-earlier run, compared with it (``--benchmark-compare-fail=mean:<PCT>%``).
+earlier run, compared with the last one (``--benchmark-compare-fail=mean:<PCT>%``); a run
+that fails or regresses is renamed ``*.json.rejected``, so the reference stays the last
+accepted run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -39,7 +40,7 @@ GIB = 2**30
 # state are ~2.7 GB in fp32, plus activations; 8 GiB leaves room for both.
 GPU_PRESET_MIN_BYTES = 8 * GIB
 CPU_PRESET, GPU_PRESET = "default", "default_gpu"
-MICRO_TOLERANCE = 25.0     # percent; make bench-micro BENCH_TOL=...
+MICRO_TOLERANCE = 25       # whole percent (pytest-benchmark takes no fractions); BENCH_TOL=...
 MICRO_STAT = "mean"
 
 
@@ -143,11 +144,11 @@ def format_fingerprint(fp: dict) -> str:
     """A few aligned lines for a terminal."""
     lines = [("hardware", f"{fp['slug']}  (id {fp.get('id')})"), ("device", fp["device"])]
     for d in fp.get("devices") or []:
-        lines.append((f"gpu {d['index']}", f"{d['name']}, {_gib(d['memory_bytes'])}, "
-                                           f"compute capability {d['capability']}"))
+        desc = f"{d['name']}, {_gib(d['memory_bytes'])}, compute capability {d['capability']}"
+        lines.append((f"gpu {d['index']}", desc))
     if fp["device"] == "mps":
-        lines.append(("gpu", f"Apple MPS, unified memory (Metal working set "
-                             f"{_gib(fp.get('mps_memory_bytes'))})"))
+        metal = _gib(fp.get("mps_memory_bytes"))
+        lines.append(("gpu", f"Apple MPS, unified memory (Metal working set {metal})"))
     if fp["device"] == "cuda":
         lines.append(("driver", fp.get("driver") or "unknown (no nvidia-smi / NVML)"))
     cpu = fp.get("cpu_name") or fp.get("cpu")
@@ -337,7 +338,7 @@ def previous_micro_runs(storage: Path) -> list[Path]:
     return sorted(sub.glob("[0-9][0-9][0-9][0-9]_*.json")) if sub.is_dir() else []
 
 
-def micro_command(slug: str, root: Path, tolerance: float, stat: str = MICRO_STAT,
+def micro_command(slug: str, root: Path, tolerance: int, stat: str = MICRO_STAT,
                   extra: Sequence[str] = ()) -> tuple[list[str], list[Path]]:
     """The pytest command line of ``make bench-micro`` and the earlier runs it compares with."""
     storage = Path(root) / slug
@@ -345,26 +346,37 @@ def micro_command(slug: str, root: Path, tolerance: float, stat: str = MICRO_STA
            f"--benchmark-storage={storage}", "--benchmark-autosave"]
     prev = previous_micro_runs(storage)
     if prev:   # pytest-benchmark refuses --benchmark-compare-fail with nothing to compare
-        cmd += ["--benchmark-compare", f"--benchmark-compare-fail={stat}:{tolerance:g}%"]
+        cmd += ["--benchmark-compare", f"--benchmark-compare-fail={stat}:{tolerance}%"]
     return cmd + [a for a in extra if a != "--"], prev
 
 
-def micro_main(tolerance: float, root: str, stat: str, extra: Sequence[str]) -> int:
-    if not tolerance > 0:
-        fail(f"tolerance: {tolerance:g} must be a percentage > 0; set BENCH_TOL=<percent>, e.g. 25")
+def micro_main(tolerance: int, root: str, stat: str, extra: Sequence[str]) -> int:
+    if tolerance < 1:
+        fail(f"tolerance: {tolerance} must be a whole percentage >= 1; set BENCH_TOL=<percent>, e.g. 25")
     slug = hardware_slug()
+    storage = Path(root) / slug
     cmd, prev = micro_command(slug, Path(root), tolerance, stat, extra)
-    print(f"hardware {slug}; runs saved in {Path(root) / slug}")
+    print(f"hardware {slug}; runs saved in {storage}")
     if prev:
         print(f"comparing with the last run {prev[-1].name}: fails if a benchmark's {stat} is "
-              f"more than {tolerance:g} % slower")
+              f"more than {tolerance} % slower")
     else:
         print("no earlier run on this hardware: this run becomes the reference (no comparison)")
     print("$ " + shlex.join(cmd), flush=True)
+    before = set(previous_micro_runs(storage))
     try:
-        return _run(cmd).returncode
+        rc = _run(cmd).returncode
     except KeyboardInterrupt:
-        return 130
+        rc = 130
+    if rc:
+        # A run that regressed (or failed) must not become the next reference, or a
+        # slowdown would fail once and then pass on every rerun.
+        for new in sorted(set(previous_micro_runs(storage)) - before):
+            new.rename(new.with_name(new.name + ".rejected"))
+            print(f"bench-micro: exit {rc}; kept this run's timings as {new.name}.rejected, so the "
+                  f"next run compares with {prev[-1].name if prev else 'nothing'} again (to accept "
+                  "a slowdown: make bench-micro BENCH_TOL=<larger>)", file=sys.stderr)
+    return rc
 
 
 # --------------------------------------------------------------------------- CLI
@@ -389,8 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="Hydra overrides for python -m bench (after --)")
     p = sub.add_parser("micro", help="make bench-micro: pytest-benchmark, stored and compared per hardware")
-    p.add_argument("--tolerance", type=float, default=MICRO_TOLERANCE, metavar="PCT",
-                   help=f"fail if a benchmark got this many percent slower (default {MICRO_TOLERANCE:g})")
+    p.add_argument("--tolerance", type=int, default=MICRO_TOLERANCE, metavar="PCT",
+                   help=f"fail if a benchmark got this many percent slower (whole percent, "
+                        f"default {MICRO_TOLERANCE})")
     p.add_argument("--stat", default=MICRO_STAT,
                    choices=["min", "max", "mean", "median", "stddev", "iqr"],
                    help=f"statistic compared (default {MICRO_STAT})")

@@ -1,6 +1,7 @@
 """Micro-benchmarks of the hot paths not timed elsewhere: one DPO fine-tune step and
-exact Shapley enumeration (coalition scoring: tests/test_dpo_arithmetic.py;
-projected-gradient logging: tests/test_logra.py).
+exact Shapley enumeration at 14 and 16 players (12 players: tests/test_shapley.py;
+coalition scoring: tests/test_dpo_arithmetic.py; projected-gradient logging:
+tests/test_logra.py).
 
 Marked ``benchmark`` (deselected by default); ``make bench-micro`` runs them with
 ``-p no:xdist``, saves each run under ``results/benchmarks/<hardware slug>/`` and
@@ -45,7 +46,7 @@ def test_benchmark_dpo_fine_tune_step(benchmark, steps, tiny_task, tiny_base):
 
 
 @pytest.mark.benchmark
-@pytest.mark.parametrize("n", [12, 14])
+@pytest.mark.parametrize("n", [14, 16])
 def test_benchmark_exact_shapley(benchmark, n):
     """Exact Shapley values of n players from a random 2^n utility table."""
     table = np.random.default_rng(n).normal(size=1 << n)

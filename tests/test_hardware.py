@@ -145,6 +145,7 @@ def test_cli_preset_and_slug(monkeypatch, capsys):
     (["bench", "--", "experiment=smoke"], "ARGS"),
     (["micro", "--tolerance", "0"], "tolerance"),
     (["micro", "--tolerance", "abc"], "arguments"),
+    (["micro", "--tolerance", "2.5"], "arguments"),     # pytest-benchmark takes whole percents
 ])
 def test_bad_input_is_one_line_error(argv, field, capsys, monkeypatch):
     monkeypatch.setattr(hardware, "_run", lambda *a, **k: pytest.fail("must not run anything"))
@@ -334,9 +335,11 @@ def test_micro_command_compares_only_when_a_run_exists(tmp_path):
     saved.write_text("{}")
     (tmp_path / "cpu-y" / get_machine_id()).mkdir(parents=True)      # another machine's runs
     (tmp_path / "cpu-y" / get_machine_id() / "0001_x.json").write_text("{}")
-    cmd, prev = hardware.micro_command("cpu-x", tmp_path, 12.5, stat="median")
+    cmd, prev = hardware.micro_command("cpu-x", tmp_path, 12, stat="median")
     assert prev == [saved]
-    assert cmd[-2:] == ["--benchmark-compare", "--benchmark-compare-fail=median:12.5%"]
+    assert cmd[-2:] == ["--benchmark-compare", "--benchmark-compare-fail=median:12%"]
+    from pytest_benchmark.utils import parse_compare_fail
+    parse_compare_fail(cmd[-1].split("=", 1)[1])        # pytest-benchmark accepts it
 
 
 def test_micro_main_runs_pytest_in_the_slug_folder(monkeypatch, tmp_path, capsys):
@@ -346,6 +349,28 @@ def test_micro_main_runs_pytest_in_the_slug_folder(monkeypatch, tmp_path, capsys
     assert hardware.main(["micro", "--storage", str(tmp_path), "--", "-k", "x"]) == 3
     assert f"--benchmark-storage={tmp_path / hardware_slug()}" in calls[0]
     assert "this run becomes the reference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rc", [0, 1])
+def test_micro_main_keeps_only_accepted_runs(monkeypatch, tmp_path, rc):
+    from pytest_benchmark.utils import get_machine_id
+    runs = tmp_path / hardware_slug() / get_machine_id()
+    runs.mkdir(parents=True)
+    (runs / "0001_ref.json").write_text("{}")
+
+    def fake_pytest(cmd, capture=False):
+        assert "--benchmark-compare" in cmd
+        (runs / "0002_new.json").write_text("{}")          # what --benchmark-autosave writes
+        return subprocess.CompletedProcess(cmd, rc)
+
+    monkeypatch.setattr(hardware, "_run", fake_pytest)
+    assert hardware.main(["micro", "--storage", str(tmp_path)]) == rc
+    kept = sorted(p.name for p in runs.iterdir())
+    if rc:   # the regressed run is kept aside; the next run compares with 0001 again
+        assert kept == ["0001_ref.json", "0002_new.json.rejected"]
+        assert hardware.previous_micro_runs(tmp_path / hardware_slug())[-1].name == "0001_ref.json"
+    else:
+        assert kept == ["0001_ref.json", "0002_new.json"]
 
 
 def test_benchmark_marker_on_the_command_line_overrides_addopts():
