@@ -6,6 +6,8 @@ measure it, record it.
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -122,7 +124,43 @@ def evaluate(val, truth: dict, truth2: dict, part, game=None, lds_cfg=None) -> d
 
 # ------------------------------------------------------------------ the job
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), so imports count too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = float(Path("/proc/uptime").read_text().split()[0])
+        return boot - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def fresh_compute_s(cache_dir, since: float, until: float | None = None) -> float:
+    """Train + eval seconds of the utility entries written in [since, until] (wall clock)."""
+    total = 0.0
+    for p in Path(cache_dir, "utility").glob("*/*.json"):
+        try:
+            m = p.stat().st_mtime
+            if m >= since and (until is None or m <= until):
+                rec = json.loads(p.read_text())
+                total += float(rec.get("train_s", 0)) + float(rec.get("eval_s", 0))
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def overhead_line(cfg, t_start: float, valuer_own_s: float) -> str:
+    """Where the job's wall time went: fine-tunes + evals, valuers' own work, and the rest
+    (imports, model loading, bookkeeping, metrics, logging) = harness overhead."""
+    age = process_age_s()
+    wall = age if age is not None else time.time() - t_start
+    ft = fresh_compute_s(cfg.cache_dir, time.time() - wall)
+    rest = max(wall - ft - valuer_own_s, 0.0)
+    return (f"[dvbench] wall {wall:.1f} s = fine-tunes+evals {ft:.1f} s + valuers' own work {valuer_own_s:.1f} s "
+            f"+ harness overhead {rest:.1f} s ({100 * rest / max(wall, 1e-9):.1f}%)")
+
+
 def run_experiment(cfg: DictConfig) -> list[dict]:
+    t_start = time.time()
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
     parse_shard(cfg.game.get("shard"))        # a malformed shard spec fails now
@@ -192,6 +230,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         mode=cfg.logger.mode, project=cfg.logger.project, dir=cfg.logger.dir,
         run_name=f"{cfg.experiment_name}-{game.kind}-s{cfg.seed}", config=base["config"],
         tags=[cfg.experiment_name, game.kind], group=sweep_group(str(cfg.experiment_name)))
+    valuer_own_s = 0.0     # valuers' work outside fine-tunes (gradients, embeddings, scoring)
     with SafeLogger(wandb_run) as wb:
         for name, (valuer, vcfg) in built.items():
             game.log.entries.clear()
@@ -200,7 +239,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                 if truth_error:
                     raise FineTuneDiverged(truth_error)
                 from valuers.base import Budget
+                tv = time.time()
                 val = valuer.value(game, Budget(**OmegaConf.to_container(cfg.budget)))
+                valuer_own_s += max(time.time() - tv - fresh_compute_s(cfg.cache_dir, tv), 0.0)
                 if not np.all(np.isfinite(val.owner_values)):
                     raise FineTuneDiverged("valuer returned non-finite values")
                 rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
@@ -228,12 +269,12 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
             records.append(rec)
         wb.log_tables(records)
         log_point_values(wb, records)
+    print(overhead_line(cfg, t_start, valuer_own_s))
     return records
 
 
 def log_point_values(wb, records: list[dict]) -> None:
     """Per-example values as a W&B artifact (a run table is cut at 10,000 rows)."""
-    import json
     import tempfile
     rows = {r["valuer"]: r["point_values"] for r in records if r.get("point_values") is not None}
     if not rows or getattr(wb, "logger", None) is None:

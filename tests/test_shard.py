@@ -56,3 +56,24 @@ def test_assemble_on_an_empty_cache_names_the_missing(tmp_path):
     err = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "game.shard: 16 of 16 ground-truth coalitions are not cached" in err[0], out.stderr
     assert not list(tmp_path.glob("runs/*.jsonl"))                   # no record written
+
+
+def test_fresh_compute_counts_entries_written_in_the_window(tmp_path):
+    """The harness-overhead line's accounting: train+eval seconds of entries written
+    during the job (by mtime), and the process age."""
+    import json
+    import os
+    import time
+
+    from bench.run import fresh_compute_s, process_age_s
+    old, new = tmp_path / "utility" / "aa" / "old.json", tmp_path / "utility" / "bb" / "new.json"
+    for p, rec in ((old, {"train_s": 5.0, "eval_s": 1.0}), (new, {"train_s": 2.0, "eval_s": 0.5})):
+        p.parent.mkdir(parents=True)
+        p.write_text(json.dumps(rec))
+    t = time.time()
+    os.utime(old, (t - 100, t - 100))
+    assert fresh_compute_s(tmp_path, t - 10) == pytest.approx(2.5)
+    assert fresh_compute_s(tmp_path, t - 1000) == pytest.approx(8.5)
+    assert fresh_compute_s(tmp_path, t - 1000, t - 50) == pytest.approx(6.0)
+    age = process_age_s()
+    assert age is None or 0 < age < 24 * 3600
