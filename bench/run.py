@@ -134,29 +134,20 @@ def process_age_s() -> float | None:
         return None
 
 
-def fresh_compute_s(cache_dir, since: float, until: float | None = None) -> float:
-    """Train + eval seconds of the utility entries written in [since, until] (wall clock)."""
-    total = 0.0
-    for p in Path(cache_dir, "utility").glob("*/*.json"):
-        try:
-            m = p.stat().st_mtime
-            if m >= since and (until is None or m <= until):
-                rec = json.loads(p.read_text())
-                total += float(rec.get("train_s", 0)) + float(rec.get("eval_s", 0))
-        except (OSError, ValueError):
-            continue
-    return total
+def fresh_compute_s(log) -> float:
+    """Train + eval seconds of the utilities a game computed (not read from the cache)."""
+    return sum(e["compute_s"] for e in log.entries.values() if e["fresh"])
 
 
-def overhead_line(cfg, t_start: float, valuer_own_s: float) -> str:
-    """Where the job's wall time went: fine-tunes + evals, valuers' own work, and the rest
-    (imports, model loading, bookkeeping, metrics, logging) = harness overhead."""
+def overhead_line(t_start: float, fine_tune_s: float, valuer_own_s: float) -> str:
+    """Where the job's wall time went: fine-tunes + evals this job computed, valuers'
+    own work, and the rest (imports, model loading, bookkeeping, metrics, logging) =
+    harness overhead."""
     age = process_age_s()
     wall = age if age is not None else time.time() - t_start
-    ft = fresh_compute_s(cfg.cache_dir, time.time() - wall)
-    rest = max(wall - ft - valuer_own_s, 0.0)
-    return (f"[dvbench] wall {wall:.1f} s = fine-tunes+evals {ft:.1f} s + valuers' own work {valuer_own_s:.1f} s "
-            f"+ harness overhead {rest:.1f} s ({100 * rest / max(wall, 1e-9):.1f}%)")
+    rest = max(wall - fine_tune_s - valuer_own_s, 0.0)
+    return (f"[dvbench] wall {wall:.1f} s = fine-tunes+evals {fine_tune_s:.1f} s + valuers' own work "
+            f"{valuer_own_s:.1f} s + harness overhead {rest:.1f} s ({100 * rest / max(wall, 1e-9):.1f}%)")
 
 
 def run_experiment(cfg: DictConfig) -> list[dict]:
@@ -225,6 +216,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     except FineTuneDiverged as e:
         truth_error = f"ground truth: {e}"
     truth_s = time.perf_counter() - t0
+    fine_tune_s = fresh_compute_s(game.log) + fresh_compute_s(game2.log)   # this job's own fine-tunes
 
     wandb_run = lambda: WandbLogger(  # noqa: E731
         mode=cfg.logger.mode, project=cfg.logger.project, dir=cfg.logger.dir,
@@ -241,17 +233,22 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                 from valuers.base import Budget
                 tv = time.time()
                 val = valuer.value(game, Budget(**OmegaConf.to_container(cfg.budget)))
-                valuer_own_s += max(time.time() - tv - fresh_compute_s(cfg.cache_dir, tv), 0.0)
+                fresh = fresh_compute_s(game.log)
+                fine_tune_s += fresh
+                valuer_own_s += max(time.time() - tv - fresh, 0.0)
                 if not np.all(np.isfinite(val.owner_values)):
                     raise FineTuneDiverged("valuer returned non-finite values")
+                lds_game = game.with_seed(game.seed)
                 rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
-                           metrics=evaluate(val, truth, truth2, part, game.with_seed(game.seed),
+                           metrics=evaluate(val, truth, truth2, part, lds_game,
                                             OmegaConf.to_container(cfg.lds, resolve=True)),
                            extras=val.extras)
+                fine_tune_s += fresh_compute_s(lds_game.log)
                 if val.point_values is not None:
                     rec["point_values"] = val.point_values
                 if name in sel["valuers"]:
                     rec["metrics"]["selection"] = run_selection(game, val, task, sel, valuer_args, cfg, name)
+                    fine_tune_s += rec["metrics"]["selection"]["fresh_compute_s"]
             except FineTuneDiverged as e:
                 rec.update(status="failed", error=str(e), owner_values=[], metrics={}, cost={})
             except ConfigError:
@@ -269,7 +266,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
             records.append(rec)
         wb.log_tables(records)
         log_point_values(wb, records)
-    print(overhead_line(cfg, t_start, valuer_own_s))
+    print(overhead_line(t_start, fine_tune_s, valuer_own_s))
     return records
 
 

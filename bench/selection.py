@@ -104,6 +104,7 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
     if eval_game is not None and len(flat_pairs(eval_game)) != n:
         raise ValueError("eval_game must hold the same training examples as game")
     rows = []
+    used = {}          # the games that trained here, for the job's fresh-compute accounting
     for seed in seeds:
         g = scorer.with_seed(scorer.seed + int(seed)) if train_seeds else scorer
         plan = []   # (method, size, count, indices)
@@ -122,6 +123,7 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
         if "all" in methods:
             plan.append(("all", 1.0, n, np.arange(n)))
         u = g.subset_utilities([[pairs[i] for i in idx] for *_, idx in plan])
+        used[id(g)] = g
         for (m, size, count, idx), ui in zip(plan, u):
             rows.append({"method": m, "size": size, "count": count, "seed": int(seed), "train_seed": g.seed,
                          "utility": float(ui), "indices": idx.tolist()})
@@ -151,7 +153,9 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
             "train_seeds": train_seeds, "base_utility": float(scorer.subset_utilities([[]])[0]),
             "cluster_scores": raw.tolist(), "cluster_sizes": np.bincount(labels, minlength=len(raw)).tolist(),
             "qwcs_weights": softmax_weights(scores, beta).tolist(),
-            "rows": rows, "summary": summary, "paired": paired}
+            "rows": rows, "summary": summary, "paired": paired,
+            "fresh_compute_s": sum(e.get("compute_s", 0.0) for g in used.values()
+                                   for e in g.log.entries.values() if e.get("fresh"))}
 
 
 def plot_selection(curve: dict, out_png: str | Path, title: str | None = None) -> Path:

@@ -58,22 +58,14 @@ def test_assemble_on_an_empty_cache_names_the_missing(tmp_path):
     assert not list(tmp_path.glob("runs/*.jsonl"))                   # no record written
 
 
-def test_fresh_compute_counts_entries_written_in_the_window(tmp_path):
-    """The harness-overhead line's accounting: train+eval seconds of entries written
-    during the job (by mtime), and the process age."""
-    import json
-    import os
-    import time
-
-    from bench.run import fresh_compute_s, process_age_s
-    old, new = tmp_path / "utility" / "aa" / "old.json", tmp_path / "utility" / "bb" / "new.json"
-    for p, rec in ((old, {"train_s": 5.0, "eval_s": 1.0}), (new, {"train_s": 2.0, "eval_s": 0.5})):
-        p.parent.mkdir(parents=True)
-        p.write_text(json.dumps(rec))
-    t = time.time()
-    os.utime(old, (t - 100, t - 100))
-    assert fresh_compute_s(tmp_path, t - 10) == pytest.approx(2.5)
-    assert fresh_compute_s(tmp_path, t - 1000) == pytest.approx(8.5)
-    assert fresh_compute_s(tmp_path, t - 1000, t - 50) == pytest.approx(6.0)
+def test_overhead_accounting():
+    """The job's wall-time line: fresh compute from a game log, the process age."""
+    from bench.game import UseLog
+    from bench.run import fresh_compute_s, overhead_line, process_age_s
+    log = UseLog()
+    log.add(1, {"train_s": 2.0, "eval_s": 0.5, "n_train": 3}, True)
+    log.add(2, {"train_s": 9.0, "eval_s": 1.0, "n_train": 3}, False)     # a cache hit costs nothing here
+    assert fresh_compute_s(log) == pytest.approx(2.5)
     age = process_age_s()
     assert age is None or 0 < age < 24 * 3600
+    assert "harness overhead" in overhead_line(0.0, 1.0, 0.5)
