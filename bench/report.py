@@ -12,7 +12,9 @@ Student-t interval; failed runs are counted in the ``n`` column, not averaged.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -73,11 +75,51 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
+# config keys that never make two records different games (seeds are aggregated over)
+_NOT_A_VARIANT = ("seed", "valuer", "valuers", "valuer_args", "selection", "results_dir", "cache_dir", "logger", "progress",
+                  "n_jobs", "hydra", "experiment_name", "budget", "lds", "noise_seed_offset", "slurm")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def variants(records: list[dict]) -> dict[int, str]:
+    """Per record (by id), the settings that differ between records of the same
+    experiment and game (a sweep's axes, e.g. ``model.n_layer=2 partition.kind=iid``);
+    '' when an experiment holds one configuration."""
+    flat = {id(r): {k: v for k, v in _flat(r.get("config")).items() if k.split(".")[0] not in _NOT_A_VARIANT}
+            for r in records}
+    by_exp = defaultdict(list)
+    for r in records:
+        by_exp[(r.get("experiment"), r.get("game"))].append(r)
+    out = {}
+    for recs in by_exp.values():
+        # keys every record has (a key added to the config later is not a difference)
+        common = set.intersection(*(set(flat[id(r)]) for r in recs))
+        differ = [k for k in sorted(common) if len({flat[id(r)][k] for r in recs}) > 1]
+        for r in recs:      # at most 4 named (a partition change also changes its sizes etc.)
+            out[id(r)] = " ".join(f"{k}={json.loads(flat[id(r)][k])}" for k in differ[:4]) \
+                + (" …" if len(differ) > 4 else "")
+    return out
+
+
 def summarize(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
-    """{(experiment, game): {valuer: [newest record per seed]}}, sorted."""
+    """{(experiment, game[, variant]): {valuer: [newest record per seed]}}, sorted. Records of
+    one experiment with different settings (a sweep over models or partitions) are
+    separate groups, named by the settings that differ."""
+    var = variants(records)
+    tagged = [{**r, "_variant": var.get(id(r), "")} for r in records]
     groups: dict = defaultdict(lambda: defaultdict(list))
-    for r in latest(records):
-        groups[(str(r.get("experiment")), str(r.get("game")))][str(r.get("valuer"))].append(r)
+    for r in latest(tagged, keys=("experiment", "game", "_variant", "valuer", "seed")):
+        game = str(r.get("game")) + (f" · {r['_variant']}" if r["_variant"] else "")
+        groups[(str(r.get("experiment")), game)][str(r.get("valuer"))].append(r)
     return {k: dict(sorted(v.items())) for k, v in sorted(groups.items())}
 
 
@@ -148,6 +190,11 @@ def _ok(recs):
     return [r for r in recs if r.get("status", "ok") == "ok"]
 
 
+def _title(text: str, width: int = 60) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def _grid(n: int, w: float, h: float):
     """A figure with n panels, at most 3 per row; returns (fig, flat list of n axes)."""
     import matplotlib
@@ -193,8 +240,9 @@ def plot_frontier(groups, out: Path) -> Path:
         if not math.isnan(ceil):
             ax.axhline(ceil, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
-        ax.set(title=f"{exp} · {game}", xlabel="fine-tunes (log; 0 drawn at 0.5)",
-               ylabel="Spearman ρ vs exact Shapley (dotted: noise ceiling)")
+        ax.set_ylim(-1.1, 1.1)     # ρ's range; a 2-seed t-interval can reach far beyond it
+        ax.set_title(_title(f"{exp} · {game}"), fontsize=8)
+        ax.set(xlabel="fine-tunes (log; 0 drawn at 0.5)", ylabel="Spearman ρ vs exact Shapley (dotted: ceiling)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -235,7 +283,9 @@ def plot_owner_values(groups, out: Path) -> Path:
         noisy = set(first.get("truth", {}).get("noisy_owners", []))
         ax.set_xticks(range(n), [f"owner {i}" + (" (noisy)" if i in noisy else "") for i in range(n)])
         ax.axhline(0, color="k", lw=0.6)
-        ax.set(title=f"{exp} · {game}: owner values (unit-norm per record)", ylabel="value / ‖values‖")
+        ax.set_title(_title(f"{exp} · {game}: owner values (unit-norm per record)", 120), fontsize=8)
+        ax.set(ylabel="value / ‖values‖")
+        ax.set_ylim(-1.1, 1.1)
         ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -281,8 +331,8 @@ def plot_detection_roc(groups, out: Path) -> Path:
                 x, y = _roc(r["owner_values"], labels)
                 ax.step(x, y, where="post", ls="--", label=f"{v} (owners)")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.6)
-        ax.set(title=f"{exp} · {game}: noisy-data detection", xlabel="false positive rate",
-               ylabel="true positive rate")
+        ax.set_title(_title(f"{exp} · {game}: noisy-data detection"), fontsize=8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     fig.tight_layout()
@@ -315,7 +365,8 @@ def write_report(records: list[dict], out_md: str | Path) -> Path:
             for r in _ok(recs):
                 sel = (r.get("metrics") or {}).get("selection")
                 if sel:
-                    p = plot_selection(sel, figs / f"selection_{exp}_{game}_{v}_s{r['seed']}.png",
+                    stem = re.sub(r"[^\w.=-]+", "_", f"selection_{exp}_{game}_{v}_s{r['seed']}")[:120]
+                    p = plot_selection(sel, figs / f"{stem}.png",
                                        title=f"{exp}: {v} selection ({len(sel['seeds'])} seeds, 95% CI)")
                     pngs.append((f"Selection: {exp} {v} seed {r['seed']}", p))
     parts += [f"## {title}\n\n![{title}]({p.relative_to(out_md.parent)})" for title, p in pngs]
