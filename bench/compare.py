@@ -53,9 +53,14 @@ def _mean(recs: list[dict], section: str, key: str) -> float | None:
 
 
 def compare_rows(new: list[dict], old: list[dict], tol: float, cost_tol: float | None):
-    """Table rows for one experiment and whether any row regressed."""
+    """Table rows for one experiment and whether any row regressed. Records of one
+    experiment with different settings (sweep axes) are lined up per setting."""
+    from bench.report import variants
+    var = variants(list(new) + list(old))
+    tag = lambda recs: [{**r, "game": str(r.get("game")) + (f" · {var[id(r)]}" if var.get(id(r)) else "")}  # noqa: E731
+                        for r in recs]
     by_key = lambda recs: _group(latest(recs))  # noqa: E731
-    n_g, o_g = by_key(new), by_key(old)
+    n_g, o_g = by_key(tag(new)), by_key(tag(old))
     rows, regressed = [], False
     for key in sorted(set(n_g) | set(o_g)):
         valuer, game = key
@@ -196,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             continue
         new_exp = [r for r in new if r.get("experiment") == exp]
+        hw_of = lambda r: (r.get("hardware") or {}).get("id")  # noqa: E731
+        same_hw = [r for r in old if hw_of(r) in {hw_of(x) for x in new_exp}]
+        old = same_hw or old          # like for like when the baseline has this hardware
         rows, regressed = compare_rows(new_exp, old, args.tolerance, args.cost_tolerance)
         hw_new = {(r.get("hardware") or {}).get("id") for r in new_exp}
         hw_old = {(r.get("hardware") or {}).get("id") for r in old}
