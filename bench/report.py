@@ -335,6 +335,8 @@ def plot_detection_roc(groups, out: Path) -> Path:
         ax.set(xlabel="false positive rate", ylabel="true positive rate")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.55, "no planted noise in this game", ha="center", fontsize=8, color="grey")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
