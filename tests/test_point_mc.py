@@ -67,3 +67,24 @@ def test_fine_tune_cap_stops_after_a_permutation():
 def test_bad_settings(kw, field):
     with pytest.raises(ConfigError, match=f"valuer.{field}"):
         PointMCShapley(**kw)
+
+
+def test_budget_curves_from_records():
+    """bench.budget: point MC scored after each permutation, SHED as a running mean over
+    passes with 1 + k·(groups − 1) fine-tunes, other valuers as one point."""
+    from bench.budget import curve_points
+    truth = [0.3, 0.1, -0.2]
+    base = {"truth_values": truth, "utility_table": [0.5] + [0.0] * 6 + [0.7], "owner_sizes": [2, 1, 1]}
+    bad = np.array([False, False, False, True])
+    pmc = dict(base, extras={"trajectory": [
+        {"fine_tunes": 4, "owner_values": [0.1, 0.3, 0.0], "point_values": [0.0, 0.1, 0.3, 0.0]},
+        {"fine_tunes": 8, "owner_values": [0.3, 0.1, -0.2], "point_values": [0.1, 0.2, 0.1, -0.2]}]})
+    pts = curve_points(pmc, bad)
+    assert [p["fine_tunes"] for p in pts] == [4, 8] and pts[-1]["spearman"] == pytest.approx(1.0)
+    assert pts[-1]["point_auroc"] == pytest.approx(1.0)
+    shed = dict(base, extras={"per_pass_values": [[1.0, -1.0], [0.0, -1.0]], "clusters": [0, 0, 1, 1],
+                              "per_pass_groups": [[[0], [1]], [[1], [0]]]})
+    pts = curve_points(shed, bad)
+    assert [p["fine_tunes"] for p in pts] == [2, 3]        # 1 + j·(2 groups − 1)
+    one = dict(base, owner_values=[0.2, 0.1, 0.0], cost={"fine_tunes": 1}, extras={})
+    assert [p["fine_tunes"] for p in curve_points(one, bad)] == [1]
