@@ -13,12 +13,26 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+def wants_online(argv: list[str]) -> dict[str, bool]:
+    """Which network uses the command line opts into: hub downloads (``model.online=true``,
+    ``task.online=true``, ``task=hf_pref``) and W&B (``logger=wandb_online``)."""
+    true = ("true", "1", "yes")
+    kv = dict(a.lstrip("+~").split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    hub = any(k.endswith(".online") and v.lower() in true for k, v in kv.items()) or kv.get("task") == "hf_pref"
+    return {"hub": hub, "wandb": kv.get("logger") == "wandb_online" or kv.get("logger.mode") == "online"}
+
+
+# No network by default: hub libraries and W&B are offline unless the command line
+# opts in (then the user's own environment decides). Set before any of them is imported.
+_ONLINE = wants_online(sys.argv[1:])
+if not _ONLINE["hub"]:
+    for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(_k, "1")
+if not _ONLINE["wandb"]:
+    os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "offline")
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "task", "partition", "game", "train", "logger", "experiment", "local")

@@ -83,6 +83,10 @@ def build_valuer(name: str, overrides: dict | None = None):
         raise ConfigError(f"valuers: unknown valuer {name!r}; choose from {available_valuers()}")
     vcfg = OmegaConf.merge(OmegaConf.load(path), overrides or {})
     vcfg.pop("in_all", None)                # a harness setting, not the valuer's
+    target = str(vcfg.get("_target_", ""))
+    if not target.startswith("valuers."):   # config-driven construction: the project's own classes only
+        raise ConfigError(f"valuer {name}: _target_ {target!r} is not a class in valuers/; "
+                          f"point it at valuers.<module>.<Class>")
     return instantiate(vcfg), OmegaConf.to_container(vcfg)
 
 
