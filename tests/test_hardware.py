@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -389,9 +390,14 @@ def test_benchmark_marker_on_the_command_line_overrides_addopts():
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_makefile_wires_the_drivers():
     def dry(*args):       # the target's last command line, whitespace normalised
-        p = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        # --no-print-directory + a clean env: under `make test` (a nested make) make
+        # would otherwise print "make[1]: Leaving directory ..." after the command
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        p = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, env=env)
         assert p.returncode == 0, p.stderr
-        return " ".join(p.stdout.splitlines()[-1].split())
+        lines = [ln for ln in p.stdout.splitlines() if ln.strip() and not ln.startswith("make")]
+        return " ".join(lines[-1].split())
 
     assert dry("bench").endswith("-m bench.hardware bench --")
     assert dry("bench", "PRESET=quick", "STRICT=1", "ARGS=seed=1 n_jobs=2").endswith(
