@@ -159,6 +159,10 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
     parse_shard(cfg.game.get("shard"))        # a malformed shard spec fails now
+    for k in ("max_fine_tunes", "max_seconds"):
+        v = cfg.budget.get(k)
+        if v is not None and not v > 0:
+            raise ConfigError(f"budget.{k}: {v}; use a positive number or null (no limit)")
     if str(cfg.logger.mode) not in (*WandbLogger.MODES, "none", "off"):
         raise ConfigError(f"logger.mode: unknown {cfg.logger.mode!r}; use offline, online or disabled")
     if str(cfg.logger.mode) in ("offline", "online"):
@@ -197,6 +201,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     print(f"[dvbench] {cfg.experiment_name}: {part.n_owners} owners {part.sizes()}, game={game.kind}, "
           f"metric={game.metric}, seed={cfg.seed}, model={cfg.model.name}, n_jobs={cfg.n_jobs}")
 
+    for valuer, _ in built.values():          # game-dependent valuer settings, before any training
+        if hasattr(valuer, "check"):
+            valuer.check(game)
     game2 = game.with_seed(int(cfg.seed) + int(cfg.noise_seed_offset))
     shard = parse_shard(cfg.game.get("shard"))
     if isinstance(shard, tuple):             # train one slice of the ground truth, then stop

@@ -172,7 +172,10 @@ def synthetic_pref(sources=SOURCES, n_train_per_source: int = 100, n_eval_per_so
 # Files (JSONL / Parquet) and hub datasets, through `datasets`.
 # --------------------------------------------------------------------------
 
-def _rows_to_pairs(rows, where: str) -> list[Pair]:
+MAX_PROMPT_CHARS = 4000    # longer prompts leave no room for the response in train.max_length tokens
+
+
+def _rows_to_pairs(rows, where: str, max_prompt_chars: int = MAX_PROMPT_CHARS) -> list[Pair]:
     cols = set(rows.column_names)
     missing = [c for c in REQUIRED_COLUMNS if c not in cols]
     if missing:
@@ -180,6 +183,20 @@ def _rows_to_pairs(rows, where: str) -> list[Pair]:
                           f"columns {list(REQUIRED_COLUMNS)} (and optionally 'source')")
     if len(rows) == 0:
         raise ConfigError(f"{where}: no rows; point it at a non-empty file")
+    if "id" in cols:
+        seen = set()
+        for x in rows["id"]:
+            if x in seen:
+                raise ConfigError(f"{where}: duplicate id {x!r}; ids must be unique (or drop the id column)")
+            seen.add(x)
+    for col in REQUIRED_COLUMNS:
+        for i, v in enumerate(rows[col]):
+            if v is None or not str(v).strip():
+                raise ConfigError(f"{where}: row {i} has an empty {col!r}; fill it or drop the row")
+    for i, v in enumerate(rows["prompt"]):
+        if len(str(v)) > max_prompt_chars:
+            raise ConfigError(f"{where}: row {i}: prompt of {len(str(v))} characters (> {max_prompt_chars}); "
+                              f"shorten it or raise task.max_prompt_chars")
     src = rows["source"] if "source" in cols else ["all"] * len(rows)
     return [Pair(i, str(s), str(p), str(c), str(r)) for i, (s, p, c, r) in
             enumerate(zip(src, rows["prompt"], rows["chosen"], rows["rejected"]))]
@@ -193,6 +210,12 @@ def _load_rows(path: str, field_name: str, split: str = "train", online: bool = 
             raise ConfigError(f"{field_name}: file {path!r} not found; give an existing .jsonl or .parquet path")
         if p.stat().st_size == 0:
             raise ConfigError(f"{field_name}: file {path!r} is empty; point it at a non-empty file")
+        if p.suffix != ".parquet":
+            try:
+                p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{field_name}: {path!r} is not UTF-8 (byte {e.object[e.start]:#x} at offset "
+                                  f"{e.start}); re-encode the file as UTF-8") from None
         kind = "parquet" if p.suffix == ".parquet" else "json"
         try:
             return datasets.load_dataset(kind, data_files=str(p), split="train")
@@ -207,13 +230,14 @@ def _load_rows(path: str, field_name: str, split: str = "train", online: bool = 
 
 def local_pref(path: str, eval_path: str | None = None, eval_fraction: float = 0.2,
                seed: int = 0, online: bool = False, split: str = "train", eval_split: str | None = None,
-               name: str = "local_pref", test_path: str | None = None) -> Task:
+               name: str = "local_pref", test_path: str | None = None,
+               max_prompt_chars: int = MAX_PROMPT_CHARS) -> Task:
     """A user's preference data. Eval = ``eval_path`` if given, else a seeded held-out fraction.
     ``test_path``: an optional second held-out file (the selection experiment is judged on it)."""
-    train = _rows_to_pairs(_load_rows(path, "task.path", split, online), "task.path")
+    train = _rows_to_pairs(_load_rows(path, "task.path", split, online), "task.path", max_prompt_chars)
     if eval_path or eval_split:
         rows = _load_rows(eval_path or path, "task.eval_path", eval_split or split, online)
-        ev = _rows_to_pairs(rows, "task.eval_path")
+        ev = _rows_to_pairs(rows, "task.eval_path", max_prompt_chars)
     else:
         if not 0 < eval_fraction < 1:
             raise ConfigError("task.eval_fraction: must be in (0, 1), or set task.eval_path")
@@ -227,7 +251,8 @@ def local_pref(path: str, eval_path: str | None = None, eval_fraction: float = 0
         train = [p for i, p in enumerate(train) if i not in held]
     train = [Pair(i, p.source, p.prompt, p.chosen, p.rejected) for i, p in enumerate(train)]
     ev = [Pair(i, p.source, p.prompt, p.chosen, p.rejected) for i, p in enumerate(ev)]
-    test = _rows_to_pairs(_load_rows(test_path, "task.test_path", split, online), "task.test_path") \
+    test = _rows_to_pairs(_load_rows(test_path, "task.test_path", split, online), "task.test_path",
+                          max_prompt_chars) \
         if test_path else []
     sources = sorted({p.source for p in train})
     return Task(name=name, train=train, eval=ev, warmup=[], sources=sources, test=test)

@@ -71,6 +71,9 @@ def owner_sums(point_values, sizes) -> np.ndarray:
 
 
 class Valuer(Protocol):
+    """``value`` is the method. Optionally ``check(game)``: raise ConfigError for settings
+    that do not fit the game (e.g. more clusters than examples); the harness calls it
+    before training anything."""
     name: str
 
     def value(self, game: Game, budget: Budget) -> Valuation: ...

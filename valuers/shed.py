@@ -264,15 +264,23 @@ class SHED:
         self.group_size, self.passes, self.drop_share = int(group_size), int(passes), drop_share
         self.seed, self.n_init, self.embed_batch_size, self.metric = int(seed), int(n_init), embed_batch_size, metric
 
+    def check(self, game) -> None:
+        """Settings that depend on the game, checked by the harness before any training."""
+        n = len(flat_pairs(game))
+        if self.n_clusters > n:
+            raise ConfigError(f"valuer.n_clusters: {self.n_clusters} exceeds the {n} training examples; "
+                              f"set valuer.n_clusters <= {n}")
+        from bench.train import METRICS
+        if self.metric is not None and self.metric not in METRICS:
+            raise ConfigError(f"valuer.metric: unknown {self.metric!r}; choose one of {list(METRICS)}")
+
     # -- stage 1 (no training; also used by bench.selection)
     def clusters(self, game, meter: CostMeter | None = None) -> tuple[Clustering, dict]:
         from contextlib import nullcontext
 
         from bench.embed import embed_pairs
+        self.check(game)                   # fail before loading the embedding model
         pairs = flat_pairs(game)
-        if self.n_clusters > len(pairs):   # fail before loading the embedding model
-            raise ConfigError(f"valuer.n_clusters: {self.n_clusters} exceeds the {len(pairs)} training examples; "
-                              f"set valuer.n_clusters <= {len(pairs)}")
         ph = meter.phase if meter else (lambda *a, **k: nullcontext())
         with ph("embed", own_compute=True):
             emb, info = embed_pairs(pairs, game.cache_dir, self.embed_batch_size)
