@@ -24,13 +24,17 @@ def content_key(obj) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    from bench.faults import die, should_kill
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the writer's pid is in the temp name, so a later run can tell a dead writer's leftover
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if should_kill("cache_write"):
+            die()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,6 +42,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_tmp(root: str | Path) -> int:
+    """Delete temp files left under ``root`` by writers that died (killed mid-write);
+    a live writer's temp file is kept. Returns how many were removed."""
+    removed = 0
+    for p in Path(root).rglob(".*.tmp"):
+        parts = p.name.rsplit(".", 3)          # .<name>.<pid>.<random>.tmp -> [..., pid, random, tmp]
+        try:
+            pid = int(parts[-3])
+        except (ValueError, IndexError):
+            continue                            # not ours
+        if not _alive(pid):
+            try:
+                p.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 class DiskCache:

@@ -158,6 +158,10 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     t_start = time.time()
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
+    from bench.cache import sweep_stale_tmp
+    for d in {str(cfg.cache_dir), str(store.runs)}:   # a killed earlier run's half-written temp files
+        if Path(d).exists():
+            sweep_stale_tmp(d)
     parse_shard(cfg.game.get("shard"))        # a malformed shard spec fails now
     for k in ("max_fine_tunes", "max_seconds"):
         v = cfg.budget.get(k)

@@ -306,6 +306,11 @@ class ResultsStore:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line  # a crashed writer left half a line: keep ours separate
+            from bench.faults import die, should_kill
+            if should_kill("log"):
+                os.write(fd, line[: len(line) // 2])
+                os.fsync(fd)
+                die()
             n = os.write(fd, line)
             while n < len(line):  # a short write to a regular file is near impossible
                 n += os.write(fd, line[n:])

@@ -1,0 +1,90 @@
+"""Kill and resume, per valuer: a job SIGKILLed during a cache write (its temp file
+written, not renamed), during a fine-tune, and during the logging of a record, then
+rerun, finishes with values identical to an uninterrupted run; every kill costs at
+most the one fine-tune in flight (atomic entries), no stray temp files remain, and
+the half-written record line is never read as a result."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, subprocess_env
+
+from bench.cache import DiskCache, sweep_stale_tmp
+from bench.tracking import read_jsonl
+
+SMALL = ["experiment=smoke", "task.n_train_per_source=10", "task.n_eval_per_source=8", "partition.sizes=[8,5,5]",
+         "progress=false", "logger=none", "lds.n_subsets=0"]
+
+
+def _cmd(out, valuer):
+    return [sys.executable, "-m", "bench", *SMALL, f"valuers=[{valuer}]", f"results_dir={out}"]
+
+
+def _entries(out):
+    return sorted((out / "cache" / "utility").glob("*/*.json"))
+
+
+def _run(out, valuer, kill_at=None):
+    env = subprocess_env()
+    if kill_at:
+        env["DVBENCH_KILL_AT"] = kill_at
+    return subprocess.run(_cmd(out, valuer), cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def _kill_during_fine_tune(out, valuer):
+    """SIGKILL once training is under way (a new entry appeared, the next one is training)."""
+    before = len(_entries(out))
+    p = subprocess.Popen(_cmd(out, valuer), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while len(_entries(out)) <= before and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    return p.returncode
+
+
+def _values(out):
+    return {r["valuer"]: (r["owner_values"], r.get("point_values"))
+            for r in read_jsonl(out / "runs" / "smoke.jsonl") if r.get("status") == "ok"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("valuer", ["retrain_shapley", "dpo_arithmetic", "logra", "shed"])
+def test_kill_and_resume(valuer, tmp_path):
+    ref = tmp_path / "ref"
+    assert _run(ref, valuer).returncode == 0
+    want = _values(ref)
+    n_ref = len(_entries(ref))
+
+    out = tmp_path / "killed"
+    r = _run(out, valuer, kill_at="cache_write:6")                  # 1: mid cache write
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert list(out.rglob(".*.tmp")), "the killed writer left its temp file"
+    assert all(DiskCache(out / "cache").get_json("utility", p.stem) for p in _entries(out))
+    k1 = len(_entries(out))
+    assert k1 < n_ref                                               # killed before the truth was complete
+    assert _kill_during_fine_tune(out, valuer) == -signal.SIGKILL  # 2: mid fine-tune
+    k2 = len(_entries(out))
+    r = _run(out, valuer, kill_at="log:1")                          # 3: mid record line
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert (out / "runs" / "smoke.jsonl").read_bytes()[-1:] != b"\n"   # half a line on disk
+    assert _values(out) == {}                                       # ... never read as a result
+    k3 = len(_entries(out))
+    assert k1 <= k2 <= k3 <= n_ref                                  # entries only accumulate
+
+    final = _run(out, valuer)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert len(_entries(out)) == n_ref                              # nothing trained twice into the cache
+    assert _values(out) == want                                     # identical to the uninterrupted run
+    assert not list(out.rglob(".*.tmp")), "no stray temp files"
+    assert sweep_stale_tmp(out) == 0
+    json.dumps(_values(out))
