@@ -67,3 +67,23 @@ def test_valuer_target_must_be_the_projects_own(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "CONF_DIR", tmp_path)
     with pytest.raises(ConfigError, match="_target_ 'os.system' is not a class in valuers/"):
         run.build_valuer("evil")
+
+
+def test_wandb_failure_keeps_the_local_record(tmp_path):
+    """W&B breaking at run time (here: wandb.init raises) costs one warning, not the run."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import wandb\n"
+        "def _boom(*a, **k):\n    raise RuntimeError('W&B is down')\n"
+        "wandb.init = _boom\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    out = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke", "task.n_train_per_source=10",
+                          "task.n_eval_per_source=8", "partition.sizes=[8,5,5]", "valuers=[loo]", "logger=wandb",
+                          f"results_dir={tmp_path}/r", "progress=false"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "W&B init failed (RuntimeError: W&B is down)" in out.stderr
+    recs = [json.loads(x) for x in (tmp_path / "r" / "runs" / "smoke.jsonl").read_text().splitlines()]
+    assert {r["valuer"] for r in recs} == {"loo", "random", "retrain_shapley"}
