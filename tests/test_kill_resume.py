@@ -81,6 +81,7 @@ def test_kill_and_resume(valuer, tmp_path):
     k3 = len(_entries(out))
     assert k1 <= k2 <= k3 <= n_ref                                  # entries only accumulate
 
+    print(f"{valuer}: cache entries after kill 1/2/3: {k1}/{k2}/{k3}, reference {n_ref}")
     final = _run(out, valuer)
     assert final.returncode == 0, final.stderr[-2000:]
     assert len(_entries(out)) == n_ref                              # nothing trained twice into the cache
