@@ -155,6 +155,7 @@ def permutation_shapley(
     antithetic: bool = False,
     callback: Callable[[int, np.ndarray], bool | None] | None = None,
     check_every: int | None = None,
+    truncation_scale: str = "full",
 ) -> PermutationResult:
     """Permutation Monte Carlo Shapley, optionally truncated (TMC) and antithetic.
 
@@ -165,8 +166,10 @@ def permutation_shapley(
         max_i |mean_t[i] - mean_{t-1}[i]| <= tol * mean_i |mean_t[i]|.
     tol=None disables the rule. callback(m, running_mean) is called at each check; a
     truthy return stops the run (converged stays False).
-    Truncation: once |v(N) - v(prefix)| < truncation_tol * |v(N)| the rest of the
-    permutation is skipped (its marginals are 0). antithetic: every second permutation is
+    Truncation: once |v(N) - v(prefix)| < truncation_tol * scale the rest of the
+    permutation is skipped (its marginals are 0); scale = |v(N)| (``truncation_scale=
+    "full"``, Ghorbani & Zou) or |v(N) - v(∅)| (``"gain"``: for utilities such as accuracy
+    whose base is far from 0, where |v(N)| would truncate almost at once). antithetic: every second permutation is
     the reverse of the previous one; stderr is then computed over pair means.
     """
     if n < 1 or max_permutations < 1:
@@ -178,8 +181,12 @@ def permutation_shapley(
             cache[mask] = float(utility(mask))
         return cache[mask]
 
+    if truncation_scale not in ("full", "gain"):
+        raise ValueError(f"truncation_scale: {truncation_scale!r}; use 'full' or 'gain'")
     v_empty = v(0)
     v_full = v((1 << n) - 1) if truncation_tol is not None else 0.0
+    trunc_at = None if truncation_tol is None else \
+        truncation_tol * abs(v_full - v_empty if truncation_scale == "gain" else v_full)
     step = check_every or n
     if antithetic:
         step += step % 2
@@ -187,7 +194,7 @@ def permutation_shapley(
     def walk(perm: np.ndarray) -> np.ndarray:
         marg, mask, prev = np.zeros(n), 0, v_empty
         for p in perm:
-            if truncation_tol is not None and abs(v_full - prev) < truncation_tol * abs(v_full):
+            if trunc_at is not None and abs(v_full - prev) < trunc_at:
                 break
             mask |= 1 << int(p)
             cur = v(mask)

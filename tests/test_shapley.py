@@ -255,3 +255,16 @@ def test_bench_exact_shapley_n12(benchmark):
     table = random_table(12, 0)
     phi = benchmark(sh.exact_shapley, table)
     sh.check_efficiency(phi, table, atol=1e-9)
+
+
+def test_truncation_relative_to_the_gain():
+    """truncation_scale="gain": a high-base utility (accuracy-like) is not truncated at once."""
+    n = 6
+    u = lambda m: 0.9 + 0.01 * bin(m).count("1")        # noqa: E731  base 0.9, gain 0.06
+    rng = lambda: np.random.default_rng(0)              # noqa: E731
+    full = sh.permutation_shapley(u, n, rng(), 3, tol=None, truncation_tol=0.05)
+    gain = sh.permutation_shapley(u, n, rng(), 3, tol=None, truncation_tol=0.05, truncation_scale="gain")
+    assert full.values.sum() < 0.06 - 1e-9               # 5% of |v(N)| = 0.048: cut after the first step
+    np.testing.assert_allclose(gain.values, 0.01)        # 5% of the gain = 0.003: every marginal walked
+    with pytest.raises(ValueError, match="truncation_scale"):
+        sh.permutation_shapley(u, n, rng(), 1, truncation_tol=0.1, truncation_scale="nope")

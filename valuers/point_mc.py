@@ -59,13 +59,10 @@ class PointMCShapley:
 
         rng = np.random.default_rng(self.seed + 7919 * game.seed)
         with meter.phase("fine_tune+score"):
-            tol = None
-            if self.truncation_tol is not None:     # the engine truncates relative to |v(all)|
-                v_all, v_empty = utility((1 << N) - 1), utility(0)
-                tol = self.truncation_tol * abs(v_all - v_empty) / abs(v_all) if v_all else None
             res = shapley.permutation_shapley(utility, N, rng, max_permutations=self.max_permutations,
                                               min_permutations=self.max_permutations, tol=None,
-                                              truncation_tol=tol, callback=after_permutation, check_every=1)
+                                              truncation_tol=self.truncation_tol, truncation_scale="gain",
+                                              callback=after_permutation, check_every=1)
         point = np.asarray(res.values, float)
         return Valuation(owner_sums(point, game.owner_sizes), point_values=point, cost=meter.cost(), extras={
             "n_examples": N, "n_permutations": res.n_permutations, "truncation_tol": self.truncation_tol,
