@@ -22,6 +22,7 @@ import numpy as np
 
 from bench import metrics as M
 from bench.errors import ConfigError, fail
+from valuers.base import owner_sums
 
 
 def corrupted_mask(record: dict) -> np.ndarray:
@@ -48,15 +49,13 @@ def curve_points(record: dict, bad: np.ndarray) -> list[dict]:
     elif "per_pass_values" in ex:                            # SHED: running mean over passes
         per_pass = np.asarray(ex["per_pass_values"], float)  # [k, C]
         labels = np.asarray(ex["clusters"], int)
-        sizes = record["owner_sizes"]
-        owner_of = np.repeat(np.arange(len(sizes)), sizes)
         # a pass removes ceil(C/g) groups: all proxies (shared by every pass), then one
         # fine-tune per removal except the last (the empty set = the base model)
         per_pass_cost = len(ex["per_pass_groups"][0]) - 1
         for j in range(1, len(per_pass) + 1):
             phi = per_pass[:j].mean(0)
             pv = phi[labels]
-            steps.append((1 + j * per_pass_cost, np.bincount(owner_of, weights=pv, minlength=len(sizes)), pv))
+            steps.append((1 + j * per_pass_cost, owner_sums(pv, record["owner_sizes"]), pv))
     elif record.get("owner_values"):                        # any other valuer: one point at its cost
         pv = record.get("point_values")
         steps = [(record["cost"]["fine_tunes"], np.asarray(record["owner_values"]),

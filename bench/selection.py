@@ -80,6 +80,7 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
     metric; pass a game over the same training data with a held-out eval set to avoid it.
     """
     from bench.metrics import mean_ci
+    from bench.run import fresh_compute_s
     from valuers.shed import flat_pairs, qocs, qwcs, softmax_weights, target_count
 
     unknown = [m for m in methods if m not in METHODS]
@@ -154,8 +155,7 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
             "cluster_scores": raw.tolist(), "cluster_sizes": np.bincount(labels, minlength=len(raw)).tolist(),
             "qwcs_weights": softmax_weights(scores, beta).tolist(),
             "rows": rows, "summary": summary, "paired": paired,
-            "fresh_compute_s": sum(e.get("compute_s", 0.0) for g in used.values()
-                                   for e in g.log.entries.values() if e.get("fresh"))}
+            "fresh_compute_s": sum(fresh_compute_s(g.log) for g in used.values())}
 
 
 def plot_selection(curve: dict, out_png: str | Path, title: str | None = None) -> Path:

@@ -35,7 +35,7 @@ import numpy as np
 
 from bench import shapley
 from bench.errors import ConfigError
-from valuers.base import Budget, CostMeter, Valuation, flat_pairs
+from valuers.base import Budget, CostMeter, Valuation, flat_pairs, owner_sums
 
 METHODS = ("removal", "exact")
 DROP_SHARES = ("full", "split")
@@ -342,12 +342,11 @@ class SHED:
                               proxy_stderr=res.stderr.tolist())
         with meter.phase("values", own_compute=True):
             point_values = phi[cl.labels].astype(float)
-            owner_of = np.repeat(np.arange(game.n), game.owner_sizes)
-            owner_values = np.bincount(owner_of, weights=point_values, minlength=game.n)
+            owner_values = owner_sums(point_values, game.owner_sizes)
             stderr = None
             if per_pass is not None and len(per_pass) > 1:
                 counts = np.zeros((game.n, C))            # examples of owner i in cluster c
-                np.add.at(counts, (owner_of, cl.labels), 1.0)
+                np.add.at(counts, (np.repeat(np.arange(game.n), game.owner_sizes), cl.labels), 1.0)
                 owner_pp = per_pass @ counts.T            # [k, n] owner values per pass
                 stderr = owner_pp.std(axis=0, ddof=1) / math.sqrt(len(owner_pp))
         extras["proxy_values"] = phi.tolist()
