@@ -162,19 +162,12 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     for d in {str(cfg.cache_dir), str(store.runs)}:   # a killed earlier run's half-written temp files
         if Path(d).exists():
             sweep_stale_tmp(d)
-    parse_shard(cfg.game.get("shard"))        # a malformed shard spec fails now
+    shard = parse_shard(cfg.game.get("shard"))    # a malformed shard spec fails now
     for k in ("max_fine_tunes", "max_seconds"):
         v = cfg.budget.get(k)
         if v is not None and not v > 0:
             raise ConfigError(f"budget.{k}: {v}; use a positive number or null (no limit)")
-    if str(cfg.logger.mode) not in (*WandbLogger.MODES, "none", "off"):
-        raise ConfigError(f"logger.mode: unknown {cfg.logger.mode!r}; use offline, online or disabled")
-    if str(cfg.logger.mode) in ("offline", "online"):
-        try:
-            Path(cfg.logger.dir).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"logger.dir: cannot create {cfg.logger.dir} ({e.strerror}); "
-                              f"set logger.dir=<writable path> or logger=none") from None
+    WandbLogger.check(cfg.logger.mode, cfg.logger.dir)   # W&B settings, before any training
     names = default_valuers() if cfg.valuers == "all" else list(cfg.valuers)
     # the floor and the ceiling of every table: random is free, retrain_shapley
     # reuses the ground truth the job computes anyway
@@ -209,7 +202,6 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         if hasattr(valuer, "check"):
             valuer.check(game)
     game2 = game.with_seed(int(cfg.seed) + int(cfg.noise_seed_offset))
-    shard = parse_shard(cfg.game.get("shard"))
     if isinstance(shard, tuple):             # train one slice of the ground truth, then stop
         info = run_shard([game, game2], *shard)
         print(f"[dvbench] shard {info['shard']}: {info['coalitions']} of {info['of']} ground-truth coalitions "

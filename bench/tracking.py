@@ -393,11 +393,7 @@ class WandbLogger:
                  dir: str | os.PathLike = "results/wandb", run_name: str | None = None,
                  config: dict | None = None, tags: Iterable[str] | None = None,
                  group: str | None = None):
-        if mode in (None, False, "none", "off"):
-            mode = "disabled"
-        if mode not in self.MODES:
-            raise ConfigError(f"logger.mode: unknown W&B mode {mode!r}; "
-                              "use offline, online or disabled")
+        mode, d = self.check(mode, dir)
         self.mode, self.run, self._saved_env = mode, None, {}
         if mode == "disabled":
             return
@@ -407,12 +403,6 @@ class WandbLogger:
             raise ConfigError(f"logger.mode={mode} needs wandb; pip install wandb "
                               "or set logger=none") from e
         self._wandb = wandb
-        d = Path(dir).resolve()
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"logger.dir: cannot create {d} ({e.strerror}); "
-                              "set logger.dir=<writable path>") from e
         env = {"WANDB_DIR": d, "WANDB_CACHE_DIR": d / ".cache", "WANDB_DATA_DIR": d / ".data",
                "WANDB_ARTIFACT_DIR": d / "artifacts", "WANDB_SILENT": "true"}
         if mode == "offline":  # online keeps the user's settings (entity, host)
@@ -428,6 +418,25 @@ class WandbLogger:
         except BaseException:
             self._restore_env()
             raise
+
+    @classmethod
+    def check(cls, mode, dir) -> tuple[str, Path | None]:
+        """The normalised mode and the created run folder (None when disabled); a
+        ConfigError for an unknown mode or a folder that cannot be created. The harness
+        calls this before training, the constructor again when the run starts."""
+        if mode in (None, False, "none", "off"):
+            mode = "disabled"
+        if mode not in cls.MODES:
+            raise ConfigError(f"logger.mode: unknown {mode!r}; use offline, online or disabled")
+        if mode == "disabled":
+            return mode, None
+        d = Path(dir).resolve()
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"logger.dir: cannot create {d} ({e.strerror}); "
+                              "set logger.dir=<writable path> or logger=none") from None
+        return mode, d
 
     @property
     def enabled(self) -> bool:
