@@ -55,12 +55,10 @@ def _mean(recs: list[dict], section: str, key: str) -> float | None:
 def compare_rows(new: list[dict], old: list[dict], tol: float, cost_tol: float | None):
     """Table rows for one experiment and whether any row regressed. Records of one
     experiment with different settings (sweep axes) are lined up per setting."""
-    from bench.report import variants
-    var = variants(list(new) + list(old))
-    tag = lambda recs: [{**r, "game": str(r.get("game")) + (f" · {var[id(r)]}" if var.get(id(r)) else "")}  # noqa: E731
-                        for r in recs]
+    from bench.report import tag_variants
+    tagged = tag_variants(list(new) + list(old))        # variants named over both sides together
     by_key = lambda recs: _group(latest(recs))  # noqa: E731
-    n_g, o_g = by_key(tag(new)), by_key(tag(old))
+    n_g, o_g = by_key(tagged[:len(new)]), by_key(tagged[len(new):])
     rows, regressed = [], False
     for key in sorted(set(n_g) | set(o_g)):
         valuer, game = key

@@ -110,16 +110,20 @@ def variants(records: list[dict]) -> dict[int, str]:
     return out
 
 
+def tag_variants(records: list[dict]) -> list[dict]:
+    """Copies of ``records`` whose ``game`` names their variant too (``union · model.n_layer=2``),
+    so records of different settings are never lined up or averaged together."""
+    var = variants(records)
+    return [{**r, "game": str(r.get("game")) + (f" · {var[id(r)]}" if var.get(id(r)) else "")} for r in records]
+
+
 def summarize(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
     """{(experiment, game[, variant]): {valuer: [newest record per seed]}}, sorted. Records of
     one experiment with different settings (a sweep over models or partitions) are
     separate groups, named by the settings that differ."""
-    var = variants(records)
-    tagged = [{**r, "_variant": var.get(id(r), "")} for r in records]
     groups: dict = defaultdict(lambda: defaultdict(list))
-    for r in latest(tagged, keys=("experiment", "game", "_variant", "valuer", "seed")):
-        game = str(r.get("game")) + (f" · {r['_variant']}" if r["_variant"] else "")
-        groups[(str(r.get("experiment")), game)][str(r.get("valuer"))].append(r)
+    for r in latest(tag_variants(records)):
+        groups[(str(r.get("experiment")), str(r.get("game")))][str(r.get("valuer"))].append(r)
     return {k: dict(sorted(v.items())) for k, v in sorted(groups.items())}
 
 
