@@ -199,11 +199,23 @@ def _title(text: str, width: int = 60) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
 
-def _grid(n: int, w: float, h: float):
-    """A figure with n panels, at most 3 per row; returns (fig, flat list of n axes)."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    _pyplot().close(fig)
+    return out
+
+
+def _grid(n: int, w: float, h: float):
+    """A figure with n panels, at most 3 per row; returns (fig, flat list of n axes)."""
+    plt = _pyplot()
     cols = min(3, max(n, 1))
     rows = math.ceil(max(n, 1) / cols)
     fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(w * cols, h * rows))
@@ -216,9 +228,6 @@ def _grid(n: int, w: float, h: float):
 def plot_frontier(groups, out: Path) -> Path:
     """Fidelity (Spearman vs exact, mean ± CI over seeds) against cost (fine-tunes,
     log) per valuer; the line joins the Pareto-optimal valuers (cheaper and better)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = _grid(len(groups), 5.5, 4.2)
     for ax, ((exp, game), by_valuer) in zip(axes, groups.items()):
         pts = []
@@ -247,20 +256,14 @@ def plot_frontier(groups, out: Path) -> Path:
         ax.set_ylim(-1.1, 1.1)     # ρ's range; a 2-seed t-interval can reach far beyond it
         ax.set_title(_title(f"{exp} · {game}"), fontsize=8)
         ax.set(xlabel="fine-tunes (log; 0 drawn at 0.5)", ylabel="Spearman ρ vs exact Shapley (dotted: ceiling)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_owner_values(groups, out: Path) -> Path:
     """Owner values per valuer, each record scaled to unit L2 norm (methods differ in
     scale), mean ± 95% CI over seeds; the exact retraining Shapley first."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
-    fig, axes = plt.subplots(len(groups), 1, squeeze=False, figsize=(10, 3.4 * len(groups)))
+    fig, axes = _pyplot().subplots(len(groups), 1, squeeze=False, figsize=(10, 3.4 * len(groups)))
     for ax, ((exp, game), by_valuer) in zip(axes[:, 0], groups.items()):
         series = {}
         first = next((r for rs in by_valuer.values() for r in _ok(rs) if r.get("owner_values")), None)
@@ -291,10 +294,7 @@ def plot_owner_values(groups, out: Path) -> Path:
         ax.set(ylabel="value / ‖values‖")
         ax.set_ylim(-1.1, 1.1)
         ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _roc(scores, labels):
@@ -309,9 +309,6 @@ def _roc(scores, labels):
 def plot_detection_roc(groups, out: Path) -> Path:
     """Noisy-data detection ROC per valuer (seed of each valuer's newest record):
     example level when the valuer has point values, else owner level."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from bench.budget import corrupted_mask
     fig, axes = _grid(len(groups), 5, 4.4)
@@ -341,10 +338,7 @@ def plot_detection_roc(groups, out: Path) -> Path:
             ax.legend(fontsize=6)
         else:
             ax.text(0.5, 0.55, "no planted noise in this game", ha="center", fontsize=8, color="grey")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def write_report(records: list[dict], out_md: str | Path) -> Path:
