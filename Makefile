@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)  ## create .venv and install the project
 
 bench: $(STAMP)  ## fingerprint, the preset that fits (CPU: default), report + baseline candidate (PRESET= ARGS= STRICT=1)
-	$(BIN)/python -m bench.hardware bench $(if $(PRESET),--preset $(PRESET)) $(if $(STRICT),--strict) -- $(ARGS)
+	$(BIN)/python -m bench hardware bench $(if $(PRESET),--preset $(PRESET)) $(if $(STRICT),--strict) -- $(ARGS)
 
 bench-quick: $(STAMP)  ## tiny tier, 6 owners (a couple of minutes)
 	$(BIN)/python -m bench experiment=quick
@@ -39,19 +39,19 @@ test-slow: $(STAMP)  ## slow end-to-end tests
 	$(BIN)/python -m pytest -q -m slow
 
 bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, saved per hardware, vs the last run (BENCH_TOL=25 %)
-	$(BIN)/python -m bench.hardware micro --tolerance $(BENCH_TOL) -- $(ARGS)
+	$(BIN)/python -m bench hardware micro --tolerance $(BENCH_TOL) -- $(ARGS)
 
 bench-scaling: $(STAMP)  ## cost of DPO arithmetic vs exact retraining at n = 4, 6, 8 (tiny tier)
-	$(BIN)/python -m bench.scaling --owners 4 6 8
+	$(BIN)/python -m bench scaling --owners 4 6 8
 
 bench-selection: $(STAMP)  ## selection curves (QOCS/QWCS vs random vs all, held-out test split, 3 seeds), tiny tier
 	$(BIN)/python -m bench experiment=selection
 
 compare: $(STAMP)  ## compare the latest run with results/baselines (BASE=, EXP=)
-	$(BIN)/python -m bench.compare $(if $(EXP),--experiment $(EXP)) $(if $(BASE),--baseline $(BASE))
+	$(BIN)/python -m bench compare $(if $(EXP),--experiment $(EXP)) $(if $(BASE),--baseline $(BASE))
 
 report: $(STAMP)  ## tables + plots of results/runs into results/report.md (and results/report/*.png)
-	$(BIN)/python -m bench.report --out results/report.md
+	$(BIN)/python -m bench report --out results/report.md
 
 clean-cache:  ## delete caches (utilities, models, tokenizers)
 	rm -rf results/cache

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "WANDB_MODE": "offline", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-               "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ[_k] = _v
-
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.core.env import use_environment  # noqa: E402
+
+use_environment(force=True)     # offline and quiet whatever the developer's shell says
 
 import pytest
 import torch
@@ -23,14 +26,10 @@ import torch
 N_THREADS = int(os.environ.get("DVBENCH_TEST_THREADS", "2"))
 torch.set_num_threads(N_THREADS)
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.models import ModelSpec, load_base  # noqa: E402
-from bench.partition import make_partition  # noqa: E402
-from bench.task import synthetic_pref  # noqa: E402
-from bench.train import TrainSettings  # noqa: E402
+from bench.core.models import ModelSpec, load_base  # noqa: E402
+from bench.core.partition import make_partition  # noqa: E402
+from bench.core.task import synthetic_pref  # noqa: E402
+from bench.core.train import TrainSettings  # noqa: E402
 
 TINY_SOURCES = ("capitals", "tone", "reversal")
 TASK_KW = dict(sources=list(TINY_SOURCES), n_train_per_source=20, n_eval_per_source=10,
@@ -49,7 +48,7 @@ def subprocess_env() -> dict:
 
 def code_version() -> str:
     """The hash the cache keys carry; it changes when game.py / train.py / models.py change."""
-    from bench.game import code_version as cv
+    from bench.core.game import code_version as cv
     return cv()
 
 
@@ -106,7 +105,7 @@ def fresh_cache(tmp_path, tiny_base, session_cache):
 
 @pytest.fixture
 def make_game(tiny_task, tiny_partition):
-    from bench.game import Game
+    from bench.core.game import Game
 
     def make(cache_dir, kind="union", seed=0, partition=None, train=TRAIN, metric="pref_acc", task=None):
         return Game(task or tiny_task, partition or tiny_partition, SPEC, train, kind=kind, seed=seed,

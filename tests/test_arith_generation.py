@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import REPO, SPEC, TRAIN, subprocess_env
 
-from bench import shapley
-from bench.errors import ConfigError
-from bench.game import Game
-from valuers.arith_generation import (NEG, DPOArithmeticGeneration, _left_pad, combine, decode,
+from bench.core import shapley
+from bench.core.errors import ConfigError
+from bench.core.game import Game
+from valuers.arith_generation.valuer import (NEG, DPOArithmeticGeneration, _left_pad, combine, decode,
                                       coalition_generator, generate_coalition, sampling_logprobs,
                                       select_prompts)
 from valuers.base import Budget
@@ -174,7 +174,7 @@ def test_bad_settings_are_refused():
 
 
 def test_config_builds_the_valuer():
-    from bench.run import build_valuer
+    from bench.harness.build import build_valuer
     v, cfg = build_valuer("dpo_arithmetic_gen", {"n_prompts": 3})
     assert isinstance(v, DPOArithmeticGeneration) and v.n_prompts == 3 and cfg["reward_axis"] == "sum"
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import SPEC, TRAIN
 
-from bench import shapley
-from bench.train import dpo_stage
+from bench.core import shapley
+from bench.core.train import dpo_stage
 
 
 @pytest.mark.benchmark

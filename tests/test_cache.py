@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, SPEC, TASK_KW, TRAIN, code_version, skip_if_code_changed, subprocess_env
 
-from bench.cache import DiskCache, content_key
+from bench.core.cache import DiskCache, content_key
 
 
 def test_content_key_is_canonical():
@@ -113,11 +113,11 @@ SCRIPT = """
 import json, os, sys
 import torch
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-from bench.game import Game
-from bench.models import ModelSpec
-from bench.partition import make_partition
-from bench.task import synthetic_pref
-from bench.train import TrainSettings
+from bench.core.game import Game
+from bench.core.models import ModelSpec
+from bench.core.partition import make_partition
+from bench.core.task import synthetic_pref
+from bench.core.train import TrainSettings
 
 task = synthetic_pref(**{task_kw!r})
 part = make_partition(task, "by_source", owner_sources={sources!r})
@@ -143,7 +143,7 @@ def _entries(cache: Path) -> list[Path]:
 
 
 def test_resume_after_kill(tmp_path, fresh_cache, make_game, tiny_task):
-    from bench.partition import make_partition
+    from bench.core.partition import make_partition
     script = _script(tmp_path)
     version = code_version()
     proc = subprocess.Popen([sys.executable, str(script), str(fresh_cache)], cwd=REPO, env=subprocess_env(),
@@ -187,7 +187,7 @@ def test_resume_after_kill(tmp_path, fresh_cache, make_game, tiny_task):
 
 
 def test_code_version_ignores_comments_and_docstrings_but_not_code(tmp_path):
-    from bench.game import _code_fingerprint
+    from bench.core.game import _code_fingerprint
     a = tmp_path / "a.py"
     a.write_text('def f(x):\n    """doc"""\n    return x + 1\n')
     base = _code_fingerprint(a)
@@ -202,7 +202,7 @@ def test_lock_is_exclusive_across_processes(tmp_path):
     c = DiskCache(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from bench.cache import DiskCache
+        from bench.core.cache import DiskCache
         with DiskCache({str(tmp_path)!r}).lock("utility", "k"):
             print("held", flush=True)
             time.sleep(1.5)

@@ -49,7 +49,7 @@ def smoke(tmp_path_factory):
 def expected_valuers(rec) -> list[str]:
     names = rec["config"]["valuers"]
     if names == "all":
-        from bench.run import available_valuers
+        from bench.harness.build import available_valuers
         return available_valuers()
     return list(names)
 
@@ -63,7 +63,7 @@ def _get(rec, dotted):
 
 
 CONTRACT = ["experiment", "valuer", "game", "seed", "n_owners", "commit", "dirty", "config_hash", "hardware",
-            "status", "owner_values", "truth.noisy_owners", "truth.duplicate_pairs",
+            "status", "owner_values", "schema", "planted.noisy_owners", "planted.duplicate_pairs", "planted.corrupted_ids",
             *(f"metrics.fidelity.{k}" for k in ("spearman", "kendall", "pearson", "rel_l2", "topk",
                                                  "efficiency_gap")),
             "metrics.noise_ceiling",
@@ -86,7 +86,7 @@ def test_smoke_run_records(smoke):
             _get(r, key)
         assert r["status"] == "ok" and r["error"] is None
         assert r["experiment"] == "smoke" and r["game"] == "union" and r["seed"] == 0 and r["n_owners"] == 3
-        assert r["truth"]["noisy_owners"] == [2] and r["truth"]["duplicate_pairs"] == []
+        assert r["planted"]["noisy_owners"] == [2] and r["planted"]["duplicate_pairs"] == []
         assert r["owner_sizes"] == [20, 20, 20]
         assert len(r["owner_values"]) == 3 and all(np.isfinite(r["owner_values"]))
         assert r["cost"]["device"] == "cpu" and r["cost"]["gpu_hours"] == 0
@@ -108,13 +108,13 @@ def test_exact_shapley_is_efficient_and_finds_the_noisy_owner(smoke):
     phi = np.array(r["owner_values"])
     assert len(table) == 8 and np.isfinite(table).all()
     assert phi.sum() == pytest.approx(table[-1] - table[0], abs=1e-9), "efficiency: Σφ = v(N) − v(∅)"
-    np.testing.assert_allclose(phi, r["truth_values"], atol=1e-12)
+    np.testing.assert_allclose(phi, r["exact_values"], atol=1e-12)
     assert r["metrics"]["fidelity"]["rel_l2"] == pytest.approx(0, abs=1e-9)
     assert r["metrics"]["fidelity"]["efficiency_gap"] == pytest.approx(0, abs=1e-9)
     # the owner holding flipped preferences is worth the least, under both training seeds
     assert int(np.argmin(phi)) == 2, f"exact Shapley {phi.tolist()}, table {table.tolist()}"
     assert phi[2] < 0, phi.tolist()
-    phi2 = np.array(r["truth_values_seed2"])
+    phi2 = np.array(r["exact_values_seed2"])
     assert int(np.argmin(phi2)) == 2, f"second-seed Shapley {phi2.tolist()}"
     assert r["metrics"]["detection"]["auroc"] == 1.0
     # leave-one-out on the same table

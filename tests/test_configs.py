@@ -7,13 +7,13 @@ import pytest
 from conftest import REPO, one_line
 from omegaconf import OmegaConf
 
-from bench.errors import ConfigError
-from bench.game import Game
-from bench.models import ModelSpec
-from bench.partition import make_partition
-from bench.run import available_valuers, build_game, build_task, build_valuer
-from bench.task import synthetic_pref
-from bench.train import TrainSettings
+from bench.core.errors import ConfigError
+from bench.core.game import Game
+from bench.core.models import ModelSpec
+from bench.core.partition import make_partition
+from bench.harness.build import available_valuers, build_game, build_task, build_valuer
+from bench.core.task import synthetic_pref
+from bench.core.train import TrainSettings
 
 CONF = REPO / "conf"
 
@@ -66,7 +66,7 @@ def test_experiment_composes_and_builds(compose, name, tmp_path):
         assert part.sizes()[:len(want["sizes"])] == want["sizes"]
     n_base = len(want["owner_sources"] or task.sources)
     assert part.n_owners == n_base + len(want["duplicate_pairs"])
-    assert set(want["noisy_owners"]) <= set(part.truth.noisy_owners)
+    assert set(want["noisy_owners"]) <= set(part.planted.noisy_owners)
     for i, src in enumerate(want["owner_sources"] or []):
         assert {p.source for p in part.owners[i]} == {src}
     for copy, orig in want["duplicate_pairs"]:
@@ -77,14 +77,14 @@ def test_experiment_comments_match_configs(compose):
     """What the experiment files say they plant is what they plant."""
     smoke = compose(["experiment=smoke"])
     _, part = build_game(smoke)
-    assert part.truth.noisy_owners == [2] and {p.source for p in part.owners[2]} == {"tone"}
+    assert part.planted.noisy_owners == [2] and {p.source for p in part.owners[2]} == {"tone"}
     quick = compose(["experiment=quick"])
     _, part = build_game(quick)
-    assert part.truth.noisy_owners == [4] and {p.source for p in part.owners[4]} == {"tone"}
-    assert part.truth.duplicate_pairs == [[5, 1]]
+    assert part.planted.noisy_owners == [4] and {p.source for p in part.owners[4]} == {"tone"}
+    assert part.planted.duplicate_pairs == [[5, 1]]
     default = compose(["experiment=default"])
     _, part = build_game(default)
-    assert part.truth.noisy_owners == [3] and {p.source for p in part.owners[3]} == {"arithmetic"}
+    assert part.planted.noisy_owners == [3] and {p.source for p in part.owners[3]} == {"arithmetic"}
     assert part.n_owners == 4
 
 
@@ -127,7 +127,7 @@ def test_group_option_composes(compose, group, name, tmp_path):
         else:
             assert sec["path"] == "???"          # must be given by the user
             import inspect
-            from bench.task import local_pref
+            from bench.core.task import local_pref
             params = set(inspect.signature(local_pref).parameters)
             assert set(sec) - {"kind"} <= params, set(sec) - params
     elif group == "partition":
@@ -158,7 +158,7 @@ def test_partition_kind_reaches_make_partition(compose, name):
 
 
 def test_check_overrides_names_group_and_choices():
-    from bench.__main__ import check_overrides
+    from bench.cli.run import check_overrides
     msg = check_overrides(["model=nope"])
     assert msg and one_line(msg)
     assert "model" in msg and "nope" in msg

@@ -3,9 +3,9 @@ compatibility guard, and (on a real tiny game) the identity at single owners."""
 import numpy as np
 import pytest
 
-from bench import shapley
-from bench.errors import ConfigError
-from bench.train import utility_metrics
+from bench.core import shapley
+from bench.core.errors import ConfigError
+from bench.core.train import utility_metrics
 from valuers.dpo_arithmetic import (DPOArithmetic, check_compatible, coalition_utilities,
                                     coalition_weights)
 
@@ -87,7 +87,7 @@ def test_single_owner_margin_equals_the_directly_trained_model(tiny_task, tiny_b
     """The owner model the arithmetic uses (LoRA weights extracted, saved, re-applied to
     the base and merged) gives the same eval margins as the model TRL just trained."""
     import trl
-    from bench.train import TrainSettings, dpo_stage, materialize, sequence_logps
+    from bench.core.train import TrainSettings, dpo_stage, materialize, sequence_logps
     from conftest import SPEC
 
     captured = {}

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import SPEC, TRAIN
 
-from bench.game import Game
-from bench.partition import make_partition
-from bench.shapley import exact_shapley
-from bench.task import Pair
-from bench.models import render_prompt, render_response
-from bench.train import (FineTuneDiverged, clone_model, dpo_stage, materialize, sequence_logps, to_dataset,
+from bench.core.game import Game
+from bench.core.partition import make_partition
+from bench.core.shapley import exact_shapley
+from bench.core.task import Pair
+from bench.core.models import render_prompt, render_response
+from bench.core.train import (FineTuneDiverged, clone_model, dpo_stage, materialize, sequence_logps, to_dataset,
                          tokenize_pair, utility_metrics)
 
 
@@ -32,10 +32,10 @@ def _state_equal(a, b) -> bool:
 # ------------------------------------------------------------------ v(∅)
 
 def test_empty_coalition_is_base_model(fresh_cache, make_game, tiny_base, tiny_task, monkeypatch):
-    import bench.game
+    import bench.core.game
     def no_training(*a, **k):
         raise AssertionError("v(∅) must not train")
-    monkeypatch.setattr(bench.game, "dpo_stage", no_training)
+    monkeypatch.setattr(bench.core.game, "dpo_stage", no_training)
     game = make_game(fresh_cache)
     model, tok = tiny_base
     lc, lr = sequence_logps(model, tok, SPEC, tiny_task.eval)
@@ -349,7 +349,7 @@ def test_huge_learning_rate_never_returns_nan(fresh_cache, make_game, tiny_base,
 
 
 def test_unknown_game_or_metric(tmp_path, tiny_task, tiny_partition):
-    from bench.errors import ConfigError
+    from bench.core.errors import ConfigError
     for kw in (dict(kind="nope"), dict(metric="nope")):
         with pytest.raises(ConfigError) as e:
             Game(tiny_task, tiny_partition, SPEC, TRAIN, cache_dir=tmp_path, **kw)
@@ -385,7 +385,7 @@ def test_subsets_train_like_coalitions_and_are_cached(fresh_cache, make_game):
     half = owner0[: len(owner0) // 2]
     u = game.subset_utilities([half, owner0, []])
     assert u[1] == v_sub and u[2] == game.utility(0)
-    assert game.log.entries[game._item_key(__import__("bench.game").game.Subset(tuple(half)))]["trained"]
+    assert game.log.entries[game._item_key(__import__("bench.core.game").core.game.Subset(tuple(half)))]["trained"]
     again = make_game(fresh_cache)
     again.subset_utilities([half])
     assert not any(e["fresh"] for e in again.log.entries.values())
@@ -402,7 +402,7 @@ def test_valuers_cannot_reach_the_ground_truth(fresh_cache, make_game):
 def test_with_eval_scores_on_other_pairs(fresh_cache, make_game, tiny_task):
     """A game over the same data scored on a held-out split: another eval set, other
     cache entries, the same seed and owners; with_seed keeps the eval set."""
-    from bench.task import synthetic_pref
+    from bench.core.task import synthetic_pref
     from conftest import TASK_KW
     test = synthetic_pref(**TASK_KW, n_test_per_source=4).test
     game = make_game(fresh_cache)
@@ -413,6 +413,6 @@ def test_with_eval_scores_on_other_pairs(fresh_cache, make_game, tiny_task):
     rec = held.record(0b001)
     assert len(rec["logp_chosen"]) == len(test)
     assert len(game.record(0b001)["logp_chosen"]) == len(tiny_task.eval)
-    from bench.errors import ConfigError
+    from bench.core.errors import ConfigError
     with pytest.raises(ConfigError, match="eval pairs"):
         game.with_eval([])

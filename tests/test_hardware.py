@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, one_line, subprocess_env
 
-from bench import hardware
+from bench.cli import hardware
 from bench.tracking import ResultsStore, hardware_fingerprint, hardware_slug, read_jsonl
 
 SLUG_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -56,7 +56,7 @@ def test_slug_is_filesystem_safe(fake):
 def test_slug_is_stable_and_distinguishes_machines():
     a = hardware_slug()
     assert SLUG_RE.match(a) and a == hardware_slug() == hardware_slug(hardware_fingerprint())
-    # extra fields (what bench.hardware.fingerprint adds) do not change it
+    # extra fields (what bench.cli.hardware.fingerprint adds) do not change it
     assert hardware_slug({**hardware_fingerprint(), "device": "cpu", "driver": None}) == a
     base = hw()
     variants = [hw(n_cpus=4), hw(ram_gib=64), hw(cpu="Intel(R) Xeon(R) Gold 6248"),
@@ -399,9 +399,9 @@ def test_makefile_wires_the_drivers():
         lines = [ln for ln in p.stdout.splitlines() if ln.strip() and not ln.startswith("make")]
         return " ".join(lines[-1].split())
 
-    assert dry("bench").endswith("-m bench.hardware bench --")
+    assert dry("bench").endswith("-m bench.cli.hardware bench --")
     assert dry("bench", "PRESET=quick", "STRICT=1", "ARGS=seed=1 n_jobs=2").endswith(
-        "-m bench.hardware bench --preset quick --strict -- seed=1 n_jobs=2")
-    assert dry("bench-micro").endswith("-m bench.hardware micro --tolerance 25 --")
+        "-m bench.cli.hardware bench --preset quick --strict -- seed=1 n_jobs=2")
+    assert dry("bench-micro").endswith("-m bench.cli.hardware micro --tolerance 25 --")
     assert dry("bench-micro", "BENCH_TOL=10", "ARGS=-k shapley").endswith(
         "micro --tolerance 10 -- -k shapley")

@@ -9,8 +9,8 @@ import torch
 from conftest import SPEC, one_line
 from test_logra import _inject_game, _lora_model, _pairs, _perturbed
 
-from bench.errors import ConfigError
-from bench.train import clone_model
+from bench.core.errors import ConfigError
+from bench.core.train import clone_model
 from valuers.base import Budget
 from valuers.influence_naive import NaiveInfluence, dense_projection, per_example_gradients
 from valuers.logra import (Subject, collate, encode_pairs, example_losses, influence_scores, precondition,

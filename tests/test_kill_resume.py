@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import REPO, subprocess_env
 
-from bench.cache import DiskCache, sweep_stale_tmp
+from bench.core.cache import DiskCache, sweep_stale_tmp
 from bench.tracking import read_jsonl
 
 SMALL = ["experiment=smoke", "task.n_train_per_source=10", "task.n_eval_per_source=8", "partition.sizes=[8,5,5]",

@@ -20,10 +20,10 @@ import pytest
 import torch
 from conftest import REPO, SPEC, TASK_KW, TRAIN, one_line, subprocess_env
 
-from bench.errors import ConfigError
-from bench.game import Game
-from bench.task import Pair
-from bench.train import _lora_config_dict, clone_model, materialize, sequence_logps
+from bench.core.errors import ConfigError
+from bench.core.game import Game
+from bench.core.task import Pair
+from bench.core.train import _lora_config_dict, clone_model, materialize, sequence_logps
 from valuers.base import Budget
 from valuers.influence_naive import NaiveInfluence, per_example_gradients
 from valuers.logra import (GradientLogger, LoGra, Subject, collate, encode_pairs, estimate_covariances,
@@ -374,7 +374,7 @@ def test_bad_settings_are_one_line(kw, field):
 # ------------------------------------------------------------------ LDS plumbing
 
 def test_lds_sums_values_over_random_halves():
-    from bench.lds import lds, lds_subsets
+    from bench.core.lds import lds, lds_subsets
 
     class FakeGame:      # utility = a known linear function of the subset: LDS must be 1
         metric = "pref_acc"
@@ -417,13 +417,13 @@ def test_harness_runs_logra_end_to_end(tmp_path):
     np.testing.assert_allclose(r["owner_values"], [pv[:40].sum(), pv[40:70].sum(), pv[70:].sum()], rtol=1e-9)
     assert r["extras"]["model_kind"] == "full" and r["extras"]["log_bytes"] > 0
     assert "detection_points" in r["metrics"] and r["cost"]["fine_tunes"] == 1
-    print("logra owner values", r["owner_values"], "truth", r["truth_values"],
+    print("logra owner values", r["owner_values"], "exact", r["exact_values"],
           "fidelity", r["metrics"]["fidelity"], "point detection", r["metrics"]["detection_points"])
     # the flipped owner is the one the influence says hurts most
     assert int(np.argmin(r["owner_values"])) == 2, r["owner_values"]
     # LDS on the same game, with retrained random halves (cached on disk, shared with reruns)
-    from bench.lds import lds
-    from bench.run import build_game
+    from bench.core.lds import lds
+    from bench.harness.build import build_game
     from omegaconf import OmegaConf
     cfg = OmegaConf.create(r["config"])
     game, _ = build_game(cfg)
@@ -445,7 +445,7 @@ def _bench_cfg(session_cache, method_k=16):
 def test_benchmark_gradient_pass(benchmark, method, session_cache, tiny_base):
     """One pass over 40 training pairs: LoGra logging, naive vmap gradients + dense
     projection (same output size), plain forward+backward."""
-    from bench.logra_bench import build_workload, make_pass
+    from bench.cli.logra_bench import build_workload, make_pass
     cfg = _bench_cfg(session_cache)
     subject, layers, ex, ref = build_workload(cfg)
     run = make_pass(method, subject, layers, ex, ref, cfg)
@@ -457,7 +457,7 @@ def test_benchmark_gradient_pass(benchmark, method, session_cache, tiny_base):
 @pytest.mark.benchmark
 def test_benchmark_throughput_and_memory_ratios(benchmark, session_cache, tiny_base):
     """Each method in a fresh process: examples/s and peak RSS growth; LoGra's ratios."""
-    from bench.logra_bench import compare, format_compare
+    from bench.cli.logra_bench import compare, format_compare
     cfg = _bench_cfg(session_cache)
     out = benchmark.pedantic(lambda: compare(cfg), rounds=1, iterations=1)
     print("\n" + format_compare(out, cfg))

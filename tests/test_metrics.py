@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench.metrics import detection, fidelity, mean_ci, r2
+from bench.core.metrics import detection, fidelity, mean_ci, r2
 
 
 def test_fidelity_perfect_ranking():

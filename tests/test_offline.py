@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO, subprocess_env
 
-from bench.__main__ import wants_online
+from bench.core.env import wants_online
 
 BLOCK = '''
 import socket
@@ -60,8 +60,8 @@ def test_smoke_runs_with_the_network_disabled(tmp_path):
 
 
 def test_valuer_target_must_be_the_projects_own(tmp_path, monkeypatch):
-    from bench import run
-    from bench.errors import ConfigError
+    from bench.harness import build as run
+    from bench.core.errors import ConfigError
     (tmp_path / "valuer").mkdir()
     (tmp_path / "valuer" / "evil.yaml").write_text("_target_: os.system\nname: evil\n")
     monkeypatch.setattr(run, "CONF_DIR", tmp_path)

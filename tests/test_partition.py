@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 from conftest import TASK_KW, TINY_SOURCES, one_line
 
-from bench.errors import ConfigError
-from bench.partition import make_partition
-from bench.task import synthetic_pref
+from bench.core.errors import ConfigError
+from bench.core.partition import make_partition
+from bench.core.task import synthetic_pref
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_duplicate_owner_is_exact_copy(task, name):
     part = make_partition(task, **kw, duplicate_pairs=[[n, 1]], seed=2)
     assert part.n_owners == n + 1
     assert _rows(part.owners[n]) == _rows(part.owners[1])
-    assert part.truth.duplicate_pairs == [[n, 1]]
+    assert part.planted.duplicate_pairs == [[n, 1]]
     ids = Counter(p.id for o in part.owners for p in o)
     assert {i for i, c in ids.items() if c > 1} == {p.id for p in part.owners[1]}
     assert all(c <= 2 for c in ids.values())
@@ -104,8 +104,8 @@ def test_flipped_examples(task, name, flip_frac):
     assert flipped | unchanged == {p.id for p in o} and not flipped & unchanged
     assert all(p.prompt == by_id[p.id].prompt and p.source == by_id[p.id].source for p in o)
     assert len(flipped) == round(flip_frac * len(o))
-    assert set(part.truth.corrupted_ids) == flipped and len(part.truth.corrupted_ids) == len(flipped)
-    assert part.truth.noisy_owners == [noisy]
+    assert set(part.planted.corrupted_ids) == flipped and len(part.planted.corrupted_ids) == len(flipped)
+    assert part.planted.noisy_owners == [noisy]
     for i, other in enumerate(part.owners):   # other owners are untouched
         if i != noisy:
             assert all(p == by_id[p.id] for p in other)
@@ -129,16 +129,16 @@ def test_garbled_examples_are_permutations(task):
             assert p.prompt == q.prompt
         total_flip += len(flipped)
         total_garble += len(garbled)
-        assert {p.id for p in flipped + garbled} <= set(part.truth.corrupted_ids)
-    assert len(part.truth.corrupted_ids) == total_flip + total_garble
-    assert part.truth.noisy_owners == [0, 2]
+        assert {p.id for p in flipped + garbled} <= set(part.planted.corrupted_ids)
+    assert len(part.planted.corrupted_ids) == total_flip + total_garble
+    assert part.planted.noisy_owners == [0, 2]
     assert all(p == by_id[p.id] for p in part.owners[1])
 
 
 def test_duplicate_of_noisy_owner_is_noisy_too(task):
     part = make_partition(task, kind="by_source", noisy_owners=[2], duplicate_pairs=[[3, 2]], seed=0)
     assert _rows(part.owners[3]) == _rows(part.owners[2])
-    assert part.truth.noisy_owners == [2, 3]
+    assert part.planted.noisy_owners == [2, 3]
 
 
 @pytest.mark.parametrize("name", list(KINDS))

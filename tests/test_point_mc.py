@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_shed import FakeGame, make_pairs
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 from valuers.base import Budget
 from valuers.point_mc import PointMCShapley
 
@@ -23,9 +23,10 @@ def test_additive_game_gives_the_weights_and_owner_sums():
     val = PointMCShapley(max_permutations=3, truncation_tol=None).value(game, Budget())
     np.testing.assert_allclose(val.point_values, w, atol=1e-12)
     np.testing.assert_allclose(val.owner_values, [w[:3].sum(), w[3:5].sum(), w[5:].sum()], atol=1e-12)
-    traj = val.extras["trajectory"]
-    assert [t["permutations"] for t in traj] == [1, 2, 3]
-    assert traj[0]["fine_tunes"] <= 7 * 1 and traj[-1]["fine_tunes"] >= traj[0]["fine_tunes"]
+    traj = val.trajectory                          # one step per permutation
+    assert len(traj) == 3 and val.extras["n_permutations"] == 3
+    assert traj[0].fine_tunes <= 7 * 1 and traj[-1].fine_tunes >= traj[0].fine_tunes
+    np.testing.assert_allclose(traj[-1].point_values, val.point_values)
     assert all(len(set(q)) == len(q) and list(q) == sorted(q) for q in game.asked)   # canonical sets
 
 
@@ -58,7 +59,7 @@ def test_fine_tune_cap_stops_after_a_permutation():
     val = PointMCShapley(max_permutations=50, truncation_tol=None).value(game, Budget(max_fine_tunes=10))
     n = val.extras["n_permutations"]
     assert 2 <= n < 50                             # one permutation is <= 7 fresh sets, so the cap needs >= 2
-    assert val.extras["trajectory"][-2]["fine_tunes"] < 10 <= val.extras["trajectory"][-1]["fine_tunes"]
+    assert val.trajectory[-2].fine_tunes < 10 <= val.trajectory[-1].fine_tunes
 
 
 @pytest.mark.parametrize("kw, field", [({"max_permutations": 0}, "max_permutations"),
@@ -70,9 +71,14 @@ def test_bad_settings(kw, field):
 
 
 def test_budget_curves_from_records():
-    """bench.budget: point MC scored after each permutation, SHED as a running mean over
-    passes with 1 + k·(groups − 1) fine-tunes, other valuers as one point."""
-    from bench.budget import curve_points
+    """bench.analysis.budget: point MC scored after each permutation, SHED as a running mean over
+    passes with 1 + k·(groups − 1) fine-tunes, other valuers as one point. The records are
+    version-1 records (trajectories in extras), read through the schema's upgrade."""
+    from bench.analysis.budget import curve_points as points
+    from bench.tracking.schema import upgrade
+
+    def curve_points(rec, bad):
+        return points(upgrade(rec), bad)
     truth = [0.3, 0.1, -0.2]
     base = {"truth_values": truth, "utility_table": [0.5] + [0.0] * 6 + [0.7], "owner_sizes": [2, 1, 1]}
     bad = np.array([False, False, False, True])

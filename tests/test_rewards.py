@@ -2,8 +2,8 @@
 every clean eval pair's own chosen/rejected scored as the reward intends."""
 import pytest
 
-from bench.rewards import reward
-from bench.task import Pair, synthetic_pref
+from valuers.arith_generation.rewards import reward
+from bench.core.task import Pair, synthetic_pref
 
 
 def P(source, chosen, rejected, prompt="?"):

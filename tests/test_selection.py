@@ -11,8 +11,9 @@ import pytest
 from conftest import REPO, one_line, subprocess_env
 from test_shed import FakeGame, make_pairs
 
-from bench.errors import ConfigError
-from bench.selection import cluster_scores, format_curve, plot_selection, selection_curve
+from bench.core.errors import ConfigError
+from bench.analysis.plots import plot_selection
+from bench.core.selection import cluster_scores, format_curve, selection_curve
 from valuers.base import Valuation
 
 
@@ -24,7 +25,7 @@ def setup_game(n_per_cluster=10, cluster_w=(0.02, -0.01, 0.0, 0.01, -0.02)):
     labels = np.array([p.id // n_per_cluster for p in pairs])
     game = FakeGame(owners, {p.id: cluster_w[p.id // n_per_cluster] for p in pairs}, base=0.5)
     val = Valuation(owner_values=np.zeros(3), point_values=np.asarray(cluster_w)[labels],
-                    extras={"clusters": labels.tolist(), "proxy_values": list(cluster_w)})
+                    clusters=labels, cluster_scores=np.asarray(cluster_w, float))
     return game, val, labels, np.asarray(cluster_w)
 
 
@@ -104,7 +105,7 @@ def test_plot(tmp_path):
 @pytest.mark.slow
 def test_selection_command_on_smoke(tmp_path):
     out = tmp_path / "sel.png"
-    proc = subprocess.run([sys.executable, "-m", "bench.selection", "--experiment", "smoke", "--seeds", "0",
+    proc = subprocess.run([sys.executable, "-m", "bench.core.selection", "--experiment", "smoke", "--seeds", "0",
                            "--sizes", "0.1", "0.5", "--out", str(out), f"results_dir={tmp_path / 'r'}",
                            "progress=false", "+valuer_args.shed.passes=1"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)

@@ -5,8 +5,8 @@ from math import comb
 import numpy as np
 import pytest
 
-from bench import shapley as sh
-from bench import toy_games as tg
+from bench.core import shapley as sh
+from bench.core import toy_games as tg
 
 
 def random_table(n: int, seed: int) -> np.ndarray:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import REPO, one_line, subprocess_env
 
-from bench import shapley
-from bench.errors import ConfigError
-from bench.shard import missing, parse_shard, run_shard, truth_items
+from bench.core import shapley
+from bench.core.errors import ConfigError
+from bench.core.shard import missing, parse_shard, run_shard, truth_items
 
 
 @pytest.mark.parametrize("spec", ["4/4", "-1/4", "1", "a/b", "0/0"])
@@ -60,8 +60,9 @@ def test_assemble_on_an_empty_cache_names_the_missing(tmp_path):
 
 def test_overhead_accounting():
     """The job's wall-time line: fresh compute from a game log, the process age."""
-    from bench.game import UseLog
-    from bench.run import fresh_compute_s, overhead_line, process_age_s
+    from bench.core.game import UseLog
+    from bench.core.game import fresh_compute_s
+    from bench.harness.job import overhead_line, process_age_s
     log = UseLog()
     log.add(1, {"train_s": 2.0, "eval_s": 0.5, "n_train": 3}, True)
     log.add(2, {"train_s": 9.0, "eval_s": 1.0, "n_train": 3}, False)     # a cache hit costs nothing here

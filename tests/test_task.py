@@ -6,8 +6,8 @@ import json
 import pytest
 from conftest import TASK_KW, one_line
 
-from bench.errors import ConfigError
-from bench.task import SOURCES, local_pref, synthetic_pref
+from bench.core.errors import ConfigError
+from bench.core.task import SOURCES, local_pref, synthetic_pref
 
 
 def _rows(task_split):

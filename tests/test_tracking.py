@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import compare, report
-from bench.errors import ConfigError, fail
+from bench.analysis import report
+from bench.cli import compare
+from bench.cli import report as report_cli
+from bench.core.errors import ConfigError, fail
 from bench.tracking import (ResultsStore, WandbLogger, config_hash, flatten_metrics, git_info,
                             hardware_fingerprint, latest, to_jsonable)
 
@@ -263,10 +265,10 @@ def test_report_table_and_plot(tmp_path, capsys):
     for r in recs:
         store.append(r)
     png = tmp_path / "plot.png"
-    assert report.main(["--results", str(tmp_path), "--plot", str(png)]) == 0
+    assert report_cli.main(["--results", str(tmp_path), "--plot", str(png)]) == 0
     assert "exact" in capsys.readouterr().out and png.stat().st_size > 1000
     with pytest.raises(SystemExit) as exc:
-        report.main(["--results", str(tmp_path / "none")])
+        report_cli.main(["--results", str(tmp_path / "none")])
     assert exc.value.code == 2
 
 
@@ -285,7 +287,7 @@ def test_report_file_with_plots(tmp_path):
     for r in recs:
         store.append(r)
     out = tmp_path / "report.md"
-    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    assert report_cli.main(["--results", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| retrain_shapley | 2 |" in text and "| random | 2 |" in text
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench import shapley
-from bench.errors import ConfigError
-from bench.train import METRICS
+from bench.core import shapley
+from bench.core.errors import ConfigError
+from bench.core.train import METRICS
 from valuers.base import Budget, CostMeter, Valuation
 
 WEIGHTS = ("identity", "size")
@@ -39,7 +39,7 @@ def coalition_weights(n: int, kind: str, sizes=None) -> np.ndarray:
 
 
 def coalition_utilities(base_gap: np.ndarray, margins: np.ndarray, weights: np.ndarray, beta: float) -> dict:
-    """Every metric of bench.train.utility_metrics for all coalitions at once.
+    """Every metric of bench.core.train.utility_metrics for all coalitions at once.
 
     base_gap  [P]     log π_0(y_w|x) − log π_0(y_l|x) per eval pair
     margins   [n, P]  d_i per owner and pair
@@ -86,8 +86,7 @@ class DPOArithmetic:
         expected = game.stage_meta()
         margins = []
         for i, m in enumerate(singles):
-            stage = game.cache.get_tensors("stage", game.key(m))
-            check_compatible(stage.get("meta") if stage else None, expected, i)
+            check_compatible(game.coalition_meta(m), expected, i)
             r = game.record(m)
             margins.append((np.array(r["logp_chosen"]) - b_c) - (np.array(r["logp_rejected"]) - b_r))
         return b_c - b_r, np.stack(margins)
@@ -102,6 +101,6 @@ class DPOArithmetic:
             table = tables[self.metric or game.metric]
             phi = shapley.exact_shapley(table)
             shapley.check_efficiency(phi, table, atol=1e-9)
-        return Valuation(phi, cost=meter.cost(), extras={
-            "weights": self.weights, "metric": self.metric or game.metric, "table": table.tolist(),
+        return Valuation(phi, cost=meter.cost(), table=table, extras={
+            "weights": self.weights, "metric": self.metric or game.metric,
             "banzhaf": shapley.banzhaf(table).tolist(), "loo": shapley.leave_one_out(table).tolist()})

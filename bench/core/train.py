@@ -1,0 +1,272 @@
+"""DPO fine-tuning (TRL + peft) and scoring of preference pairs.
+
+A fine-tune returns a *stage*: the weights it changed, as a plain dict that
+can be saved and re-applied (a LoRA adapter, or the full state dict when
+``lora_r`` is null). ``materialize(base, stages)`` rebuilds a clean model from
+the base and a chain of stages (sequential DPO merges each stage in turn).
+The model object TRL trained is never reused: its ``forward`` is patched.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from bench.core.models import ModelSpec, render_prompt, render_response
+
+
+class FineTuneDiverged(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    beta: float = 0.1
+    lr: float = 5e-4
+    epochs: float = 5
+    batch_size: int = 16
+    max_length: int = 128
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.0         # share of steps with linear lr warm-up, in [0, 1)
+    lora_r: int | None = 8            # null -> full fine-tune
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    score_batch_size: int = 64
+
+    def __post_init__(self):
+        from bench.core.errors import ConfigError
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
+        if self.lr < 0 or self.epochs <= 0 or self.batch_size < 1:
+            raise ConfigError("train.lr >= 0, train.epochs > 0, train.batch_size >= 1 required")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ConfigError(f"train.lora_r: {self.lora_r} must be >= 1, or null for a full fine-tune")
+
+    def key(self) -> dict:
+        d = asdict(self)
+        d.pop("score_batch_size")     # does not change results
+        return d
+
+
+# ------------------------------------------------------------------ stages
+
+def _lora_config(s: TrainSettings):
+    from peft import LoraConfig
+    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                      target_modules=s.lora_targets, task_type="CAUSAL_LM")
+
+
+def clone_model(model):
+    """A fresh copy with the same weights (``deepcopy`` would keep patched forwards)."""
+    new = type(model)(model.config)
+    new.load_state_dict(model.state_dict())
+    new.eval()
+    return new
+
+
+def apply_stage(model, stage: dict):
+    """Return ``model`` with one stage's weights applied (LoRA merged in)."""
+    if stage["kind"] == "full":
+        model.load_state_dict(stage["state"])
+        return model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    peft_model = get_peft_model(model, LoraConfig(**stage["config"]))
+    set_peft_model_state_dict(peft_model, stage["state"])
+    return peft_model.merge_and_unload()
+
+
+def materialize(base_model, stages: list[dict]):
+    model = clone_model(base_model)
+    for st in stages:
+        model = apply_stage(model, st)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- training
+
+def to_dataset(pairs, tok, spec: ModelSpec):
+    from datasets import Dataset
+    return Dataset.from_dict({
+        "prompt": [render_prompt(tok, spec, p.prompt) for p in pairs],
+        "chosen": [render_response(spec, p.chosen) for p in pairs],
+        "rejected": [render_response(spec, p.rejected) for p in pairs],
+    })
+
+
+def quiet_libraries() -> None:
+    """Silence per-load progress bars and notices of the HF stack (a game loads hundreds)."""
+    import datasets
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """TRL/transformers print progress and notices per trainer; a game builds hundreds."""
+    prev = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    loggers = [logging.getLogger(n) for n in ("transformers", "trl", "peft", "accelerate", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        if prev is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = prev
+
+
+def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: int) -> tuple[dict, dict]:
+    """DPO-train from ``start_model`` (which is also the reference) on ``pairs``.
+
+    Returns ``(stage, stats)``: the weights the stage changed and training stats.
+    ``start_model`` is not modified.
+    """
+    from trl import DPOConfig, DPOTrainer
+
+    policy = clone_model(start_model)
+    ref = None
+    if s.lora_r is None:
+        ref = clone_model(start_model)
+    with tempfile.TemporaryDirectory() as out, _quiet():
+        args = DPOConfig(
+            output_dir=out, beta=s.beta, learning_rate=s.lr, num_train_epochs=s.epochs,
+            per_device_train_batch_size=s.batch_size, max_length=s.max_length,
+            weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+            seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False,
+            report_to="none", save_strategy="no",
+            logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
+                             train_dataset=to_dataset(pairs, tok, spec),
+                             peft_config=_lora_config(s) if s.lora_r is not None else None)
+        result = trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        trained = trainer.model
+        if s.lora_r is not None:
+            from peft import get_peft_model_state_dict
+            state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trained).items()}
+            stage = {"kind": "lora", "config": _lora_config_dict(s), "state": state}
+        else:
+            state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+            stage = {"kind": "full", "state": state}
+        del trainer, trained, policy, ref
+    bad = [x for x in losses if not math.isfinite(x)]
+    if bad or not all(torch.isfinite(v).all() for v in stage["state"].values()):
+        what = "loss" if bad else "weights"
+        raise FineTuneDiverged(f"non-finite {what} after {result.global_step} steps (lr={s.lr}); "
+                               f"lower train.lr")
+    stats = {"steps": result.global_step, "final_loss": losses[-1] if losses else None,
+             "first_loss": losses[0] if losses else None}
+    return stage, stats
+
+
+def _lora_config_dict(s: TrainSettings) -> dict:
+    return {"r": s.lora_r, "lora_alpha": s.lora_alpha, "lora_dropout": s.lora_dropout,
+            "target_modules": s.lora_targets, "task_type": "CAUSAL_LM"}
+
+
+# ----------------------------------------------------------------- scoring
+
+def tokenize_pair(tok, spec: ModelSpec, pair) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen completion ids, rejected completion ids) as TRL builds them:
+    the response gets the EOS token and the completion starts where the tokenised
+    prompt and prompt+response diverge."""
+    prompt = render_prompt(tok, spec, pair.prompt)
+    p_ids = tok(prompt)["input_ids"]
+    outs = []
+    for resp in (pair.chosen, pair.rejected):
+        full = tok(prompt + render_response(spec, resp) + tok.eos_token)["input_ids"]
+        outs.append(full)
+    plen = min(_common_prefix(p_ids, outs[0]), _common_prefix(p_ids, outs[1]))
+    return p_ids[:plen], outs[0][plen:], outs[1][plen:]
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """log π(y|x) summed over response tokens (+EOS), fp32, for chosen and rejected.
+
+    Only response positions go through the output layer (a large saving on
+    big vocabularies).
+    """
+    model.eval()
+    seqs, spans = [], []
+    for p in pairs:
+        p_ids, c_ids, r_ids = tokenize_pair(tok, spec, p)
+        for comp in (c_ids, r_ids):
+            seqs.append(p_ids + comp)
+            spans.append((len(p_ids), len(p_ids) + len(comp)))
+    inner = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = np.zeros(len(seqs))
+    order = np.argsort([len(s) for s in seqs])          # length-bucketed batches
+    for b in range(0, len(seqs), batch_size):
+        idx = order[b:b + batch_size]
+        L = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), L), dtype=torch.long)
+        for row, i in enumerate(idx):                    # right padding
+            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask[row, :len(seqs[i])] = 1
+        hidden = inner(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows, pos, tgt = [], [], []
+        for row, i in enumerate(idx):
+            start, end = spans[i]
+            for t in range(start, end):                  # token t is predicted at position t-1
+                rows.append(row); pos.append(t - 1); tgt.append(seqs[i][t])
+        logits = head(hidden[rows, pos]).float()
+        lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tgt)[:, None])[:, 0]
+        sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, torch.tensor(rows), lp.double())
+        out[idx] = sums.numpy()
+    return out[0::2], out[1::2]
+
+
+def utility_metrics(lc, lr, base_lc, base_lr, beta: float) -> dict:
+    """All utilities of one model on the eval pairs (the game picks one by name).
+
+    pref_acc    share of pairs with log π(y_w|x) > log π(y_l|x) (ties 0.5): the default.
+    reward_acc  share with positive implicit reward margin d = [lc-base_lc] - [lr-base_lr].
+    margin      mean β·d (implicit reward margin).
+    bt_loglik   mean log σ(β·d) (Bradley–Terry log-likelihood of the eval preferences).
+    """
+    diff = lc - lr
+    d = (lc - base_lc) - (lr - base_lr)
+    return {
+        "pref_acc": float(np.mean((diff > 0) + 0.5 * (diff == 0))),
+        "reward_acc": float(np.mean((d > 0) + 0.5 * (d == 0))),
+        "margin": float(np.mean(beta * d)),
+        "bt_loglik": float(np.mean(-np.logaddexp(0.0, -beta * d))),
+    }
+
+METRICS = ("pref_acc", "reward_acc", "margin", "bt_loglik")

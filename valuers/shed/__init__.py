@@ -1,0 +1,2 @@
+"""SHED (see valuer.py)."""
+from valuers.shed.valuer import SHED  # noqa: F401
