@@ -46,6 +46,26 @@ def subprocess_env() -> dict:
     return env
 
 
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``dvbench <argv>`` in this process (no interpreter start-up, no re-import of the
+    stack): returns (exit code, stdout, stderr). A few subprocess tests keep proving
+    the real entry point (``python -m bench``)."""
+    import contextlib
+    import io
+
+    from bench.cli import main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv0 = sys.argv[:]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.argv[:] = argv0
+    return code, out.getvalue(), err.getvalue()
+
+
 def code_version() -> str:
     """The hash the cache keys carry; it changes when game.py / train.py / models.py change."""
     from bench.core.game import code_version as cv

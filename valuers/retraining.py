@@ -7,9 +7,12 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from bench.core import shapley
+from bench.core.settings import Settings, setting
 from valuers.base import Budget, CostMeter, Valuation
 
 
@@ -41,6 +44,20 @@ class LeaveOneOut:
         return Valuation(np.array([t[full] - t[full & ~(1 << i)] for i in range(game.n)]), cost=meter.cost())
 
 
+@dataclass(frozen=True)
+class MCShapleySettings(Settings):
+    prefix = "valuer_args.mc_shapley"
+    max_permutations: int = setting(50, "permutations at most", min=1)
+    min_permutations: int = setting(4, "permutations before the stopping rule may fire", min=1)
+    tol: float | None = setting(0.02, "stop when the running mean moves by <= tol x its mean |value| "
+                                      "between checks; null = run max_permutations", min=0, min_exclusive=True)
+    truncation_tol: float | None = setting(None, "skip the rest of a permutation once within this share "
+                                                 "of |v(N)|; null = no truncation", min=0)
+    max_fine_tunes: int | None = setting(None, "distinct coalitions at most (the run's budget may be lower)",
+                                         min=1)
+    seed: int = setting(0, "permutation seed (combined with the game's seed)")
+
+
 class MCShapley:
     """Permutation Monte Carlo Shapley.
 
@@ -49,13 +66,12 @@ class MCShapley:
     (``tol``). Stopped by the budget mid-permutation, it keeps the complete ones.
     """
 
-    def __init__(self, name: str = "mc_shapley", max_permutations: int = 50, min_permutations: int = 4,
-                 tol: float | None = 0.02, truncation_tol: float | None = None,
-                 max_fine_tunes: int | None = None, seed: int = 0):
-        self.name, self.seed = name, seed
-        self.kw = dict(max_permutations=max_permutations, min_permutations=min_permutations, tol=tol,
-                       truncation_tol=truncation_tol)
-        self.max_fine_tunes = max_fine_tunes
+    def __init__(self, name: str = "mc_shapley", **settings):
+        self.name = name
+        self.settings = s = MCShapleySettings.of(settings, prefix=f"valuer_args.{name}")
+        self.seed, self.max_fine_tunes = s.seed, s.max_fine_tunes
+        self.kw = dict(max_permutations=s.max_permutations, min_permutations=s.min_permutations, tol=s.tol,
+                       truncation_tol=s.truncation_tol)
 
     def value(self, game, budget: Budget) -> Valuation:
         meter = CostMeter(game)
