@@ -171,6 +171,10 @@ def test_bad_settings_are_refused():
         DPOArithmeticGeneration(reward_axis="honest")
     with pytest.raises(ConfigError, match="top_p"):
         DPOArithmeticGeneration(top_p=0)
+    with pytest.raises(ConfigError, match=r"^valuer_args\.dpo_arithmetic_gen\.reweight: true needs n_samples"):
+        DPOArithmeticGeneration(reweight=True)
+    with pytest.raises(ConfigError, match=r"^valuer_args\.dpo_arithmetic_gen\.n_prompts: '3' is not an integer"):
+        DPOArithmeticGeneration(n_prompts="3")
 
 
 def test_config_builds_the_valuer():

@@ -64,9 +64,11 @@ def test_fine_tune_cap_stops_after_a_permutation():
 
 @pytest.mark.parametrize("kw, field", [({"max_permutations": 0}, "max_permutations"),
                                        ({"truncation_tol": 1.5}, "truncation_tol"),
-                                       ({"max_fine_tunes": 0}, "max_fine_tunes")])
+                                       ({"truncation_tol": 1.0}, "truncation_tol"),
+                                       ({"max_fine_tunes": 0}, "max_fine_tunes"),
+                                       ({"seed": 1.5}, "seed"), ({"permutations": 3}, "permutations")])
 def test_bad_settings(kw, field):
-    with pytest.raises(ConfigError, match=f"valuer.{field}"):
+    with pytest.raises(ConfigError, match=rf"^valuer_args\.point_mc_shapley\.{field}: "):
         PointMCShapley(**kw)
 
 

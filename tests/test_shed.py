@@ -306,10 +306,12 @@ def test_valuer_is_seeded(tmp_path, fake_embed):
 # ------------------------------------------------------------------ errors
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(group_size=0), "valuer.group_size"), (dict(passes=0), "valuer.passes"),
-    (dict(n_clusters=0), "valuer.n_clusters"), (dict(method="nope"), "valuer.method"),
-    (dict(method="exact", n_clusters=20), "valuer.n_clusters"), (dict(drop_share="half"), "valuer.drop_share"),
-    (dict(n_init=0), "valuer.n_init"),
+    (dict(group_size=0), "valuer_args.shed.group_size"), (dict(passes=0), "valuer_args.shed.passes"),
+    (dict(n_clusters=0), "valuer_args.shed.n_clusters"), (dict(method="nope"), "valuer_args.shed.method"),
+    (dict(method="exact", n_clusters=20), "valuer_args.shed.n_clusters"),
+    (dict(drop_share="half"), "valuer_args.shed.drop_share"), (dict(n_init=0), "valuer_args.shed.n_init"),
+    (dict(n_clusters="10"), "valuer_args.shed.n_clusters"), (dict(metric="nope"), "valuer_args.shed.metric"),
+    (dict(clusters=3), "valuer_args.shed.clusters: unknown setting"),
 ])
 def test_bad_settings_are_one_line_config_errors(kwargs, field):
     with pytest.raises(ConfigError) as e:
@@ -321,11 +323,11 @@ def test_too_many_clusters(tmp_path, fake_embed):
     game, _ = _fake_setup(tmp_path, fake_embed, [0.1] * 5)
     with pytest.raises(ConfigError) as e:
         SHED(n_clusters=16).value(game, Budget())
-    assert one_line(str(e.value)) and str(e.value).startswith("valuer.n_clusters") and "15" in str(e.value)
+    assert one_line(str(e.value)) and str(e.value).startswith("valuer_args.shed.n_clusters") and "15" in str(e.value)
     x = np.repeat(np.eye(3), 2, axis=0)                             # 6 examples, 3 distinct
     with pytest.raises(ConfigError, match="valuer.n_clusters.*distinct"):
         cluster(x, 4)
-    with pytest.raises(ConfigError, match="valuer.group_size"):
+    with pytest.raises(ConfigError, match="valuer_args.shed.group_size"):
         group_removal_shapley(lambda c: np.zeros(len(c)), 3, 0, 1, np.random.default_rng(0))
 
 

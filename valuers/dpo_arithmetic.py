@@ -16,10 +16,13 @@ they are shared with the retraining valuers and never retrained on a rerun.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from bench.core import shapley
 from bench.core.errors import ConfigError
+from bench.core.settings import Settings, setting
 from bench.core.train import METRICS
 from valuers.base import Budget, CostMeter, Valuation
 
@@ -35,7 +38,7 @@ def coalition_weights(n: int, kind: str, sizes=None) -> np.ndarray:
         w = member * np.asarray(sizes, dtype=np.float64)[None, :]
         tot = w.sum(1, keepdims=True)
         return np.divide(w, tot, out=np.zeros_like(w), where=tot > 0)
-    raise ConfigError(f"valuer.weights: unknown {kind!r}; choose one of {list(WEIGHTS)}")
+    raise ConfigError(f"valuer_args.dpo_arithmetic.weights: unknown {kind!r}; choose one of {list(WEIGHTS)}")
 
 
 def coalition_utilities(base_gap: np.ndarray, margins: np.ndarray, weights: np.ndarray, beta: float) -> dict:
@@ -68,13 +71,20 @@ def check_compatible(meta: dict | None, expected: dict, owner: int) -> None:
                               f"adapters must share the game's beta, base model and tokenizer")
 
 
+@dataclass(frozen=True)
+class DPOArithmeticSettings(Settings):
+    prefix = "valuer_args.dpo_arithmetic"
+    weights: str = setting("identity", "identity (w_i = 1, the sequential-DPO identity) | size "
+                                       "(w_i = |D_i|/|D_S|, a union-game proxy)", choices=WEIGHTS)
+    metric: str | None = setting(None, "utility metric of the coalition table; null = the game's metric",
+                                 choices=METRICS)
+
+
 class DPOArithmetic:
-    def __init__(self, name: str = "dpo_arithmetic", weights: str = "identity", metric: str | None = None):
-        if weights not in WEIGHTS:
-            raise ConfigError(f"valuer.weights: unknown {weights!r}; choose one of {list(WEIGHTS)}")
-        if metric is not None and metric not in METRICS:
-            raise ConfigError(f"valuer.metric: unknown {metric!r}; choose one of {list(METRICS)}")
-        self.name, self.weights, self.metric = name, weights, metric
+    def __init__(self, name: str = "dpo_arithmetic", **settings):
+        self.name = name
+        self.settings = s = DPOArithmeticSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.weights, self.metric = s.weights, s.metric
 
     def owner_margins(self, game) -> tuple[np.ndarray, np.ndarray]:
         """(base gap [P], owner margins [n, P]) from the n single-owner fine-tunes

@@ -17,24 +17,35 @@ each permutation (the last one may overshoot it by < N).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from bench.core import shapley
-from bench.core.errors import ConfigError
+from bench.core.settings import Settings, setting
 from valuers.base import Budget, CostMeter, Step, Valuation, owner_sums
 
 
+@dataclass(frozen=True)
+class PointMCSettings(Settings):
+    prefix = "valuer_args.point_mc_shapley"
+    max_permutations: int = setting(4, "permutations of the training examples; each costs up to N fine-tunes",
+                                    min=1)
+    truncation_tol: float | None = setting(0.05, "stop a permutation once its prefix is within this share of "
+                                                 "the gain |v(all) - v(empty)|; null = walk every prefix",
+                                           min=0, max=1, max_exclusive=True)
+    max_fine_tunes: int | None = setting(None, "distinct fine-tunes at most, checked after each permutation "
+                                               "(the run's budget may be lower); null = no cap", min=1)
+    seed: int = setting(0, "permutation seed (combined with the game's seed)", min=0)
+
+
 class PointMCShapley:
-    def __init__(self, name: str = "point_mc_shapley", max_permutations: int = 4, truncation_tol: float | None = 0.05,
-                 max_fine_tunes: int | None = None, seed: int = 0):
-        if max_permutations < 1:
-            raise ConfigError(f"valuer.max_permutations: {max_permutations}; use >= 1")
-        if truncation_tol is not None and not 0 <= truncation_tol < 1:
-            raise ConfigError(f"valuer.truncation_tol: {truncation_tol}; use a share in [0, 1) or null (off)")
-        if max_fine_tunes is not None and max_fine_tunes < 1:
-            raise ConfigError(f"valuer.max_fine_tunes: {max_fine_tunes}; use >= 1 or null (no cap)")
-        self.name, self.seed = name, seed
-        self.max_permutations, self.truncation_tol, self.max_fine_tunes = max_permutations, truncation_tol, max_fine_tunes
+    def __init__(self, name: str = "point_mc_shapley", **settings):
+        self.name = name
+        self.settings = s = PointMCSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.seed = s.seed
+        self.max_permutations, self.truncation_tol, self.max_fine_tunes = s.max_permutations, s.truncation_tol, \
+            s.max_fine_tunes
 
     def value(self, game, budget: Budget) -> Valuation:
         meter = CostMeter(game)

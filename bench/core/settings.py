@@ -28,10 +28,12 @@ from dataclasses import MISSING, dataclass, field, fields
 from bench.core.errors import ConfigError
 
 
-def setting(default, help: str, *, min=None, max=None, choices=None, min_exclusive: bool = False):
-    """A settings field: its default, a one-line help text, optional bounds and choices."""
+def setting(default, help: str, *, min=None, max=None, choices=None, min_exclusive: bool = False,
+            max_exclusive: bool = False):
+    """A settings field: its default, a one-line help text, optional bounds and choices.
+    Bounds and choices apply to the value, or to each element of a ``list[...]`` field."""
     meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None,
-            "min_exclusive": min_exclusive}
+            "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -45,6 +47,14 @@ def _kinds(annotation) -> tuple[tuple[type, ...], bool]:
         kinds = tuple(a for a in args if a is not type(None))
         return tuple(typing.get_origin(k) or k for k in kinds), type(None) in args
     return (origin or annotation,), False
+
+
+def _element(annotation):
+    """X of a ``list[X]`` (or ``list[X] | None``) annotation, else None."""
+    for a in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(a) is list and typing.get_args(a):
+            return typing.get_args(a)[0]
+    return None
 
 
 def _type_ok(value, kinds: tuple) -> bool:
@@ -73,9 +83,10 @@ class Settings:
         kwargs = dict(kwargs or {})
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
-        where = prefix or cls.prefix
+        where = cls.prefix if prefix is None else prefix
         if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {unknown}; choose from {names}")
+            keys = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+            raise ConfigError(f"{keys}: unknown setting; choose from {names}")
         token = _PREFIX.set(where)
         try:
             return cls(**kwargs)
@@ -84,7 +95,12 @@ class Settings:
 
     @property
     def _where(self) -> str:
-        return _PREFIX.get() or self.prefix
+        where = _PREFIX.get()
+        return self.prefix if where is None else where
+
+    def _name(self, field_name: str) -> str:
+        """How the user writes a field: ``<prefix>.<field>`` (just ``<field>`` at the top level)."""
+        return f"{self._where}.{field_name}" if self._where else field_name
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -94,7 +110,7 @@ class Settings:
 
     def _check_field(self, f, annotation, value) -> None:
         kinds, nullable = _kinds(annotation)
-        name, meta = f"{self._where}.{f.name}", f.metadata
+        name, meta = self._name(f.name), f.metadata
         if value is None:
             if not nullable:
                 raise ConfigError(f"{name}: null is not allowed; set a value (default {self._default(f)!r})")
@@ -102,14 +118,33 @@ class Settings:
         if not _type_ok(value, kinds):
             want = " or ".join(_NAMES.get(k, k.__name__) for k in kinds) + (" or null" if nullable else "")
             raise ConfigError(f"{name}: {value!r} is not {want}")
+        elem = _element(annotation)
+        if elem is not None and isinstance(value, list):
+            for i, v in enumerate(value):
+                self._check_value(f"{name}[{i}]", v, elem, meta, False)
+            return
+        self._check_value(name, value, annotation, meta, nullable)
+
+    def _check_value(self, name: str, value, annotation, meta, nullable: bool) -> None:
+        """Type (of a list element; nested lists too), choices and bounds of one value."""
+        kinds, _ = _kinds(annotation)
+        if not _type_ok(value, kinds):
+            raise ConfigError(f"{name}: {value!r} is not " + " or ".join(_NAMES.get(k, k.__name__) for k in kinds))
+        elem = _element(annotation)
+        if elem is not None:
+            for i, v in enumerate(value):
+                self._check_value(f"{name}[{i}]", v, elem, {}, False)
+            return
+        null = " (or null)" if nullable else ""
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"{name}: unknown {value!r}; choose one of {list(meta['choices'])}")
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
             rel = ">" if meta.get("min_exclusive") else ">="
-            raise ConfigError(f"{name}: {value!r}; use a value {rel} {lo}" + (" (or null)" if nullable else ""))
-        if hi is not None and value > hi:
-            raise ConfigError(f"{name}: {value!r}; use a value <= {hi}")
+            raise ConfigError(f"{name}: {value!r}; use a value {rel} {lo}{null}")
+        if hi is not None and (value > hi or (meta.get("max_exclusive") and value == hi)):
+            rel = "<" if meta.get("max_exclusive") else "<="
+            raise ConfigError(f"{name}: {value!r}; use a value {rel} {hi}{null}")
 
     @staticmethod
     def _default(f):
@@ -119,7 +154,7 @@ class Settings:
         """Cross-field checks of a subclass (raise ``self.error(field, text)``)."""
 
     def error(self, field_name: str, text: str) -> ConfigError:
-        return ConfigError(f"{self._where}.{field_name}: {text}")
+        return ConfigError(f"{self._name(field_name)}: {text}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

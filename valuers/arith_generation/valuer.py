@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ import torch
 from bench.core import shapley
 from bench.core.errors import ConfigError
 from bench.core.models import render_prompt
+from bench.core.settings import Settings, setting
 from valuers.arith_generation.rewards import AXES, reward
 from valuers.base import Budget, CostMeter, Valuation
 from valuers.dpo_arithmetic import check_compatible
@@ -51,7 +53,7 @@ def select_prompts(pairs, n_prompts: int, seed: int = 0) -> list:
     """``n_prompts`` pairs, stratified by source: each source's pairs in a seeded
     order, then round-robin over sources (in order of first appearance)."""
     if n_prompts < 1:
-        raise ConfigError(f"valuer.n_prompts: {n_prompts} must be >= 1")
+        raise ConfigError(f"valuer_args.dpo_arithmetic_gen.n_prompts: {n_prompts}; use a value >= 1")
     groups: dict[str, list] = {}
     for p in pairs:
         groups.setdefault(p.source, []).append(p)
@@ -228,23 +230,37 @@ def _logw_stats(logw: np.ndarray, groups: np.ndarray) -> dict:
 
 # ------------------------------------------------------------------ valuer
 
+@dataclass(frozen=True)
+class GenerationSettings(Settings):
+    prefix = "valuer_args.dpo_arithmetic_gen"
+    n_prompts: int = setting(20, "eval prompts, stratified by source, chosen by `seed`", min=1)
+    max_new_tokens: int = setting(16, "tokens generated per sample at most", min=1)
+    temperature: float = setting(1.0, "sampling temperature on the combined log-probs; 0 = greedy (argmax of z)",
+                                 min=0)
+    top_p: float = setting(1.0, "nucleus (top-p) filter of the sampler, in (0, 1]; 1 = off", min=0,
+                           min_exclusive=True, max=1)
+    n_samples: int = setting(1, "samples per prompt", min=1)
+    seed: int = setting(0, "prompt choice and each coalition's sampling stream", min=0)
+    reward_axis: str = setting("sum", "the reward axis reported as owner_values: helpful | harmless | sum",
+                               choices=REWARD_AXES)
+    reweight: bool = setting(False, "self-normalised importance weights per prompt (needs n_samples > 1)")
+    batch_size: int | None = setting(None, "rows per generation batch; null = all prompts at once", min=1)
+    n_examples: int = setting(3, "generated texts kept in extras per reported coalition", min=0)
+
+    def check(self) -> None:
+        if self.reweight and self.n_samples < 2:
+            raise self.error("reweight", "true needs n_samples >= 2 (self-normalising one sample per prompt "
+                                         "is a no-op); raise n_samples or set reweight=false")
+
+
 class DPOArithmeticGeneration:
-    def __init__(self, name: str = "dpo_arithmetic_gen", n_prompts: int = 20, max_new_tokens: int = 16,
-                 temperature: float = 1.0, top_p: float = 1.0, n_samples: int = 1, seed: int = 0,
-                 reward_axis: str = "sum", reweight: bool = False, batch_size: int | None = None,
-                 n_examples: int = 3):
-        if reward_axis not in REWARD_AXES:
-            raise ConfigError(f"valuer.reward_axis: unknown {reward_axis!r}; choose one of {list(REWARD_AXES)}")
-        if n_prompts < 1 or max_new_tokens < 1 or n_samples < 1:
-            raise ConfigError("valuer.n_prompts, max_new_tokens and n_samples must be >= 1")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ConfigError("valuer.temperature must be >= 0 (0 = greedy) and valuer.top_p in (0, 1]")
-        if batch_size is not None and batch_size < 1:
-            raise ConfigError("valuer.batch_size must be >= 1 or null (all prompts in one batch)")
-        self.name, self.n_prompts, self.max_new_tokens = name, n_prompts, max_new_tokens
-        self.temperature, self.top_p, self.n_samples, self.seed = temperature, top_p, n_samples, seed
-        self.reward_axis, self.reweight, self.batch_size = reward_axis, reweight, batch_size
-        self.n_examples = n_examples
+    def __init__(self, name: str = "dpo_arithmetic_gen", **settings):
+        self.name = name
+        self.settings = s = GenerationSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.n_prompts, self.max_new_tokens = s.n_prompts, s.max_new_tokens
+        self.temperature, self.top_p, self.n_samples, self.seed = s.temperature, s.top_p, s.n_samples, s.seed
+        self.reward_axis, self.reweight, self.batch_size = s.reward_axis, s.reweight, s.batch_size
+        self.n_examples = s.n_examples
 
     # -- pieces, usable on their own
     def owner_models(self, game) -> list:

@@ -36,6 +36,7 @@ import numpy as np
 from bench.core import shapley
 from bench.core.embed import Clustering, check_n_clusters, cluster  # noqa: F401 (SHED's stage 1)
 from bench.core.errors import ConfigError
+from bench.core.settings import Settings, setting
 from bench.core.selection import qocs, qwcs, softmax_weights, target_count  # noqa: F401 (SHED's stage 3)
 from valuers.base import Budget, CostMeter, Step, Valuation, owner_sums
 
@@ -66,12 +67,14 @@ def removal_groups(n: int, g: int, rng: np.random.Generator) -> list[Coalition]:
 
 
 def _check_removal_args(g: int, passes: int, drop_share: str) -> None:
+    """The removal arguments of ``group_removal_shapley`` called on its own (the valuer's
+    are checked by ``ShedSettings``)."""
     if g < 1:
-        raise ConfigError(f"valuer.group_size: {g} must be >= 1")
+        raise ConfigError(f"valuer_args.shed.group_size: {g}; use a value >= 1")
     if passes < 1:
-        raise ConfigError(f"valuer.passes: {passes} must be >= 1")
+        raise ConfigError(f"valuer_args.shed.passes: {passes}; use a value >= 1")
     if drop_share not in DROP_SHARES:
-        raise ConfigError(f"valuer.drop_share: unknown {drop_share!r}; choose one of {list(DROP_SHARES)}")
+        raise ConfigError(f"valuer_args.shed.drop_share: unknown {drop_share!r}; choose one of {list(DROP_SHARES)}")
 
 
 def group_removal_shapley(utilities: Callable[[list[Coalition]], Sequence[float]], n: int, g: int,
@@ -116,8 +119,8 @@ def group_removal_shapley(utilities: Callable[[list[Coalition]], Sequence[float]
 def exact_proxy_shapley(utilities: Callable[[list[Coalition]], Sequence[float]], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact Shapley over all 2^n coalitions of proxies; returns (values, table)."""
     if n > MAX_EXACT_CLUSTERS:
-        raise ConfigError(f"valuer.n_clusters: {n} is too many for method=exact (2^{n} fine-tunes); "
-                          f"use <= {MAX_EXACT_CLUSTERS} or valuer.method=removal")
+        raise ConfigError(f"valuer_args.shed.n_clusters: {n} is too many for method=exact (2^{n} fine-tunes); "
+                          f"use <= {MAX_EXACT_CLUSTERS} or valuer_args.shed.method=removal")
     coalitions = [shapley.members(m, n) for m in range(1 << n)]
     table = np.asarray(utilities(coalitions), dtype=float)
     phi = shapley.exact_shapley(table)
@@ -127,35 +130,51 @@ def exact_proxy_shapley(utilities: Callable[[list[Coalition]], Sequence[float]],
 
 # ------------------------------------------------------------------ the valuer
 
+def _metrics() -> tuple:
+    from bench.core.train import METRICS
+    return tuple(METRICS)
+
+
+@dataclass(frozen=True)
+class ShedSettings(Settings):
+    prefix = "valuer_args.shed"
+    n_clusters: int = setting(10, "C, the number of K-means clusters; at most the number of (distinct) "
+                                  "training examples", min=1)
+    method: str = setting("removal", "removal: k passes of random group removal | exact: all 2^C proxy "
+                                     f"subsets (C <= {MAX_EXACT_CLUSTERS})", choices=METHODS)
+    group_size: int = setting(1, "g; removal cost = passes x ceil(C / g) utilities (the empty set is the "
+                                 "base model)", min=1)
+    passes: int = setting(5, "k, removal passes", min=1)
+    drop_share: str = setting("full", "full: each removed member gets the whole drop (paper) | split: the drop "
+                                      "divided by the group's size", choices=DROP_SHARES)
+    seed: int = setting(0, "K-means seed (and, with the game's seed, the removal order)", min=0)
+    n_init: int = setting(10, "K-means restarts (fixed, so clusters are reproducible)", min=1)
+    embed_batch_size: int = setting(64, "examples per embedding batch", min=1)
+    metric: str | None = setting(None, "utility metric of the proxy game; null = the game's metric",
+                                 choices=_metrics())
+
+    def check(self) -> None:
+        if self.method == "exact" and self.n_clusters > MAX_EXACT_CLUSTERS:
+            raise self.error("n_clusters", f"{self.n_clusters} is too many for method=exact (2^{self.n_clusters} "
+                                           f"fine-tunes); use <= {MAX_EXACT_CLUSTERS} or method=removal")
+
+
 class SHED:
     """Cluster-proxy Shapley (see module docstring). ``metric`` null = the game's metric."""
 
-    def __init__(self, name: str = "shed", n_clusters: int = 10, method: str = "removal", group_size: int = 1,
-                 passes: int = 5, drop_share: str = "full", seed: int = 0, n_init: int = 10,
-                 embed_batch_size: int = 64, metric: str | None = None):
-        if method not in METHODS:
-            raise ConfigError(f"valuer.method: unknown {method!r}; choose one of {list(METHODS)}")
-        if n_clusters < 1:
-            raise ConfigError(f"valuer.n_clusters: {n_clusters} must be >= 1")
-        if method == "exact" and n_clusters > MAX_EXACT_CLUSTERS:
-            raise ConfigError(f"valuer.n_clusters: {n_clusters} is too many for method=exact (2^{n_clusters} "
-                              f"fine-tunes); use <= {MAX_EXACT_CLUSTERS} or valuer.method=removal")
-        _check_removal_args(group_size, passes, drop_share)
-        if n_init < 1:
-            raise ConfigError(f"valuer.n_init: {n_init} must be >= 1")
-        self.name, self.n_clusters, self.method = name, int(n_clusters), method
-        self.group_size, self.passes, self.drop_share = int(group_size), int(passes), drop_share
-        self.seed, self.n_init, self.embed_batch_size, self.metric = int(seed), int(n_init), embed_batch_size, metric
+    def __init__(self, name: str = "shed", **settings):
+        self.name = name
+        self.settings = s = ShedSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.n_clusters, self.method = s.n_clusters, s.method
+        self.group_size, self.passes, self.drop_share = s.group_size, s.passes, s.drop_share
+        self.seed, self.n_init, self.embed_batch_size, self.metric = s.seed, s.n_init, s.embed_batch_size, s.metric
 
     def check(self, game) -> None:
         """Settings that depend on the game, checked by the harness before any training."""
         n = len(game.flat_pairs())
         if self.n_clusters > n:
-            raise ConfigError(f"valuer.n_clusters: {self.n_clusters} exceeds the {n} training examples; "
-                              f"set valuer.n_clusters <= {n}")
-        from bench.core.train import METRICS
-        if self.metric is not None and self.metric not in METRICS:
-            raise ConfigError(f"valuer.metric: unknown {self.metric!r}; choose one of {list(METRICS)}")
+            raise ConfigError(f"valuer_args.{self.name}.n_clusters: {self.n_clusters} exceeds the {n} training "
+                              f"examples; set +valuer_args.{self.name}.n_clusters=<at most {n}>")
 
     # -- stage 1 (no training; also used by bench.core.selection)
     def clusters(self, game, meter: CostMeter | None = None) -> tuple[Clustering, dict]:
@@ -172,10 +191,7 @@ class SHED:
         return cl, info
 
     def value(self, game, budget: Budget) -> Valuation:
-        from bench.core.train import METRICS
         metric = self.metric or game.metric
-        if metric not in METRICS:
-            raise ConfigError(f"valuer.metric: unknown {metric!r}; choose one of {list(METRICS)}")
         meter = CostMeter(game)
         cl, emb_info = self.clusters(game, meter)
         pairs = game.flat_pairs()
