@@ -11,10 +11,14 @@ from test_logra import _inject_game, _lora_model, _pairs, _perturbed
 
 from bench.core.errors import ConfigError
 from bench.core.train import clone_model
-from valuers.base import Budget
-from valuers.influence_naive import NaiveInfluence, dense_projection, per_example_gradients
-from valuers.logra import (Subject, collate, encode_pairs, example_losses, influence_scores, precondition,
-                           reference_logps, row_logps, unwrap, watched_layers)
+from valuers.base import Budget, BudgetExhausted
+from valuers.influence.data import collate, encode_pairs, example_losses, row_logps, unwrap
+from valuers.influence.layers import watched_layers
+from valuers.influence.per_example import per_example_gradients
+from valuers.influence.projection import dense_projection
+from valuers.influence.solve import influence_scores, precondition
+from valuers.influence.subject import Subject, reference_logps
+from valuers.influence_naive import NaiveInfluence
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -95,9 +99,26 @@ def test_projected_naive_approaches_exact(game):
     assert not np.allclose(one_block.point_values, exact.point_values)
 
 
+def test_time_budget_is_checked_between_gradient_batches(game, monkeypatch):
+    """Budget(max_seconds) running out between per-example gradient batches stops the valuer."""
+    budget = Budget(max_seconds=600)
+    with game.metered(budget) as log:
+        real, seen = game.check_budget, []
+
+        def clock_jumps():          # an hour passes at the second batch (the reference pass is one)
+            seen.append(1)
+            if len(seen) == 2:
+                log.t0 -= 3600
+            real()
+        monkeypatch.setattr(game, "check_budget", clock_jumps)
+        with pytest.raises(BudgetExhausted, match="max_seconds=600"):
+            NaiveInfluence(batch_size=4).value(game, budget)
+    assert len(seen) == 2
+
+
 @pytest.mark.parametrize("kw, field", [(dict(hessian="diag"), "hessian"), (dict(proj_dim=0), "proj_dim"),
                                        (dict(train_loss="x"), "train_loss"), (dict(damping_scale=-1), "damping")])
 def test_bad_settings_are_one_line(kw, field):
     with pytest.raises(ConfigError) as e:
         NaiveInfluence(**kw)
-    assert one_line(str(e.value)) and f"valuer.{field}" in str(e.value)
+    assert one_line(str(e.value)) and f"valuer_args.influence_naive.{field}" in str(e.value)

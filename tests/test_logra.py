@@ -24,11 +24,16 @@ from bench.core.errors import ConfigError
 from bench.core.game import Game
 from bench.core.task import Pair
 from bench.core.train import _lora_config_dict, clone_model, materialize, sequence_logps
-from valuers.base import Budget
-from valuers.influence_naive import NaiveInfluence, per_example_gradients
-from valuers.logra import (GradientLogger, LoGra, Subject, collate, encode_pairs, estimate_covariances,
-                           eigen_projections, influence_scores, iter_projected, load_finetuned,
-                           projection_shapes, random_projections, reference_logps, watched_layers)
+from valuers.base import Budget, BudgetExhausted
+from valuers.influence.data import collate, encode_pairs
+from valuers.influence.hooks import GradientLogger, estimate_covariances, iter_projected
+from valuers.influence.layers import watched_layers
+from valuers.influence.per_example import per_example_gradients
+from valuers.influence.projection import eigen_projections, projection_shapes, random_projections
+from valuers.influence.solve import influence_scores
+from valuers.influence.subject import Subject, load_subject, reference_logps
+from valuers.influence_naive import NaiveInfluence
+from valuers.logra import LoGra
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -254,7 +259,7 @@ def test_valuer_matches_naive_reference_on_a_game(game):
 @pytest.mark.parametrize("game", ["lora"], indirect=True)
 def test_lora_model_is_rebuilt_unmerged(game):
     """The peft model the valuer watches gives the game's (merged) model's log-probs."""
-    s = load_finetuned(game)
+    s = load_subject(game)
     assert s.kind == "lora" and hasattr(s.model, "disable_adapter")
     base, tok = game.base()
     merged = materialize(base, game.stages((1 << game.n) - 1))
@@ -280,7 +285,7 @@ def test_sequential_lora_chain_watches_the_last_stage(tmp_path, session_cache, t
         game.cache.put_tensors("stage", game.key(mask), {"kind": "lora", "config": _lora_config_dict(LORA_TRAIN),
                                                          "state": state, "train_s": 0.0, "stats": {},
                                                          "meta": game.stage_meta()})
-    s = load_finetuned(game)
+    s = load_subject(game)
     chain = game.stages(0b111)
     assert len(chain) == 3 and s.kind == "lora" and s.ref_model is not None      # reference = the base π0
     _, tok = game.base()
@@ -338,6 +343,42 @@ def test_sft_loss_and_eigen_projection_run(game):
     assert v.extras["train_loss"] == "sft" and "eigen" in v.cost.phases
 
 
+def test_spent_time_budget_stops_logra(game, tmp_path):
+    """Budget(max_seconds) is honoured: the harness's metered block + value raise BudgetExhausted."""
+    budget = Budget(max_seconds=1e-6)
+    with game.metered(budget):
+        with pytest.raises(BudgetExhausted, match="max_seconds"):
+            LoGra(k_in=4, k_out=4, logs_dir=str(tmp_path / "logs")).value(game, budget)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_time_budget_is_checked_between_gradient_batches(game, tmp_path, monkeypatch):
+    """The game's budget check runs batch by batch through every gradient pass; time
+    running out mid-logging stops LoGra there and leaves no half-written logs."""
+    n, bs = sum(game.owner_sizes), 2
+    calls = []
+    monkeypatch.setattr(game, "check_budget", lambda: calls.append(1))
+    v = LoGra(k_in=4, k_out=4, batch_size=bs, logs_dir=str(tmp_path / "counted")).value(game, Budget())
+    n_batches = -(-n // bs) + -(-len(game.eval) // bs)              # train logging + query
+    assert len(calls) >= n_batches + v.extras["n_layers"], (len(calls), n_batches)
+    monkeypatch.undo()
+
+    budget = Budget(max_seconds=600)
+    with game.metered(budget) as log:
+        real, seen = game.check_budget, []
+
+        def clock_jumps():          # an hour passes at the third batch (inside the train logging)
+            seen.append(1)
+            if len(seen) == 3:
+                log.t0 -= 3600
+            real()
+        monkeypatch.setattr(game, "check_budget", clock_jumps)
+        with pytest.raises(BudgetExhausted, match="max_seconds=600"):
+            LoGra(k_in=4, k_out=4, batch_size=bs, logs_dir=str(tmp_path / "stopped")).value(game, budget)
+    assert len(seen) == 3
+    assert not (tmp_path / "stopped").exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 # ------------------------------------------------------------------ bad input
 
 def test_model_without_trainable_linear_layer(tiny_base):
@@ -364,11 +405,23 @@ def test_k_larger_than_layer_width(tiny_base):
 @pytest.mark.parametrize("kw, field", [(dict(projection="pca"), "projection"), (dict(train_loss="ce"), "train_loss"),
                                        (dict(k_in=0), "k_in"), (dict(k_out=2.5), "k_out"),
                                        (dict(damping_scale=0), "damping_scale"), (dict(dtype="half"), "dtype"),
-                                       (dict(batch_size=0), "batch_size")])
+                                       (dict(batch_size=0), "batch_size"), (dict(device="gpu"), "device"),
+                                       (dict(layers="attn("), "layers"), (dict(clip_k="yes"), "clip_k")])
 def test_bad_settings_are_one_line(kw, field):
     with pytest.raises(ConfigError) as e:
         LoGra(**kw)
-    assert one_line(str(e.value)) and f"valuer.{field}" in str(e.value)
+    assert one_line(str(e.value)) and f"valuer_args.logra.{field}" in str(e.value)
+
+
+def test_settings_are_named_as_written():
+    """Errors name the setting under the valuer's own name; unknown keys are refused by name."""
+    with pytest.raises(ConfigError, match=r"^valuer_args\.logra_k8\.k_in: "):
+        LoGra(name="logra_k8", k_in=0)
+    with pytest.raises(ConfigError, match=r"valuer_args\.logra\b.*unknown setting") as e:
+        LoGra(k=8)
+    assert "'k'" in str(e.value) or "logra.k:" in str(e.value)
+    s = LoGra(k_in=None, damping_scale=1).settings
+    assert s.k_in is None and s.damping_scale == 1 and s.k_out == 16 and s.projection == "random"
 
 
 # ------------------------------------------------------------------ LDS plumbing

@@ -49,7 +49,9 @@ def build_workload(cfg: dict):
     from bench.core.models import ModelSpec, load_base
     from bench.core.task import synthetic_pref
     from bench.core.train import clone_model, quiet_libraries
-    from valuers.logra import Subject, encode_pairs, reference_logps, watched_layers
+    from valuers.influence.data import encode_pairs
+    from valuers.influence.layers import watched_layers
+    from valuers.influence.subject import Subject, reference_logps
     quiet_libraries()
     if cfg["model"] == "tiny":
         spec = ModelSpec(**cfg.get("spec", {}))
@@ -96,8 +98,9 @@ def _stack(n: int, batches):
 def make_pass(method: str, subject, layers, ex, ref, cfg: dict):
     """A function running one pass of ``method`` over all examples."""
     import torch
-    from valuers.logra import (GradientLogger, batches, collate, example_losses, iter_projected,
-                               projection_shapes, random_projections, row_logps)
+    from valuers.influence.data import batches, collate, example_losses, row_logps
+    from valuers.influence.hooks import GradientLogger, iter_projected
+    from valuers.influence.projection import dense_projections, projection_shapes, random_projections
     bs, k = cfg["batch_size"], cfg["k"]
     if method == "logra":
         proj = random_projections(projection_shapes(layers, k, k, clip=True), seed=0)
@@ -109,11 +112,8 @@ def make_pass(method: str, subject, layers, ex, ref, cfg: dict):
                                         for idx, g, _ in iter_projected(subject, lg, ex, ref, "dpo", bs)))
         return run
     if method == "naive":
-        from valuers.influence_naive import dense_projection, per_example_gradients
-        from valuers.logra import _seed_for
-        d = cfg["naive_proj_dim"]
-        P = {n: (dense_projection(d, m.weight.numel(), _seed_for(0, n, "dense"))
-                 if d and m.weight.numel() > d else None) for n, m in layers}
+        from valuers.influence.per_example import per_example_gradients
+        P = dense_projections(layers, cfg["naive_proj_dim"] or None, seed=0)
 
         def run():
             return _stack(len(ex), ((idx, torch.cat([g[n] if P[n] is None else g[n] @ P[n].T

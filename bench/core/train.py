@@ -212,13 +212,38 @@ def _common_prefix(a, b) -> int:
     return n
 
 
+def token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[id]: the log-prob of each target token (logits [..., V], ids [...])."""
+    return torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logps(model, ids: torch.Tensor, attn: torch.Tensor, targets: torch.Tensor,
+                   logits_dtype: torch.dtype | None = None, sum_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Σ log π(token) over each row's response tokens: [R], differentiable (no ``no_grad`` here).
+
+    ``ids``/``attn`` [R, L] right-padded rows; ``targets`` [R, L] bool, True where token t
+    is a response token (predicted at position t-1). Only the response positions go
+    through the output head (a large saving on big vocabularies). ``logits_dtype``
+    casts the logits before the softmax, ``sum_dtype`` is the dtype the tokens are
+    summed in (None = as computed). The one implementation behind ``sequence_logps``
+    (scoring every utility) and the influence valuers' differentiable row log-probs.
+    """
+    inner = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    hidden = inner(input_ids=ids, attention_mask=attn).last_hidden_state
+    rows, pos = targets.nonzero(as_tuple=True)
+    logits = head(hidden[rows, pos - 1])
+    if logits_dtype is not None:
+        logits = logits.to(logits_dtype)
+    lp = token_logps(logits, ids[rows, pos])
+    dt = sum_dtype or lp.dtype
+    return torch.zeros(ids.shape[0], dtype=dt, device=lp.device).index_add(0, rows, lp.to(dt))
+
+
 @torch.no_grad()
 def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """log π(y|x) summed over response tokens (+EOS), fp32, for chosen and rejected.
-
-    Only response positions go through the output layer (a large saving on
-    big vocabularies).
-    """
+    """log π(y|x) summed over response tokens (+EOS), fp32 logits summed in fp64, for
+    chosen and rejected (``response_logps`` on length-bucketed, right-padded batches)."""
     model.eval()
     seqs, spans = [], []
     for p in pairs:
@@ -226,8 +251,6 @@ def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64) -> 
         for comp in (c_ids, r_ids):
             seqs.append(p_ids + comp)
             spans.append((len(p_ids), len(p_ids) + len(comp)))
-    inner = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = np.zeros(len(seqs))
     order = np.argsort([len(s) for s in seqs])          # length-bucketed batches
@@ -236,18 +259,12 @@ def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64) -> 
         L = max(len(seqs[i]) for i in idx)
         ids = torch.full((len(idx), L), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), L), dtype=torch.long)
+        targets = torch.zeros((len(idx), L), dtype=torch.bool)
         for row, i in enumerate(idx):                    # right padding
             ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
             mask[row, :len(seqs[i])] = 1
-        hidden = inner(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows, pos, tgt = [], [], []
-        for row, i in enumerate(idx):
-            start, end = spans[i]
-            for t in range(start, end):                  # token t is predicted at position t-1
-                rows.append(row); pos.append(t - 1); tgt.append(seqs[i][t])
-        logits = head(hidden[rows, pos]).float()
-        lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tgt)[:, None])[:, 0]
-        sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, torch.tensor(rows), lp.double())
+            targets[row, spans[i][0]:spans[i][1]] = True
+        sums = response_logps(model, ids, mask, targets, logits_dtype=torch.float32, sum_dtype=torch.float64)
         out[idx] = sums.numpy()
     return out[0::2], out[1::2]
 

@@ -1,0 +1,123 @@
+"""Projected train gradients on disk: written once, memory-mapped, reused.
+
+One ``.npy`` per watched layer ([N, k_out·k_in]), the projections
+(``projections.npz``), a ``meta.json`` and a ``COMPLETE`` marker, written into a
+temp folder beside the target and renamed into place (a crash leaves no
+half-written logs; if another process finished first, its logs are kept). The
+folder is content-addressed by its caller (LoGra: the grand-coalition model's
+cache key, the training data, the projection, the loss and the dtype). Logs whose
+``meta.json`` names another model, data or projection are refused (ConfigError).
+The query vectors (the eval-loss gradient) are cached beside them (``query.npz``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.core.cache import atomic_write_bytes
+from bench.core.errors import ConfigError
+from valuers.influence.hooks import GradientLogger, iter_projected
+from valuers.influence.subject import Subject
+
+LOG_FORMAT = 1
+META_CHECKED = ("model_key", "data", "projection", "seed", "k_in", "k_out", "clip_k", "train_loss",
+                "layers_filter", "dtype", "format")
+
+
+@dataclass
+class GradientLogs:
+    path: Path
+    meta: dict
+    arrays: list            # per layer, np.memmap [N, D]
+    projections: dict       # name -> (P_out, P_in)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays))
+
+    @staticmethod
+    def open(path: Path, expected: dict, where: str = "valuer") -> "GradientLogs | None":
+        """The finished logs at ``path``, or None if absent. Logs written for another
+        model, data or projection are refused with a ConfigError naming ``<where>.logs_dir``."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        if not (path / "COMPLETE").exists() or not (path / "meta.json").exists():
+            raise ConfigError(f"{where}.logs_dir: {path} exists but holds no finished LoGra logs; "
+                              f"delete it or point {where}.logs_dir elsewhere")
+        meta = json.loads((path / "meta.json").read_text())
+        for f in META_CHECKED:
+            if meta.get(f) != expected.get(f):
+                what = {"model_key": "another model (grand-coalition weights)", "data": "other training data",
+                        "seed": "another projection seed"}.get(f, f"another {f}")
+                raise ConfigError(f"{where}.logs_dir: logs in {path} were written for {what} "
+                                  f"({f}={meta.get(f)!r}, expected {expected.get(f)!r}); delete them or "
+                                  f"point {where}.logs_dir elsewhere")
+        arrays = [np.load(path / f"layer_{i:04d}.npy", mmap_mode="r") for i in range(len(meta["layers"]))]
+        with np.load(path / "projections.npz") as z:
+            proj = {n: tuple(torch.from_numpy(z[f"{i}_{s}"]) if f"{i}_{s}" in z else None for s in ("out", "in"))
+                    for i, n in enumerate(meta["layers"])}
+        return GradientLogs(path, meta, arrays, proj)
+
+    def query(self) -> dict | None:
+        p = self.path / "query.npz"
+        if not p.exists():
+            return None
+        try:
+            with np.load(p) as z:
+                return {"vectors": [z[f"q_{i}"] for i in range(len(self.arrays))],
+                        "eval_loss": float(z["eval_loss"]), "n_eval": int(z["n_eval"])}
+        except Exception:        # a torn file from another tool reads as missing
+            return None
+
+    def save_query(self, vectors, eval_loss: float, n_eval: int) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, eval_loss=eval_loss, n_eval=n_eval, **{f"q_{i}": v for i, v in enumerate(vectors)})
+        atomic_write_bytes(self.path / "query.npz", buf.getvalue())
+
+
+def write_logs(path: Path, meta: dict, subject: Subject, logger: GradientLogger, examples, ref, loss: str,
+               batch_size: int, np_dtype) -> dict:
+    """Stream projected train gradients into memmaps in a temp folder, then rename it
+    into place (atomic: a crash, or ``BudgetExhausted`` between batches, leaves no
+    half-written logs). Returns timing stats."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    N = len(examples)
+    try:
+        mms = []
+        for i, n in enumerate(logger.names):
+            ko, ki = logger.k(n)
+            mms.append(np.lib.format.open_memmap(tmp / f"layer_{i:04d}.npy", mode="w+", dtype=np_dtype,
+                                                 shape=(N, ko * ki)))
+        t0 = time.perf_counter()
+        for idx, grads, _ in iter_projected(subject, logger, examples, ref, loss, batch_size):
+            for mm, n in zip(mms, logger.names):
+                mm[idx] = grads[n].detach().cpu().numpy().astype(np_dtype, copy=False)
+        log_s = time.perf_counter() - t0
+        for mm in mms:
+            mm.flush()
+        del mms
+        np.savez(tmp / "projections.npz", **{f"{i}_{s}": p.double().cpu().numpy()
+                                              for i, n in enumerate(logger.names)
+                                              for s, p in zip(("out", "in"), logger.proj[n]) if p is not None})
+        (tmp / "meta.json").write_text(json.dumps({**meta, "n": N}, indent=1))
+        (tmp / "COMPLETE").write_text("ok")
+        try:
+            os.rename(tmp, path)
+        except OSError:          # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"log_s": log_s, "examples_per_s": N / log_s if log_s > 0 else float("inf")}

@@ -1,0 +1,105 @@
+"""The fine-tuned model whose training data is valued, and what its loss needs.
+
+``load_subject(game, ...)`` takes the grand-coalition model from
+``game.finetuned``: a LoRA stage stays *un-merged* as a peft model (earlier stages
+of a sequential chain merged into the base), so the LoRA A/B maps are the
+trainable weights; a full fine-tune has every weight requiring grad. The DPO loss
+uses the base π0 as reference (the peft model with its adapter disabled, or a
+separate copy of the base).
+
+Sequential game: the watched parameters are the last stage's; the loss still uses
+π0 as reference. This is an approximation (the stages' references differ).
+
+A subject built from a game carries the game's budget check: every batch loop of
+this package calls ``subject.check_budget()``, so ``Budget.max_seconds`` stops a
+long gradient pass (``BudgetExhausted`` propagates to the harness).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from bench.core.errors import ConfigError
+from valuers.influence.data import batches, collate, encode_pairs, row_logps
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Subject:
+    """The fine-tuned model whose training data is valued, with what its loss needs."""
+    model: Any                  # peft model (LoRA stage) or plain transformers model
+    tok: Any
+    spec: Any                   # bench.core.models.ModelSpec
+    beta: float
+    max_length: int | None
+    ref_model: Any = None       # separate reference; None = this peft model with its adapter disabled
+    key: str = ""               # cache key of the weights (names their artefacts)
+    kind: str = "full"          # lora | full
+    budget_check: Callable[[], None] | None = None   # the game's ``check_budget`` (None: no budget)
+
+    def check_budget(self) -> None:
+        """Raise ``BudgetExhausted`` once the game's time budget is spent (called between batches)."""
+        if self.budget_check is not None:
+            self.budget_check()
+
+    @contextlib.contextmanager
+    def reference(self):
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    @property
+    def dtype(self):
+        return next(p for p in self.model.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(p for p in self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``auto`` = cuda if available, else cpu."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_subject(game, dtype: str = "float32", device: str | None = None) -> Subject:
+    """The grand-coalition model of ``game`` (a ``GameView``), its weights live, in
+    ``dtype`` (a key of ``DTYPES``) on ``device`` (see ``resolve_device``). Trains it
+    through the game if it is not cached (counted and budgeted like any utility)."""
+    if game.n == 0:
+        raise ConfigError("game: the grand coalition has no training stage (no owners); nothing to value")
+    ft = game.finetuned((1 << game.n) - 1, DTYPES[dtype], resolve_device(device))
+    return Subject(ft.model, ft.tokenizer, game.model_spec, game.train.beta, game.train.max_length, ft.reference,
+                   key=ft.key, kind=ft.kind, budget_check=game.check_budget)
+
+
+@torch.no_grad()
+def reference_logps(subject: Subject, examples, batch_size: int = 32) -> torch.Tensor:
+    """[N, rows] Σ log π0 over response tokens (float64), for the DPO loss."""
+    out = torch.zeros((len(examples), len(examples[0])), dtype=torch.float64)
+    with subject.reference() as ref:
+        for idx in batches(examples, batch_size):
+            subject.check_budget()
+            b = collate([examples[i] for i in idx], subject.pad_id, subject.device)
+            lp = row_logps(ref, b).double().cpu().view(b.rows_per_example, len(idx)).T
+            out[idx] = lp
+    return out
+
+
+def loss_inputs(subject: Subject, pairs, loss: str, ref_batch_size: int = 32):
+    """(encoded examples, their reference log-probs [N, 2] or None for SFT): what the
+    per-example losses of ``pairs`` need."""
+    ex = encode_pairs(subject.tok, subject.spec, pairs, loss, subject.max_length)
+    return ex, (reference_logps(subject, ex, ref_batch_size) if loss == "dpo" else None)
