@@ -145,8 +145,10 @@ def test_duplicate_of_noisy_owner_is_noisy_too(task):
 def test_noise_never_touches_task(task, name):
     fresh = synthetic_pref(**TASK_KW)
     before_fp = task.fingerprint()
-    make_partition(task, **KINDS[name], noisy_owners=[0, 1], flip_frac=0.5, garble_frac=0.5,
-                   duplicate_pairs=[[len(make_partition(task, **KINDS[name]).owners), 0]], seed=5)
+    base = make_partition(task, **KINDS[name], seed=5)
+    noisy = [i for i, n in enumerate(base.sizes()) if n >= 2][:2]   # a 1-example owner rounds to no noise
+    make_partition(task, **KINDS[name], noisy_owners=noisy, flip_frac=0.5, garble_frac=0.5,
+                   duplicate_pairs=[[base.n_owners, 0]], seed=5)
     assert _rows(task.train) == _rows(fresh.train)
     assert _rows(task.eval) == _rows(fresh.eval)
     assert _rows(task.warmup) == _rows(fresh.warmup)
@@ -171,6 +173,16 @@ def test_noise_never_touches_task(task, name):
     (dict(kind="by_source", noisy_owners=[0], flip_frac=0.7, garble_frac=0.7), "flip_frac"),
     (dict(kind="nope"), "kind"),
     (dict(kind="iid", n_owners=0), "n_owners"),
+    (dict(kind="by_source", noisy_owners=[1, 1]), "partition.noisy_owners: owner(s) [1] listed twice"),
+    (dict(kind="by_source", noisy_owners=[1], flip_frac=0.0), "corrupt nothing"),
+    (dict(kind="iid", n_owners=3, sizes=[1, 10, 10], noisy_owners=[0], flip_frac=0.4), "owner 0 is marked noisy"),
+    (dict(kind="iid", n_owners="3"), "partition.n_owners: '3' is not an integer"),
+    (dict(kind="by_source", sizes=[10, -1, 10]), "partition.sizes[1]: -1"),
+    (dict(kind="by_source", noisy_owners=["1"]), "partition.noisy_owners[0]: '1' is not an integer"),
+    (dict(kind="by_source", duplicate_pairs=[[3]]), "partition.duplicate_pairs: entry [3]"),
+    (dict(kind="by_source", duplicate_pairs=[3, 0]), "partition.duplicate_pairs[0]: 3 is not a list"),
+    (dict(kind="dirichlet", n_owners=3, alpha=0), "partition.alpha: 0"),
+    (dict(kind="by_source", seed=-1), "partition.seed: -1"),
 ])
 def test_bad_partitions_are_one_line_config_errors(task, kw, field):
     with pytest.raises(ConfigError) as e:
@@ -187,3 +199,18 @@ def test_dirichlet_many_owners_does_not_blame_sizes(task):
     else:
         ids = [p.id for o in part.owners for p in o]
         assert len(ids) == len(set(ids)) and min(part.sizes()) >= 1
+
+
+def test_garbled_pairs_keep_something_to_prefer(task):
+    """Garbling shuffles both responses' characters; anagrams (a reversed word and its
+    near miss) could come out equal: the rejected one is re-shuffled instead."""
+    part = make_partition(task, kind="by_source", noisy_owners=[0, 1, 2], flip_frac=0.0, garble_frac=1.0, seed=3)
+    garbled = [p for o in part.owners for p in o]
+    assert garbled and all(p.chosen.strip() != p.rejected.strip() for p in garbled)
+    import numpy as np
+
+    from bench.core.partition import _garble_pair
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        c, r = _garble_pair("abc", "cab", rng)
+        assert c != r and sorted(c) == sorted(r) == ["a", "b", "c"]

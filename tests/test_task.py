@@ -49,12 +49,18 @@ def test_eval_prompts_use_other_wordings():
     assert not leaked, leaked[:5]
 
 
-def test_chosen_differs_from_rejected():
-    task = synthetic_pref(sources=SOURCES, n_train_per_source=60, n_eval_per_source=40,
-                          n_warmup_per_source=40, seed=5)
-    for split in (task.train, task.eval, task.warmup):
-        same = [p for p in split if p.chosen == p.rejected]
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_chosen_differs_from_rejected(seed):
+    """The generator never makes a degenerate pair (what local files drop: chosen ==
+    rejected after stripping whitespace), in any split, and every field is a non-empty string."""
+    task = synthetic_pref(sources=SOURCES, n_train_per_source=100, n_eval_per_source=40,
+                          n_warmup_per_source=40, n_test_per_source=40, seed=seed, arith_max=3)
+    for split in (task.train, task.eval, task.warmup, task.test):
+        assert split
+        same = [p for p in split if p.chosen.strip() == p.rejected.strip()]
         assert not same, same[:3]
+        assert all(isinstance(x, str) and x.strip() for p in split for x in (p.prompt, p.chosen, p.rejected))
+    assert task.dropped == {}
 
 
 def test_synthetic_answers_are_correct():
@@ -71,11 +77,15 @@ def test_synthetic_answers_are_correct():
             assert p.chosen == word[::-1] and sorted(p.rejected) == sorted(p.chosen)
 
 
-@pytest.mark.parametrize("kw", [dict(sources=[]), dict(sources=["nope"]), dict(n_train_per_source=0)])
-def test_synthetic_bad_settings(kw):
+@pytest.mark.parametrize("kw, field", [
+    (dict(sources=[]), "task.sources"), (dict(sources=["nope"]), "task.sources[0]"),
+    (dict(n_train_per_source=0), "task.n_train_per_source"), (dict(sources="tone"), "task.sources"),
+    (dict(sources=["tone", "tone"]), "task.sources"), (dict(n_eval_per_source="5"), "task.n_eval_per_source"),
+    (dict(seed=1.5), "task.seed")])
+def test_synthetic_bad_settings(kw, field):
     with pytest.raises(ConfigError) as e:
         synthetic_pref(**{**TASK_KW, **kw})
-    assert one_line(str(e.value))
+    assert one_line(str(e.value)) and str(e.value).startswith(field + ":"), str(e.value)
 
 
 # ------------------------------------------------------------------ local files
@@ -206,3 +216,87 @@ def test_local_pref_test_path(tmp_path):
     task = local_pref(str(train), test_path=str(test))
     assert [p.prompt for p in task.test] == ["t?"]
     assert local_pref(str(train)).test == []
+
+
+# ------------------------------------------------------------------ row types and degenerate rows
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("col", ["prompt", "chosen", "rejected", "source"])
+@pytest.mark.parametrize("bad, kind", [(5, "a number"), (["a", "b"], "a list"), (None, "null"), (True, "true/false"),
+                                       ({"text": "a"}, "an object")])
+def test_non_string_field_names_row_and_column(tmp_path, col, bad, kind):
+    rows = [dict(r) for r in ROWS]
+    rows[3][col] = bad
+    with pytest.raises(ConfigError) as e:
+        local_pref(str(_jsonl(tmp_path / "d.jsonl", rows)))
+    msg = str(e.value)
+    assert one_line(msg) and msg.startswith(f"task.path: row 3: {col!r} is ") and kind in msg and "not a string" in msg
+
+
+def test_non_string_column_in_parquet_and_missing_key(tmp_path):
+    rows = [{**r, "chosen": i} for i, r in enumerate(ROWS)]     # an integer column
+    with pytest.raises(ConfigError, match=r"^task\.path: row 0: 'chosen' is 0 \(a number\)"):
+        local_pref(str(_write(tmp_path / "d.parquet", rows)))
+    rows = [dict(r) for r in ROWS]
+    del rows[4]["rejected"]                                       # one row without the key
+    with pytest.raises(ConfigError, match=r"^task\.eval_path: row 4: 'rejected' is None \(null\)"):
+        local_pref(str(_jsonl(tmp_path / "t.jsonl", ROWS)), eval_path=str(_jsonl(tmp_path / "e.jsonl", rows)))
+
+
+def test_bad_ids_and_json_lines(tmp_path):
+    with pytest.raises(ConfigError, match=r"^task\.path: row 0: 'id' is \[1\] \(a list\)"):
+        local_pref(str(_jsonl(tmp_path / "a.jsonl", [{**r, "id": [i + 1]} for i, r in enumerate(ROWS)])))
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n[1, 2]\n")
+    with pytest.raises(ConfigError, match=r"line 3 is \[1, 2\] \(a list\), not an object"):
+        local_pref(str(path))
+
+
+def test_json_list_and_columns_files(tmp_path):
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps(ROWS))
+    cols = tmp_path / "cols.json"
+    cols.write_text(json.dumps({k: [r[k] for r in ROWS] for k in ROWS[0]}))
+    a, b = local_pref(str(listed)), local_pref(str(cols))
+    assert a.train == b.train and a.eval == b.eval and len(a.train) == 8
+
+
+def test_degenerate_rows_are_dropped_and_counted(tmp_path, capsys):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["rejected"] = rows[2]["chosen"]
+    rows[7]["rejected"] = " " + rows[7]["chosen"] + "\n"           # the same after stripping
+    ev = [{"prompt": "q?", "chosen": "yes", "rejected": "yes "}, {"prompt": "r?", "chosen": "a", "rejected": "b"},
+          {"prompt": "s?", "chosen": "c", "rejected": "d"}]
+    task = local_pref(str(_jsonl(tmp_path / "t.jsonl", rows)), eval_path=str(_jsonl(tmp_path / "e.jsonl", ev)))
+    assert task.dropped == {"task.path": 2, "task.eval_path": 1}
+    assert len(task.train) == 8 and [p.id for p in task.train] == list(range(8)) and len(task.eval) == 2
+    assert all(p.chosen.strip() != p.rejected.strip() for p in task.train + task.eval)
+    out = [ln for ln in capsys.readouterr().out.splitlines() if "dropped" in ln]
+    assert out == ["[dvbench] task: dropped 3 rows whose chosen == rejected after stripping whitespace "
+                   "(nothing to prefer): task.path 2, task.eval_path 1"]
+    clean = local_pref(str(_jsonl(tmp_path / "c.jsonl", ROWS)))
+    assert clean.dropped == {"task.path": 0} and "dropped" not in capsys.readouterr().out
+    # the dropped rows leave the fingerprint as if they had never been in the file
+    kept = [r for i, r in enumerate(rows) if i not in (2, 7)]
+    again = local_pref(str(_jsonl(tmp_path / "k.jsonl", kept)), eval_path=str(_jsonl(tmp_path / "e2.jsonl", ev[1:])))
+    assert again.fingerprint() == task.fingerprint()
+
+
+def test_all_rows_degenerate_is_refused(tmp_path):
+    rows = [{**r, "rejected": r["chosen"]} for r in ROWS]
+    with pytest.raises(ConfigError) as e:
+        local_pref(str(_jsonl(tmp_path / "d.jsonl", rows)))
+    assert one_line(str(e.value)) and str(e.value).startswith("task.path: all 10 rows have chosen == rejected")
+
+
+@pytest.mark.parametrize("kw, field", [(dict(eval_fraction=1.0), "task.eval_fraction"),
+                                       (dict(path="???"), "task.path"), (dict(online="yes"), "task.online"),
+                                       (dict(max_prompt_chars=0), "task.max_prompt_chars")])
+def test_local_bad_settings(tmp_path, kw, field):
+    with pytest.raises(ConfigError) as e:
+        local_pref(**{"path": str(_jsonl(tmp_path / "d.jsonl", ROWS)), **kw})
+    assert one_line(str(e.value)) and str(e.value).startswith(field + ":"), str(e.value)

@@ -13,7 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from bench.core.errors import ConfigError
+from bench.core.settings import Settings, setting
 from bench.core.task import Pair, Task
+
+KINDS = ("iid", "by_source", "dirichlet")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,59 @@ def _garble(text: str, rng: np.random.Generator) -> str:
     return "".join(chars)
 
 
+def _garble_pair(chosen: str, rejected: str, rng: np.random.Generator) -> tuple[str, str]:
+    """Both responses' characters shuffled; the rejected one is re-shuffled (a few times
+    at most) should it come out equal to the chosen one, which would leave a pair with
+    nothing to prefer (anagrams, e.g. a word reversed and its near miss)."""
+    c, r = _garble(chosen, rng), _garble(rejected, rng)
+    for _ in range(8):
+        if c.strip() != r.strip():
+            break
+        r = _garble(rejected, rng)
+    return c, r
+
+
+@dataclass(frozen=True)
+class PartitionSettings(Settings):
+    """The ``partition`` config node (see ``make_partition``)."""
+    prefix = "partition"
+    kind: str = setting("by_source", "iid | by_source | dirichlet", choices=KINDS)
+    n_owners: int | None = setting(None, "owners (iid, dirichlet); by_source: the first n_owners task sources "
+                                         "when owner_sources is null", min=1)
+    owner_sources: list[str] | None = setting(None, "by_source: owner i's source; a source named twice is split; "
+                                                    "null = one owner per task source")
+    sizes: list[int] | None = setting(None, "per-owner sizes (unequal sizes matter for some valuers)", min=0)
+    alpha: float = setting(1.0, "dirichlet: concentration of the owners' shares", min=0, min_exclusive=True)
+    noisy_owners: list[int] = setting([], "owners whose examples are corrupted (the planted noise)", min=0)
+    flip_frac: float = setting(1.0, "share of a noisy owner's examples with chosen / rejected swapped",
+                               min=0, max=1)
+    garble_frac: float = setting(0.0, "share of a noisy owner's examples with both responses' characters "
+                                      "shuffled", min=0, max=1)
+    duplicate_pairs: list[list[int]] = setting([], "[copy, original]: append owner `copy` holding an exact "
+                                                   "copy of owner `original`'s data")
+    seed: int = setting(0, "seed of the split and of the noise", min=0)
+
+    def check(self) -> None:
+        if self.flip_frac + self.garble_frac > 1:
+            raise self.error("flip_frac", f"{self.flip_frac} + garble_frac {self.garble_frac} > 1; their sum "
+                                          f"is a share of a noisy owner's examples, keep it <= 1")
+        twice = sorted({i for i in self.noisy_owners if self.noisy_owners.count(i) > 1})
+        if twice:
+            raise self.error("noisy_owners", f"owner(s) {twice} listed twice (a second pass would undo "
+                                             f"the first's flips); name each owner once")
+        if self.noisy_owners and self.flip_frac == 0 and self.garble_frac == 0:
+            raise self.error("noisy_owners", f"{self.noisy_owners} are marked noisy but flip_frac=0 and "
+                                             f"garble_frac=0 corrupt nothing; set flip_frac or garble_frac > 0, "
+                                             f"or noisy_owners=[]")
+        for pair in self.duplicate_pairs:
+            if len(pair) != 2:
+                raise self.error("duplicate_pairs", f"entry {pair} must be [copy, original]")
+
+
+def _as_list(x):
+    return [_as_list(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
 def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = None,
                    owner_sources: list[str] | None = None, sizes: list[int] | None = None,
                    alpha: float = 1.0, noisy_owners: list[int] | tuple = (), flip_frac: float = 1.0,
@@ -68,6 +124,10 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
     ``duplicate_pairs`` entry ``[copy, original]`` *appends* owner ``copy`` holding an
     exact copy of ``original``'s data (so ``copy`` = the next index).
     """
+    noisy_owners, duplicate_pairs = _as_list(noisy_owners), _as_list(duplicate_pairs)
+    PartitionSettings(kind=kind, n_owners=n_owners, owner_sources=_as_list(owner_sources), sizes=_as_list(sizes),
+                      alpha=alpha, noisy_owners=noisy_owners, flip_frac=flip_frac, garble_frac=garble_frac,
+                      duplicate_pairs=duplicate_pairs, seed=seed)
     rng = np.random.default_rng(seed)
     pool = list(task.train)
     if kind == "by_source":
@@ -101,15 +161,18 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
     for i in noisy_owners:
         if not 0 <= i < len(owners):
             raise ConfigError(f"partition.noisy_owners: owner {i} does not exist (have {len(owners)})")
-        if not (0 <= flip_frac <= 1 and 0 <= garble_frac <= 1 and flip_frac + garble_frac <= 1):
-            raise ConfigError("partition.flip_frac/garble_frac: each in [0,1] and their sum <= 1")
         o = owners[i]
         idx = rng.permutation(len(o))
         n_flip, n_garble = int(round(flip_frac * len(o))), int(round(garble_frac * len(o)))
+        if n_flip + n_garble == 0:
+            raise ConfigError(f"partition.noisy_owners: owner {i} is marked noisy but flip_frac={flip_frac} and "
+                              f"garble_frac={garble_frac} of its {len(o)} examples round to none corrupted; "
+                              f"raise flip_frac / garble_frac or drop owner {i} from noisy_owners")
         for j in idx[:n_flip]:
             o[j] = replace(o[j], chosen=o[j].rejected, rejected=o[j].chosen)
         for j in idx[n_flip:n_flip + n_garble]:
-            o[j] = replace(o[j], chosen=_garble(o[j].chosen, rng), rejected=_garble(o[j].rejected, rng))
+            c, r = _garble_pair(o[j].chosen, o[j].rejected, rng)
+            o[j] = replace(o[j], chosen=c, rejected=r)
         corrupted += [o[j].id for j in idx[:n_flip + n_garble]]
 
     dups = []

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.core.errors import ConfigError
+from bench.core.settings import Settings, setting
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -37,6 +38,10 @@ class Task:
     warmup: list[Pair] = field(default_factory=list)  # domain text for the tiny tier's base model
     sources: list[str] = field(default_factory=list)
     test: list[Pair] = field(default_factory=list)  # optional second held-out split (selection is judged here)
+    # rows left out of a file because chosen == rejected after stripping whitespace
+    # (nothing to prefer), by the setting that named the file: {"task.path": 3, ...};
+    # one entry per file read (0 = none dropped), empty for the generated task
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -147,20 +152,37 @@ def _split(sources, n_per_source: int, seed: int, split: str, arith_max: int) ->
     return pairs
 
 
+@dataclass(frozen=True)
+class SyntheticSettings(Settings):
+    """The ``task`` config node of ``task.kind=synthetic_pref``."""
+    prefix = "task"
+    sources: list[str] = setting(list(SOURCES), "the generated sources, each at most once", choices=SOURCES)
+    n_train_per_source: int = setting(100, "training pairs per source (the pool partitions split)", min=1)
+    n_eval_per_source: int = setting(60, "held-out eval pairs per source (other prompt wordings)", min=1)
+    n_warmup_per_source: int = setting(200, "tiny tier: warm-up text pairs per source", min=0)
+    seed: int = setting(0, "generator seed")
+    arith_max: int = setting(49, "arithmetic: operands in [0, arith_max]", min=0)
+    name: str = setting("synthetic_pref", "the task's name")
+    n_test_per_source: int = setting(0, "second held-out split per source (selection is judged on it); "
+                                        "0 = none", min=0)
+
+    def check(self) -> None:
+        if not self.sources:
+            raise self.error("sources", "empty; list at least one of " + ", ".join(SOURCES))
+        twice = sorted({s for s in self.sources if self.sources.count(s) > 1})
+        if twice:
+            raise self.error("sources", f"{twice} listed twice (their pairs would be identical copies); "
+                                        f"name each source once")
+
+
 def synthetic_pref(sources=SOURCES, n_train_per_source: int = 100, n_eval_per_source: int = 60,
                    n_warmup_per_source: int = 200, seed: int = 0, arith_max: int = 49,
                    name: str = "synthetic_pref", n_test_per_source: int = 0) -> Task:
     """The generated preference task: deterministic for a given seed."""
-    sources = list(sources)
-    if not sources:
-        raise ConfigError("task.sources: empty; list at least one of " + ", ".join(SOURCES))
-    for s in sources:
-        if s not in SOURCES:
-            raise ConfigError(f"task.sources: unknown source {s!r}; choose from {list(SOURCES)}")
-    if n_train_per_source < 1 or n_eval_per_source < 1:
-        raise ConfigError("task.n_train_per_source / n_eval_per_source: must be >= 1")
-    if n_test_per_source < 0:
-        raise ConfigError("task.n_test_per_source: must be >= 0 (0 = no test split)")
+    sources = list(sources) if isinstance(sources, (list, tuple)) else sources
+    SyntheticSettings(sources=sources, n_train_per_source=n_train_per_source, n_eval_per_source=n_eval_per_source,
+                      n_warmup_per_source=n_warmup_per_source, seed=seed, arith_max=arith_max, name=name,
+                      n_test_per_source=n_test_per_source)
     return Task(name=name,
                 train=_split(sources, n_train_per_source, seed, "train", arith_max),
                 eval=_split(sources, n_eval_per_source, seed, "eval", arith_max),
@@ -173,10 +195,60 @@ def synthetic_pref(sources=SOURCES, n_train_per_source: int = 100, n_eval_per_so
 # --------------------------------------------------------------------------
 
 MAX_PROMPT_CHARS = 4000    # longer prompts leave no room for the response in train.max_length tokens
+TEXT_COLUMNS = ("source",) + REQUIRED_COLUMNS
 
 
-def _rows_to_pairs(rows, where: str, max_prompt_chars: int = MAX_PROMPT_CHARS) -> list[Pair]:
-    cols = set(rows.column_names)
+@dataclass(frozen=True)
+class LocalSettings(Settings):
+    """The ``task`` config node of ``task.kind=local_pref`` (a file, or a hub dataset with online=true)."""
+    prefix = "task"
+    path: str = setting("???", "a .jsonl / .json / .parquet file with columns prompt, chosen, rejected "
+                               "(optionally source, id); or a hub dataset id with online=true")
+    eval_path: str | None = setting(None, "the eval file; null = hold out eval_fraction of path")
+    eval_fraction: float = setting(0.2, "share of path's rows held out as the eval set (without eval_path)",
+                                   min=0, min_exclusive=True, max=1, max_exclusive=True)
+    seed: int = setting(0, "seed of the held-out split")
+    online: bool = setting(False, "allow hub datasets (downloads at run time)")
+    split: str = setting("train", "hub: the split of path")
+    eval_split: str | None = setting(None, "hub: the split of the eval set; null = hold out eval_fraction")
+    name: str = setting("local_pref", "the task's name")
+    test_path: str | None = setting(None, "an optional second held-out file (experiment=selection is judged on it)")
+    max_prompt_chars: int = setting(MAX_PROMPT_CHARS, "longer prompts are refused (no room left for the response)",
+                                    min=1)
+
+    def check(self) -> None:
+        if not self.path.strip() or self.path == "???":
+            raise self.error("path", "required; set task.path=<file.jsonl|.parquet> (or a hub id with "
+                                     "task.online=true)")
+
+
+def _kind(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _short(v, n: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def _rows_to_pairs(rows: list[dict], where: str, max_prompt_chars: int = MAX_PROMPT_CHARS) -> tuple[list[Pair], int]:
+    """Checked pairs of a file's rows, and how many rows were dropped as degenerate.
+
+    Every row's prompt / chosen / rejected (and source, when the column exists) must be
+    a non-empty string, ids unique; a row whose chosen equals its rejected after
+    stripping whitespace has nothing to prefer and is dropped (counted, not refused,
+    unless every row is)."""
+    cols = {k for r in rows for k in r}
     missing = [c for c in REQUIRED_COLUMNS if c not in cols]
     if missing:
         raise ConfigError(f"{where}: missing column(s) {missing}; a preference dataset needs "
@@ -185,25 +257,80 @@ def _rows_to_pairs(rows, where: str, max_prompt_chars: int = MAX_PROMPT_CHARS) -
         raise ConfigError(f"{where}: no rows; point it at a non-empty file")
     if "id" in cols:
         seen = set()
-        for x in rows["id"]:
+        for i, r in enumerate(rows):
+            x = r.get("id")
+            if isinstance(x, bool) or not isinstance(x, (int, str)):
+                raise ConfigError(f"{where}: row {i}: 'id' is {_short(x)} ({_kind(x)}); use an integer or "
+                                  f"string id in every row (or drop the id column)")
             if x in seen:
                 raise ConfigError(f"{where}: duplicate id {x!r}; ids must be unique (or drop the id column)")
             seen.add(x)
-    for col in REQUIRED_COLUMNS:
-        for i, v in enumerate(rows[col]):
-            if v is None or not str(v).strip():
+    for i, r in enumerate(rows):
+        for col in TEXT_COLUMNS:
+            if col == "source" and "source" not in cols:
+                continue
+            v = r.get(col)
+            if not isinstance(v, str):
+                raise ConfigError(f"{where}: row {i}: {col!r} is {_short(v)} ({_kind(v)}), not a string; "
+                                  f"write it as a JSON string or drop the row")
+            if not v.strip():
                 raise ConfigError(f"{where}: row {i} has an empty {col!r}; fill it or drop the row")
-    for i, v in enumerate(rows["prompt"]):
-        if len(str(v)) > max_prompt_chars:
-            raise ConfigError(f"{where}: row {i}: prompt of {len(str(v))} characters (> {max_prompt_chars}); "
+        if len(r["prompt"]) > max_prompt_chars:
+            raise ConfigError(f"{where}: row {i}: prompt of {len(r['prompt'])} characters (> {max_prompt_chars}); "
                               f"shorten it or raise task.max_prompt_chars")
-    src = rows["source"] if "source" in cols else ["all"] * len(rows)
-    return [Pair(i, str(s), str(p), str(c), str(r)) for i, (s, p, c, r) in
-            enumerate(zip(src, rows["prompt"], rows["chosen"], rows["rejected"]))]
+    kept = [r for r in rows if r["chosen"].strip() != r["rejected"].strip()]
+    if not kept:
+        raise ConfigError(f"{where}: all {len(rows)} rows have chosen == rejected (after stripping whitespace), "
+                          f"so there is nothing to prefer; give pairs with different responses")
+    pairs = [Pair(i, r.get("source", "all"), r["prompt"], r["chosen"], r["rejected"]) for i, r in enumerate(kept)]
+    return pairs, len(rows) - len(kept)
 
 
-def _load_rows(path: str, field_name: str, split: str = "train", online: bool = False):
-    import datasets
+def _json_rows(p: Path, field_name: str) -> list:
+    """Rows of a JSON Lines file, or of a .json file holding a list of objects or an
+    object of equal-length columns (what ``datasets``' json loader accepts)."""
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None                      # JSON Lines under a .json name
+        if isinstance(doc, list):
+            rows = doc
+        elif isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
+            lens = {len(v) for v in doc.values()}
+            if len(lens) != 1:
+                raise ConfigError(f"{field_name}: {str(p)!r} holds columns of different lengths {sorted(lens)}; "
+                                  f"give every column one value per row")
+            rows = [dict(zip(doc, vals)) for vals in zip(*doc.values())]
+        elif doc is not None:
+            raise ConfigError(f"{field_name}: {str(p)!r} holds one JSON {'object' if isinstance(doc, dict) else 'value'}"
+                              f", not rows; write one JSON object per line (JSON Lines) or a list of objects")
+        else:
+            rows = None
+        if rows is not None:
+            for i, r in enumerate(rows):
+                if not isinstance(r, dict):
+                    raise ConfigError(f"{field_name}: row {i} is {_short(r)} ({_kind(r)}), not an object with "
+                                      f"prompt / chosen / rejected; fix the row")
+            return rows
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{field_name}: {str(p)!r} line {line_no} is not valid JSON ({e.msg} at column "
+                              f"{e.colno}); fix the line (one JSON object per line)") from None
+        if not isinstance(r, dict):
+            raise ConfigError(f"{field_name}: {str(p)!r} line {line_no} is {_short(r)} ({_kind(r)}), not an "
+                              f"object with prompt / chosen / rejected; fix the line")
+        rows.append(r)
+    return rows
+
+
+def _load_rows(path: str, field_name: str, split: str = "train", online: bool = False) -> list[dict]:
     p = Path(path)
     if p.suffix in (".jsonl", ".json", ".parquet"):
         if not p.is_file():
@@ -216,16 +343,18 @@ def _load_rows(path: str, field_name: str, split: str = "train", online: bool = 
             except UnicodeDecodeError as e:
                 raise ConfigError(f"{field_name}: {path!r} is not UTF-8 (byte {e.object[e.start]:#x} at offset "
                                   f"{e.start}); re-encode the file as UTF-8") from None
-        kind = "parquet" if p.suffix == ".parquet" else "json"
+            return _json_rows(p, field_name)
         try:
-            return datasets.load_dataset(kind, data_files=str(p), split="train")
+            import pyarrow.parquet as pq
+            return pq.read_table(str(p)).to_pylist()
         except Exception as e:  # malformed file: one line, with the cause
             raise ConfigError(f"{field_name}: could not read {path!r} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); check the file format") from None
     if not online:
         raise ConfigError(f"{field_name}: {path!r} is not a local .jsonl/.parquet file; to load a hub "
                           f"dataset set task.online=true (downloads at run time)")
-    return datasets.load_dataset(path, split=split)
+    import datasets
+    return datasets.load_dataset(path, split=split).to_list()
 
 
 def local_pref(path: str, eval_path: str | None = None, eval_fraction: float = 0.2,
@@ -233,26 +362,35 @@ def local_pref(path: str, eval_path: str | None = None, eval_fraction: float = 0
                name: str = "local_pref", test_path: str | None = None,
                max_prompt_chars: int = MAX_PROMPT_CHARS) -> Task:
     """A user's preference data. Eval = ``eval_path`` if given, else a seeded held-out fraction.
-    ``test_path``: an optional second held-out file (the selection experiment is judged on it)."""
-    train = _rows_to_pairs(_load_rows(path, "task.path", split, online), "task.path", max_prompt_chars)
+    ``test_path``: an optional second held-out file (the selection experiment is judged on it).
+    Rows with chosen == rejected are dropped and counted in ``Task.dropped``."""
+    LocalSettings(path=path, eval_path=eval_path, eval_fraction=eval_fraction, seed=seed, online=online,
+                  split=split, eval_split=eval_split, name=name, test_path=test_path,
+                  max_prompt_chars=max_prompt_chars)
+    dropped: dict[str, int] = {}
+
+    def read(p: str, field_name: str, sp: str) -> list[Pair]:
+        pairs, dropped[field_name] = _rows_to_pairs(_load_rows(p, field_name, sp, online), field_name,
+                                                    max_prompt_chars)
+        return pairs
+
+    train = read(path, "task.path", split)
     if eval_path or eval_split:
-        rows = _load_rows(eval_path or path, "task.eval_path", eval_split or split, online)
-        ev = _rows_to_pairs(rows, "task.eval_path", max_prompt_chars)
+        ev = read(eval_path or path, "task.eval_path", eval_split or split)
     else:
-        if not 0 < eval_fraction < 1:
-            raise ConfigError("task.eval_fraction: must be in (0, 1), or set task.eval_path")
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
         n_eval = max(1, int(round(eval_fraction * len(train))))
         if n_eval >= len(train):
-            raise ConfigError(f"task.path: only {len(train)} rows, too few to hold out an eval set; add rows")
+            raise ConfigError(f"task.path: only {len(train)} usable rows, too few to hold out an eval set; add rows")
         held = set(order[:n_eval])
         ev = [train[i] for i in sorted(held)]
         train = [p for i, p in enumerate(train) if i not in held]
     train = [Pair(i, p.source, p.prompt, p.chosen, p.rejected) for i, p in enumerate(train)]
     ev = [Pair(i, p.source, p.prompt, p.chosen, p.rejected) for i, p in enumerate(ev)]
-    test = _rows_to_pairs(_load_rows(test_path, "task.test_path", split, online), "task.test_path",
-                          max_prompt_chars) \
-        if test_path else []
+    test = read(test_path, "task.test_path", split) if test_path else []
+    if any(dropped.values()):
+        print(f"[dvbench] task: dropped {sum(dropped.values())} rows whose chosen == rejected after stripping "
+              f"whitespace (nothing to prefer): " + ", ".join(f"{k} {v}" for k, v in dropped.items() if v))
     sources = sorted({p.source for p in train})
-    return Task(name=name, train=train, eval=ev, warmup=[], sources=sources, test=test)
+    return Task(name=name, train=train, eval=ev, warmup=[], sources=sources, test=test, dropped=dropped)
