@@ -8,8 +8,8 @@ sets torch's thread count; use 1 when another process is already using the cores
 from __future__ import annotations
 
 import os
-
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +64,82 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
         finally:
             sys.argv[:] = argv0
     return code, out.getvalue(), err.getvalue()
+
+
+# The smoke experiment (owner 2 = flipped tone pairs), made smaller but kept real: 3 owners
+# of 20 pairs, 16 fine-tunes (8 coalitions x 2 seeds). Shared by the CLI, offline and
+# determinism tests through the session's ``smoke_run``.
+SMOKE = ["experiment=smoke", "logger=none", "n_jobs=1", "progress=false",
+         "valuers=[random,loo,retrain_shapley,mc_shapley,dpo_arithmetic]",
+         "task.n_train_per_source=40", "partition.sizes=[20,20,20]", "task.n_eval_per_source=20",
+         "task.n_warmup_per_source=60", "model.n_embd=64", "train.epochs=3",
+         "valuer_args.mc_shapley.max_permutations=3"]
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+HUB_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE")  # what the CLI sets
+
+
+def smoke_args(results: Path, cache_dir: Path | None = None) -> list[str]:
+    return [*SMOKE, f"results_dir={results}", f"cache_dir={cache_dir or results / 'cache'}",
+            f"hydra.run.dir={results}/hydra"]
+
+
+def block_network(monkeypatch) -> list:
+    """Refuse every non-loopback connection and name lookup of this process; returns
+    the list the refused addresses are appended to."""
+    import socket
+    refused = []
+    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def _connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in LOOPBACK:
+            refused.append(address)
+            raise OSError(f"network disabled for this test: {address}")
+        return connect(self, address)
+
+    def _getaddrinfo(host, *a, **k):
+        if host not in (None, "", *LOOPBACK):
+            refused.append(host)
+            raise socket.gaierror(f"network disabled for this test: {host}")
+        return getaddrinfo(host, *a, **k)
+
+    monkeypatch.setattr(socket.socket, "connect", _connect)
+    monkeypatch.setattr(socket, "getaddrinfo", _getaddrinfo)
+    return refused
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    results: Path               # results_dir (tests may append records to it later: use ``records``)
+    code: int
+    stdout: str
+    stderr: str
+    records: list               # the run's records, read right after it
+    version: str                # code version (cache keys) before the run
+    refused: list               # non-loopback connections it attempted
+    env: dict                   # the offline variables after the run (unset before it)
+
+
+def read_records(results: Path, experiment: str = "smoke") -> list[dict]:
+    import json
+    path = results / "runs" / f"{experiment}.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    """One smoke job from an empty cache, in this process (``run_cli``), with the offline
+    variables unset (the CLI must set them) and every non-loopback connection refused.
+    Serves the CLI, offline and determinism tests."""
+    results = tmp_path_factory.mktemp("smoke-results")
+    version = code_version()
+    with pytest.MonkeyPatch.context() as mp:
+        for k in HUB_OFFLINE_VARS:
+            mp.delenv(k, raising=False)
+        refused = block_network(mp)
+        code, out, err = run_cli(smoke_args(results))
+        env = {k: os.environ.get(k) for k in HUB_OFFLINE_VARS}
+    return SmokeRun(results, code, out, err, read_records(results), version, list(refused), env)
 
 
 def code_version() -> str:

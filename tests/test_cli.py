@@ -1,4 +1,7 @@
-"""End to end through the real CLI (``python -m bench``) in a subprocess."""
+"""End to end through the CLI (``bench.cli.main`` in this process: the session's
+``smoke_run`` and ``run_cli``), and the real entry point (``python -m bench``) in a
+subprocess (its exit status and one-line errors; test_determinism runs a whole job
+through it)."""
 from __future__ import annotations
 
 import json
@@ -8,25 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, code_version, skip_if_code_changed, subprocess_env
+from conftest import REPO, run_cli, skip_if_code_changed, smoke_args, subprocess_env
 
-# The smoke experiment (owner 2 = flipped tone pairs), made smaller but kept real.
-SMALL = ["task.n_train_per_source=40", "partition.sizes=[20,20,20]", "task.n_eval_per_source=20",
-         "task.n_warmup_per_source=60", "model.n_embd=64", "train.epochs=3",
-         "valuer_args.mc_shapley.max_permutations=3"]
 VALUERS = {"random", "loo", "retrain_shapley", "mc_shapley"}
-
-
-def run_cli(args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def smoke_args(results: Path) -> list[str]:
-    # the foundation's valuers (each method's own e2e test lives in its test file, marked slow)
-    return ["experiment=smoke", "logger=none", f"results_dir={results}", f"cache_dir={results}/cache",
-            "n_jobs=1", "progress=false", "valuers=[random,loo,retrain_shapley,mc_shapley,dpo_arithmetic]",
-            *SMALL]
 
 
 def read_runs(results: Path) -> dict[str, list[str]]:
@@ -39,11 +26,9 @@ def cache_state(results: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    version = code_version()
-    proc = run_cli(smoke_args(results))
-    return results, proc, version
+def smoke(smoke_run):
+    """(results dir, (exit code, stdout, stderr), code version) of the session's smoke job."""
+    return smoke_run.results, (smoke_run.code, smoke_run.stdout, smoke_run.stderr), smoke_run.version
 
 
 def expected_valuers(rec) -> list[str]:
@@ -72,12 +57,16 @@ CONTRACT = ["experiment", "valuer", "game", "seed", "n_owners", "commit", "dirty
                                     "fine_tunes_cached", "peak_mem_bytes"))]
 
 
-def test_smoke_run_records(smoke):
+def _ok(proc):
+    code, _, err = proc
+    assert code == 0, err[-3000:]
+
+
+def test_smoke_run_records(smoke, smoke_run):
     results, proc, _ = smoke
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = read_runs(results)
-    assert list(runs) == ["smoke.jsonl"]
-    recs = [json.loads(line) for line in runs["smoke.jsonl"]]
+    _ok(proc)
+    assert list(read_runs(results)) == ["smoke.jsonl"]
+    recs = smoke_run.records
     expected = expected_valuers(recs[0])
     assert VALUERS <= set(expected), expected
     assert sorted(r["valuer"] for r in recs) == sorted(expected), "one record per valuer"
@@ -97,12 +86,15 @@ def test_smoke_run_records(smoke):
     assert by["loo"]["cost"]["fine_tunes"] == 4                 # N and the three N\{i}
     assert by["retrain_shapley"]["cost"]["fine_tunes"] == 7     # every non-empty coalition
     assert 1 <= by["mc_shapley"]["cost"]["fine_tunes"] <= 7
+    # what the job prints: the table, the exact values, where the records went
+    out = proc[1]
+    assert "exact retraining Shapley (seed 0)" in out and str(results / "runs" / "smoke.jsonl") in out
 
 
-def test_exact_shapley_is_efficient_and_finds_the_noisy_owner(smoke):
-    results, proc, _ = smoke
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = {json.loads(line)["valuer"]: json.loads(line) for line in read_runs(results)["smoke.jsonl"]}
+def test_exact_shapley_is_efficient_and_finds_the_noisy_owner(smoke, smoke_run):
+    _, proc, _ = smoke
+    _ok(proc)
+    recs = {r["valuer"]: r for r in smoke_run.records}
     r = recs["retrain_shapley"]
     table = np.array(r["utility_table"], dtype=float)
     phi = np.array(r["owner_values"])
@@ -122,42 +114,43 @@ def test_exact_shapley_is_efficient_and_finds_the_noisy_owner(smoke):
     np.testing.assert_allclose(loo, [table[7] - table[7 & ~(1 << i)] for i in range(3)], atol=1e-12)
 
 
-def test_rerun_trains_nothing(smoke):
+def test_rerun_trains_nothing(smoke, smoke_run):
     results, proc, version = smoke
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _ok(proc)
     skip_if_code_changed(version)
     before_cache = cache_state(results)
     assert sum(k.startswith("cache/utility") for k in before_cache) == 16   # 8 coalitions × 2 seeds
-    n_before = len(read_runs(results)["smoke.jsonl"])
+    n_before = len(read_runs(results)["smoke.jsonl"])    # other tests may have rerun it already
     proc2 = run_cli(smoke_args(results))
-    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    _ok(proc2)
     skip_if_code_changed(version)
     lines = read_runs(results)["smoke.jsonl"]
     assert len(lines) == n_before + len(expected_valuers(json.loads(lines[-1])))
-    first = {json.loads(x)["valuer"]: json.loads(x) for x in lines[:n_before]}
+    first = {r["valuer"]: r for r in smoke_run.records}
     second = {json.loads(x)["valuer"]: json.loads(x) for x in lines[n_before:]}
     r = second["retrain_shapley"]
     assert r["status"] == "ok"
     assert r["cost"]["fine_tunes"] == 7 and r["cost"]["fine_tunes_cached"] == r["cost"]["fine_tunes"]
-    for name in ("loo", "mc_shapley", "random"):
-        assert second[name]["cost"]["fine_tunes_cached"] == second[name]["cost"]["fine_tunes"]
+    for name in ("loo", "mc_shapley", "random", "dpo_arithmetic"):
+        assert second[name]["cost"]["fine_tunes_cached"] == second[name]["cost"]["fine_tunes"], name
+        assert second[name]["owner_values"] == first[name]["owner_values"], name
     assert cache_state(results) == before_cache, "no cache entry was added or rewritten"
     assert r["owner_values"] == first["retrain_shapley"]["owner_values"]
     assert r["utility_table"] == first["retrain_shapley"]["utility_table"]
 
 
-def _error_line(proc) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"stderr should be one line, got:\n{proc.stderr[-3000:]}"
+def _error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"stderr should be one line, got:\n{stderr[-3000:]}"
     assert lines[0].startswith("error: "), lines[0]
     return lines[0]
 
 
 def _check_bad(results: Path, args, *expect):
     before = read_runs(results)
-    proc = run_cli(args, timeout=300)
-    assert proc.returncode != 0, f"exit 0 for {args[-2:]}; stdout:\n{proc.stdout[-2000:]}"
-    line = _error_line(proc)
+    code, out, err = run_cli(args)
+    assert code == 2, f"exit {code} for {args[-2:]}; stdout:\n{out[-2000:]}\nstderr:\n{err[-2000:]}"
+    line = _error_line(err)
     for word in expect:
         assert word in line, line
     assert read_runs(results) == before, "a failed run must not write records"
@@ -168,6 +161,7 @@ BAD = {
     "valuer": (["valuers=[nope]"], ("valuers", "nope", "retrain_shapley")),
     "empty_owner": (["partition.sizes=[0,20,20]"], ("partition", "owner 0")),
     "lds": (["lds.n_subsets=2"], ("lds", "n_subsets")),   # refused before any fine-tune
+    "too_many_owners": (["partition.n_owners=100000", "partition=iid"], ("n_owners",)),
 }
 
 
@@ -176,11 +170,6 @@ def test_bad_input_is_one_line(smoke, case):
     results, _, _ = smoke
     extra, expect = BAD[case]
     _check_bad(results, smoke_args(results) + extra, *expect)
-
-
-def test_bad_input_too_many_owners(smoke):
-    results, _, _ = smoke
-    _check_bad(results, smoke_args(results) + ["partition.n_owners=100000", "partition=iid"], "n_owners")
 
 
 def test_bad_input_results_dir_under_a_file(smoke, tmp_path):
@@ -194,8 +183,8 @@ def test_bad_input_results_dir_under_a_file(smoke, tmp_path):
 
 
 def _local_args(results: Path, path: Path) -> list[str]:
-    return ["logger=none", f"results_dir={results}", f"cache_dir={results}/cache", "n_jobs=1",
-            "progress=false", "task=local_pref", f"task.path={path}"]
+    return ["logger=none", f"results_dir={results}", f"cache_dir={results}/cache", f"hydra.run.dir={results}/hydra",
+            "n_jobs=1", "progress=false", "task=local_pref", f"task.path={path}"]
 
 
 def test_bad_input_local_file_missing_column(smoke, tmp_path):
@@ -217,3 +206,17 @@ def test_bad_input_local_file_with_experiment(smoke, tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "rejected": "no"}) + "\n" for i in range(5)))
     _check_bad(results, smoke_args(results) + ["task=local_pref", f"task.path={path}"], "'chosen'")
+
+
+def test_python_m_bench_is_the_cli(tmp_path):
+    """The real entry point, in its own interpreter: the usage, and a bad argument's exit
+    status and one-line message (the job itself runs through it in test_determinism)."""
+    def bench(*args):
+        return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+    usage = bench("--help")
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: dvbench"), usage.stderr[-2000:]
+    bad = bench("experiment=smoke", f"results_dir={tmp_path}", "model=nope")
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert _error_line(bad.stderr) == "error: model=nope: no such config; choose one of ['hf', 'smollm2-135m', 'tiny']"
+    assert not (tmp_path / "runs").exists()

@@ -1,33 +1,17 @@
 """No network by default: the CLI sets the hub libraries and W&B offline unless the
 command line opts in, and a smoke run passes with every non-loopback connection
-refused for the process (and its workers)."""
+refused (the session's ``smoke_run``, in this process; ``test_determinism`` runs the
+real entry point in a fresh interpreter with the network blocked the same way and the
+offline variables unset)."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import os
+import socket
 
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import block_network, read_records, run_cli, smoke_args
 
-from bench.core.env import wants_online
-
-BLOCK = '''
-import socket
-_orig = socket.socket.connect
-def _connect(self, address):
-    host = address[0] if isinstance(address, tuple) else address
-    if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
-        raise OSError(f"network disabled for this test: {address}")
-    return _orig(self, address)
-socket.socket.connect = _connect
-_orig_gai = socket.getaddrinfo
-def _gai(host, *a, **k):
-    if host not in (None, "127.0.0.1", "::1", "localhost", ""):
-        raise socket.gaierror(f"network disabled for this test: {host}")
-    return _orig_gai(host, *a, **k)
-socket.getaddrinfo = _gai
-'''
+from bench.core.env import HUB_OFFLINE, wants_online
 
 
 def test_online_is_opt_in():
@@ -37,26 +21,30 @@ def test_online_is_opt_in():
     assert wants_online(["logger=wandb_online"]) == {"hub": False, "wandb": True}
 
 
-def test_smoke_runs_with_the_network_disabled(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCK)
-    env = subprocess_env()
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE"):
-        env.pop(k, None)                       # the CLI itself must set these
-    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
-    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('example.com', 80), 3)"],
-                           env=env, capture_output=True, text=True, timeout=60)
-    assert probe.returncode != 0 and "network disabled" in probe.stderr          # the block works
-    out = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke", "task.n_train_per_source=10",
-                          "task.n_eval_per_source=8", "partition.sizes=[8,5,5]", "valuers=[loo]",
-                          f"results_dir={tmp_path}/r", "progress=false"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    recs = [json.loads(x) for x in (tmp_path / "r" / "runs" / "smoke.jsonl").read_text().splitlines()]
-    assert {r["valuer"] for r in recs} == {"loo", "random", "retrain_shapley"}
-    assert all(r["status"] == "ok" for r in recs)
-    assert "W&B init failed" not in out.stderr          # offline W&B needs no network either
+def test_the_network_block_works(monkeypatch):
+    refused = block_network(monkeypatch)
+    with pytest.raises(OSError, match="network disabled"):
+        socket.create_connection(("example.com", 80), 3)
+    assert refused == ["example.com"]
+
+
+def test_smoke_runs_with_the_network_disabled(smoke_run):
+    assert smoke_run.code == 0, smoke_run.stderr[-3000:]
+    assert {r["valuer"] for r in smoke_run.records} == {"random", "loo", "retrain_shapley", "mc_shapley",
+                                                        "dpo_arithmetic"}
+    assert all(r["status"] == "ok" for r in smoke_run.records)
+    assert smoke_run.refused == [], f"the run tried the network: {smoke_run.refused[:5]}"
+    # the CLI set the offline variables itself (the run started without them)
+    assert smoke_run.env == {**dict.fromkeys(HUB_OFFLINE, "1"), "WANDB_MODE": "offline"}
+
+
+def test_online_opt_in_leaves_wandb_to_the_user(monkeypatch):
+    """`logger=wandb_online` still sets the hub offline but leaves WANDB_MODE to the user."""
+    for k in (*HUB_OFFLINE, "WANDB_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    code, _, err = run_cli(["logger=wandb_online", "model=nope"])    # stops at the bad model, after the env
+    assert code == 2 and "model=nope" in err
+    assert all(os.environ.get(k) == "1" for k in HUB_OFFLINE) and "WANDB_MODE" not in os.environ
 
 
 def test_valuer_target_must_be_the_projects_own(tmp_path, monkeypatch):
@@ -69,21 +57,18 @@ def test_valuer_target_must_be_the_projects_own(tmp_path, monkeypatch):
         run.build_valuer("evil")
 
 
-def test_wandb_failure_keeps_the_local_record(tmp_path):
-    """W&B breaking at run time (here: wandb.init raises) costs one warning, not the run."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import wandb\n"
-        "def _boom(*a, **k):\n    raise RuntimeError('W&B is down')\n"
-        "wandb.init = _boom\n")
-    env = subprocess_env()
-    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
-    out = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke", "task.n_train_per_source=10",
-                          "task.n_eval_per_source=8", "partition.sizes=[8,5,5]", "valuers=[loo]", "logger=wandb",
-                          f"results_dir={tmp_path}/r", "progress=false"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "W&B init failed (RuntimeError: W&B is down)" in out.stderr
-    recs = [json.loads(x) for x in (tmp_path / "r" / "runs" / "smoke.jsonl").read_text().splitlines()]
+def test_wandb_failure_keeps_the_local_record(smoke_run, tmp_path, monkeypatch):
+    """W&B breaking at run time (here: wandb.init raises) costs one warning, not the run
+    (on the smoke job's cache: nothing is trained)."""
+    import wandb
+
+    def boom(*a, **k):
+        raise RuntimeError("W&B is down")
+    monkeypatch.setattr(wandb, "init", boom)
+    args = smoke_args(tmp_path / "r", cache_dir=smoke_run.results / "cache")
+    code, _, err = run_cli([a for a in args if a != "logger=none"] + ["logger=wandb", "valuers=[loo]"])
+    assert code == 0, err[-3000:]
+    assert "W&B init failed (RuntimeError: W&B is down)" in err
+    recs = read_records(tmp_path / "r")
     assert {r["valuer"] for r in recs} == {"loo", "random", "retrain_shapley"}
+    assert all(r["status"] == "ok" for r in recs)
