@@ -2,12 +2,12 @@
 unsharded exact Shapley; assemble names what is missing; bad specs fail in one line."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import re
+import time
 
 import numpy as np
 import pytest
-from conftest import REPO, one_line, subprocess_env
+from conftest import one_line, run_cli
 
 from bench.core import shapley
 from bench.core.errors import ConfigError
@@ -49,24 +49,41 @@ def test_four_shards_then_assemble_equal_the_unsharded_truth(tmp_path, fresh_cac
 
 
 def test_assemble_on_an_empty_cache_names_the_missing(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench", "assemble", "experiment=smoke", f"results_dir={tmp_path}",
-                          "logger=none"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    err = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "game.shard: 16 of 16 ground-truth coalitions are not cached" in err[0], out.stderr
+    code, _, stderr = run_cli(["assemble", "experiment=smoke", f"results_dir={tmp_path}", "logger=none",
+                               f"hydra.run.dir={tmp_path}/hydra"])
+    assert code == 2, stderr[-2000:]
+    err = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: game.shard: 16 of 16 ground-truth coalitions are not cached"), \
+        stderr
     assert not list(tmp_path.glob("runs/*.jsonl"))                   # no record written
+    assert not list(tmp_path.glob("cache/utility/*/*"))              # and nothing trained
 
 
-def test_overhead_accounting():
+def test_overhead_accounting(monkeypatch):
     """The job's wall-time line: fresh compute from a game log, the process age."""
     from bench.core.game import UseLog
     from bench.core.game import fresh_compute_s
+    from bench.harness import job
     from bench.harness.job import overhead_line, process_age_s
     log = UseLog()
     log.add(1, {"train_s": 2.0, "eval_s": 0.5, "n_train": 3}, True)
     log.add(2, {"train_s": 9.0, "eval_s": 1.0, "n_train": 3}, False)     # a cache hit costs nothing here
     assert fresh_compute_s(log) == pytest.approx(2.5)
+    # this process's age (Linux /proc): positive, and it grows with the clock
     age = process_age_s()
-    assert age is None or 0 < age < 24 * 3600
-    assert "harness overhead" in overhead_line(0.0, 1.0, 0.5)
+    assert age is not None and 0 < age < 24 * 3600
+    time.sleep(0.05)
+    assert 0.04 < process_age_s() - age < 5
+    # wall = the process age; the rest of it after fine-tunes and the valuers' own work is overhead
+    line = overhead_line(0.0, 1.0, 0.5)
+    wall, ft, own, rest, pct = (float(x) for x in
+                                re.fullmatch(r"\[dvbench\] wall ([\d.]+) s = fine-tunes\+evals ([\d.]+) s \+ "
+                                             r"valuers' own work ([\d.]+) s \+ harness overhead ([\d.]+) s "
+                                             r"\(([\d.]+)%\)", line).groups())
+    assert wall == pytest.approx(process_age_s(), abs=0.2) and (ft, own) == (1.0, 0.5)
+    assert rest == pytest.approx(wall - 1.5, abs=0.11) and pct == pytest.approx(100 * rest / wall, abs=0.11)
+    # without /proc the wall time is the clock since the job started
+    monkeypatch.setattr(job, "process_age_s", lambda: None)
+    assert overhead_line(time.time() - 10.0, 4.0, 1.0).startswith("[dvbench] wall 10.0 s = ")
+    assert "harness overhead 5.0 s (50.0%)" in overhead_line(time.time() - 10.0, 4.0, 1.0)
+    assert "harness overhead 0.0 s" in overhead_line(time.time() - 1.0, 4.0, 1.0)   # never negative
