@@ -2,11 +2,14 @@
 
 Each game returns (table, expected_shapley): table is indexed by coalition bitmask (bit i =
 player i), expected comes from a closed form or from `shapley_by_permutations`, a slow
-brute-force reference kept independent of bench.core.shapley on purpose.
+brute-force reference kept independent of bench.core.shapley on purpose. ``TableGame``
+serves such a table through the valuers' game interface (``GameView``), metered and
+budgeted like the real game, for testing valuers against exact answers.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from itertools import permutations
 from math import factorial
 from typing import Callable, Sequence
@@ -97,3 +100,144 @@ def unanimity_game(n: int, carriers: Sequence[int]) -> tuple[np.ndarray, np.ndar
     t = set(carriers)
     phi = np.array([1 / len(t) if i in t else 0.0 for i in range(n)])
     return _table(n, lambda s: float(t <= set(s))), phi
+
+
+class TableGame:
+    """A valuation game whose utilities are read from a 2^n table: the names of
+    ``bench.core.valuation.GameView`` over a closed-form game, metered like the real
+    game (``bench.core.game.Game``), so valuers and their budgets can be tested against
+    exact answers without training anything.
+
+    Each owner holds ``owner_sizes[i]`` placeholder pairs. A coalition's first use is a
+    "fresh" fine-tune costing ``compute_s``; later uses are cached. ``metered(budget)``
+    opens a use meter that raises ``BudgetExhausted`` before a utility would pass the
+    budget, as the real game does; ``computed`` counts how often each coalition was
+    actually computed (once, if the cache works). ``subset_utilities`` values a set of
+    pairs only when it is a union of whole owners. There are no models: ``base``,
+    ``trained_model``, ``finetuned`` and the stage metadata raise NotImplementedError.
+    """
+
+    kind = "union"
+    metric = "pref_acc"
+    model_spec = None
+    train = None
+    device_kind = "cpu"
+
+    def __init__(self, table, owner_sizes=None, seed: int = 0, compute_s: float = 1.0, cache_dir=None):
+        from collections import Counter
+
+        from bench.core.game import UseLog
+        from bench.core.task import Pair
+        self._table = np.asarray(table, dtype=float)
+        n = len(self._table).bit_length() - 1
+        if n < 1 or len(self._table) != 1 << n:
+            raise ValueError(f"a utility table has 2^n entries, got {len(self._table)}")
+        self.n, self.seed, self.compute_s = n, seed, float(compute_s)
+        self.owner_sizes = list(owner_sizes) if owner_sizes is not None else [1] * n
+        if len(self.owner_sizes) != n or min(self.owner_sizes) < 1:
+            raise ValueError(f"owner_sizes: {self.owner_sizes}; give {n} sizes >= 1")
+        ids = iter(range(sum(self.owner_sizes)))
+        self.owners = [[Pair(k, f"owner{i}", f"q{k}", "a", "b") for k in (next(ids) for _ in range(s))]
+                       for i, s in enumerate(self.owner_sizes)]
+        self.eval = [Pair(0, "eval", "q", "a", "b")]
+        self._owner_of = {p.id: i for i, o in enumerate(self.owners) for p in o}
+        self._cache_dir = cache_dir
+        self.log = UseLog()                 # everything asked of this game object
+        self._meters: list = []
+        self._done: set = set()             # coalitions "cached"
+        self.computed: Counter = Counter()  # coalition -> times computed (1 once cached)
+
+    # ----------------------------------------------------------- metering, as Game
+    @contextmanager
+    def metered(self, budget=None):
+        from bench.core.game import UseLog
+        from bench.core.valuation import Budget
+        log = UseLog(budget=budget or Budget())
+        self._meters.append(log)
+        try:
+            yield log
+        finally:
+            self._meters.remove(log)
+
+    @property
+    def usage(self):
+        return self._meters[-1] if self._meters else self.log
+
+    def check_budget(self) -> None:
+        for m in self._meters:
+            m.admit({})
+
+    def _admit(self, masks) -> None:
+        for m in self._meters:
+            m.admit({mask: mask != 0 for mask in masks})
+
+    def _use(self, mask: int) -> float:
+        fresh = mask not in self._done
+        if fresh:
+            self._done.add(mask)
+            self.computed[mask] += 1
+        rec = {"n_train": sum(self.owner_sizes[i] for i in range(self.n) if mask >> i & 1),
+               "train_s": self.compute_s if mask else 0.0, "eval_s": 0.0}
+        for log in (self.log, *self._meters):
+            log.add(mask, rec, fresh)
+        return float(self._table[mask])
+
+    def _check_mask(self, mask) -> int:
+        if not isinstance(mask, (int, np.integer)) or not 0 <= mask < 1 << self.n:
+            raise ValueError(f"coalition {mask!r}: not a mask of {self.n} owners")
+        return int(mask)
+
+    # ----------------------------------------------------------- GameView
+    def flat_pairs(self) -> list:
+        return [p for o in self.owners for p in o]
+
+    def utility(self, mask: int) -> float:
+        mask = self._check_mask(mask)
+        self._admit([mask])
+        return self._use(mask)
+
+    def record(self, mask: int) -> dict:
+        return {"metrics": {self.metric: self.utility(mask)}, "mask": int(mask)}
+
+    def prefetch(self, items) -> None:
+        masks = [self._check_mask(m) for m in dict.fromkeys(items)]
+        self._admit(masks)
+        for m in masks:
+            self._use(m)
+
+    def table(self, masks=None) -> np.ndarray:
+        masks = list(range(1 << self.n)) if masks is None else list(masks)
+        self.prefetch(masks)
+        out = np.full(1 << self.n, np.nan)
+        for m in masks:
+            out[m] = self.utility(m)
+        return out
+
+    def _mask_of_pairs(self, pairs) -> int:
+        ids = {p.id for p in pairs}
+        mask = 0
+        for k in ids:
+            mask |= 1 << self._owner_of[k]
+        whole = {p.id for i in range(self.n) if mask >> i & 1 for p in self.owners[i]}
+        if ids != whole:
+            raise ValueError("a TableGame values unions of whole owners only")
+        return mask
+
+    def subset_record(self, pairs) -> dict:
+        return self.record(self._mask_of_pairs(pairs))
+
+    def subset_utilities(self, subsets) -> np.ndarray:
+        masks = [self._mask_of_pairs(s) for s in subsets]
+        self.prefetch(masks)
+        return np.array([self.utility(m) for m in masks])
+
+    def artefacts_dir(self, name: str):
+        from pathlib import Path
+        if self._cache_dir is None:
+            raise ValueError("TableGame: no cache_dir given for artefacts")
+        return Path(self._cache_dir) / name
+
+    def _no_models(self, *a, **k):
+        raise NotImplementedError("a TableGame has utilities only, no models")
+
+    base = trained_model = coalition_meta = stage_meta = finetuned = _no_models
