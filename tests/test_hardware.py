@@ -1,5 +1,5 @@
 """Hardware slug, device detection, preset choice, and the `make bench` / `make
-bench-micro` drivers (bench/hardware.py). Fast: child processes are faked, nothing trains."""
+bench-micro` drivers (bench/cli/hardware.py; detection in bench/tracking/system.py). Fast: child processes are faked, nothing trains."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, one_line, subprocess_env
 
 from bench.cli import hardware
-from bench.tracking import ResultsStore, hardware_fingerprint, hardware_slug, read_jsonl
+from bench.tracking import ResultsStore, hardware_fingerprint, hardware_slug, read_jsonl, system
 
 SLUG_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 GIB = 2**30
@@ -56,7 +56,7 @@ def test_slug_is_filesystem_safe(fake):
 def test_slug_is_stable_and_distinguishes_machines():
     a = hardware_slug()
     assert SLUG_RE.match(a) and a == hardware_slug() == hardware_slug(hardware_fingerprint())
-    # extra fields (what bench.cli.hardware.fingerprint adds) do not change it
+    # extra fields (what hardware_fingerprint(devices=True) adds) do not change it
     assert hardware_slug({**hardware_fingerprint(), "device": "cpu", "driver": None}) == a
     base = hw()
     variants = [hw(n_cpus=4), hw(ram_gib=64), hw(cpu="Intel(R) Xeon(R) Gold 6248"),
@@ -83,15 +83,15 @@ def test_detection_never_raises_without_cuda(monkeypatch):
         raise RuntimeError("CUDA driver initialization failed")
 
     monkeypatch.setattr(torch.cuda, "is_available", boom)
-    assert hardware.detect_device() in ("cpu", "mps")
-    assert hardware.cuda_devices() == []
-    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
+    assert system.detect_device() in ("cpu", "mps")
+    assert system.cuda_devices() == []
+    monkeypatch.setattr(system.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "pynvml", None)      # import fails
-    assert hardware.driver_version() is None
+    assert system.driver_version() is None
 
 
 def test_fingerprint_of_this_machine():
-    fp = hardware.fingerprint()
+    fp = hardware_fingerprint(devices=True)
     assert fp["device"] in ("cpu", "cuda", "mps") and fp["slug"] == hardware_slug()
     text = hardware.format_fingerprint(fp)
     for word in ("hardware", "device", "cpu", "torch", fp["slug"]):
@@ -231,7 +231,7 @@ def driver(monkeypatch, tmp_path):
     fp = {**fake_hw, "id": "fake", "torch": "x", "cuda_version": None, "device": "cpu",
           "devices": [], "driver": None, "cudnn": None, "python": "3", "platform": "test"}
     fp["slug"] = hardware_slug(fake_hw)
-    monkeypatch.setattr(hardware, "fingerprint", lambda: dict(fp))
+    monkeypatch.setattr(hardware, "hardware_fingerprint", lambda **k: dict(fp))
     _fake_device(monkeypatch, "cpu")
     import bench.tracking
     monkeypatch.setattr(bench.tracking, "git_info", lambda *a, **k: {"commit": COMMIT, "dirty": False})
@@ -399,9 +399,9 @@ def test_makefile_wires_the_drivers():
         lines = [ln for ln in p.stdout.splitlines() if ln.strip() and not ln.startswith("make")]
         return " ".join(lines[-1].split())
 
-    assert dry("bench").endswith("-m bench.cli.hardware bench --")
+    assert dry("bench").endswith("-m bench hardware bench --")
     assert dry("bench", "PRESET=quick", "STRICT=1", "ARGS=seed=1 n_jobs=2").endswith(
-        "-m bench.cli.hardware bench --preset quick --strict -- seed=1 n_jobs=2")
-    assert dry("bench-micro").endswith("-m bench.cli.hardware micro --tolerance 25 --")
+        "-m bench hardware bench --preset quick --strict -- seed=1 n_jobs=2")
+    assert dry("bench-micro").endswith("-m bench hardware micro --tolerance 25 --")
     assert dry("bench-micro", "BENCH_TOL=10", "ARGS=-k shapley").endswith(
         "micro --tolerance 10 -- -k shapley")

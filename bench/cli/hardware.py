@@ -1,4 +1,5 @@
 """Which machine is this, what fits on it, and ``make bench`` / ``make bench-micro`` on it.
+(The fingerprint and device detection are ``bench.tracking.system``; this is the program.)
 
     python -m bench hardware fingerprint [--json]    # device, memory, driver, torch/CUDA, CPUs
     python -m bench hardware slug                    # e.g. cpu-2c-24g-amd-epyc
@@ -24,14 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from bench.core.cache import atomic_write_bytes
 from bench.core.errors import fail
-from bench.tracking import REPO_DIR, hardware_fingerprint, hardware_slug
+from bench.tracking import REPO_DIR, hardware_slug
+from bench.tracking.system import cuda_devices, detect_device, hardware_fingerprint
 
 CONF = REPO_DIR / "conf"
 GIB = 2**30
@@ -43,104 +45,14 @@ MICRO_TOLERANCE = 25       # whole percent (pytest-benchmark takes no fractions)
 MICRO_STAT = "mean"
 
 
-# --------------------------------------------------------------------------- detection
-
-def detect_device() -> str:
-    """``"cuda"`` (also ROCm builds), ``"mps"`` or ``"cpu"``; never raises."""
-    try:
-        import torch
-    except Exception:
-        return "cpu"
-    try:
-        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-            return "cuda"
-    except Exception:     # a broken driver is a machine without a usable GPU
-        pass
-    try:
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return "mps"
-    except Exception:
-        pass
-    return "cpu"
-
-
-def cuda_devices() -> list[dict]:
-    """``[{"index", "name", "memory_bytes", "capability"}]`` of the visible CUDA devices."""
-    try:
-        import torch
-        if not torch.cuda.is_available():
-            return []
-        out = []
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            out.append({"index": i, "name": p.name, "memory_bytes": int(p.total_memory),
-                        "capability": f"{p.major}.{p.minor}"})
-        return out
-    except Exception:
-        return []
-
-
-def mps_memory_bytes() -> int | None:
-    """What Metal recommends as the working-set limit (unified memory), if torch says."""
-    try:
-        import torch
-        fn = getattr(getattr(torch, "mps", None), "recommended_max_memory", None)
-        return int(fn()) if fn is not None else None
-    except Exception:
-        return None
-
-
-def driver_version() -> str | None:
-    """The NVIDIA driver (``nvidia-smi``, else NVML if installed), or None."""
-    exe = shutil.which("nvidia-smi")
-    if exe:
-        try:
-            p = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=20)
-            lines = [ln.strip() for ln in p.stdout.splitlines() if ln.strip()]
-            if p.returncode == 0 and lines:
-                return lines[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        try:
-            v = pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-        return v.decode() if isinstance(v, bytes) else str(v)
-    except Exception:
-        return None
-
-
-def fingerprint() -> dict:
-    """``hardware_fingerprint()`` (what records carry) plus the device view: ``device``,
-    ``devices`` (CUDA name / memory / capability), ``mps_memory_bytes``, ``driver``,
-    ``cudnn`` and ``slug``."""
-    fp = hardware_fingerprint()
-    fp["device"] = detect_device()
-    fp["devices"] = cuda_devices() if fp["device"] == "cuda" else []
-    fp["mps_memory_bytes"] = mps_memory_bytes() if fp["device"] == "mps" else None
-    fp["driver"] = driver_version() if fp["device"] == "cuda" else None
-    fp["cudnn"] = None
-    try:
-        import torch
-        if fp["device"] == "cuda" and torch.backends.cudnn.is_available():
-            fp["cudnn"] = torch.backends.cudnn.version()
-    except Exception:
-        pass
-    fp["slug"] = hardware_slug(fp)
-    return fp
-
+# --------------------------------------------------------------------------- fingerprint
 
 def _gib(n: int | None) -> str:
     return "?" if not n else f"{n / GIB:.1f} GiB"
 
 
 def format_fingerprint(fp: dict) -> str:
-    """A few aligned lines for a terminal."""
+    """``hardware_fingerprint(devices=True)`` as a few aligned lines for a terminal."""
     lines = [("hardware", f"{fp['slug']}  (id {fp.get('id')})"), ("device", fp["device"])]
     for d in fp.get("devices") or []:
         desc = f"{d['name']}, {_gib(d['memory_bytes'])}, compute capability {d['capability']}"
@@ -238,7 +150,7 @@ def write_report(results: Path, experiment: str, commit: str) -> Path | None:
     if rep.returncode == 2 and "unrecognized arguments" in (rep.stderr or ""):   # no --out yet
         rep = _run(base + ["--markdown"], capture=True)
         if rep.returncode == 0:
-            report.write_text(rep.stdout)
+            atomic_write_bytes(report, rep.stdout.encode())
     if rep.returncode:
         print(f"bench: report failed: {(rep.stderr or '').strip()}", file=sys.stderr)
         return None
@@ -257,7 +169,7 @@ def bench_main(preset: str | None, overrides: Sequence[str], strict: bool = Fals
              "(python -m bench hardware bench --preset <name>)")
     if preset:
         preset, why = check_preset(preset), "chosen by PRESET"
-    fp = fingerprint()
+    fp = hardware_fingerprint(devices=True)
     print(format_fingerprint(fp), flush=True)
     if not preset:
         preset, why = choose_preset()
@@ -412,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.command == "fingerprint":
-        fp = fingerprint()
+        fp = hardware_fingerprint(devices=True)
         print(json.dumps(fp, indent=1) if args.json else format_fingerprint(fp))
     elif args.command == "slug":
         print(hardware_slug())

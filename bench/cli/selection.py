@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from bench.core.errors import fail
-    from bench.core.train import quiet_libraries
+    from bench.core.env import quiet_libraries
     quiet_libraries()
     try:
         from omegaconf import OmegaConf

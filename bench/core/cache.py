@@ -1,21 +1,21 @@
-"""A content-addressed on-disk store, written atomically.
+"""A content-addressed on-disk store, written atomically, and the project's one file writer.
 
-Every entry is written to a temp file in the same folder, fsynced, then
-``os.replace``d into place, so a reader sees either nothing or a whole entry.
-A truncated or unreadable entry (a crash of another tool, a full disk) reads
-as missing and is recomputed.
+``atomic_write_bytes`` writes every file the project replaces whole (cache entries,
+embeddings, reports, plots, baselines): a temp file in the same folder whose name
+carries the writer's pid, fsynced, then ``os.replace``d into place, so a reader sees
+either the old file or the whole new one, and ``sweep_stale_tmp`` can tell a dead
+writer's leftover from a live one's. A truncated or unreadable cache entry (a crash
+of another tool, a full disk) reads as missing and is recomputed.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import functools
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-
-import torch
 
 
 def content_key(obj) -> str:
@@ -23,13 +23,32 @@ def content_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says (os.umask sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically (temp file with the writer's pid, fsync,
+    rename; the folder is created). ``DVBENCH_KILL_AT=cache_write:<n>`` (``bench.core.faults``)
+    kills the writer between the fsync and the rename. Returns ``path``."""
     from bench.core.faults import die, should_kill
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the writer's pid is in the temp name, so a later run can tell a dead writer's leftover
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())   # as open() would make it, not mkstemp's 0600
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -42,6 +61,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    return path
 
 
 def _alive(pid: int) -> bool:
@@ -95,6 +115,7 @@ class DiskCache:
         atomic_write_bytes(self._path(kind, key, "json"), json.dumps({**rec, "key": key}).encode())
 
     def get_tensors(self, kind: str, key: str):
+        import torch
         p = self._path(kind, key, "pt")
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -106,23 +127,22 @@ class DiskCache:
 
     def put_tensors(self, kind: str, key: str, obj: dict) -> None:
         import io
+
+        import torch
         buf = io.BytesIO()
         torch.save({**obj, "key": key}, buf)
         atomic_write_bytes(self._path(kind, key, "pt"), buf.getvalue())
 
     @contextlib.contextmanager
     def lock(self, kind: str, key: str):
-        """An exclusive inter-process lock on one entry (POSIX ``flock``; released
-        by the OS if the holder dies). Lock files stay in ``root/locks`` (empty,
-        reused); they are never read as entries."""
+        """An exclusive inter-process lock on one entry (``filelock.UnixFileLock``, a
+        POSIX ``flock``: released by the OS if the holder dies, even by SIGKILL). Lock
+        files stay in ``root/locks`` (empty, reused); they are never read as entries."""
+        from filelock import UnixFileLock
         p = self.root / "locks" / kind / f"{key}.lock"
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        with UnixFileLock(p):
+            yield
 
     def count(self, kind: str) -> int:
         return sum(1 for _ in (self.root / kind).glob("*/*.*")) if (self.root / kind).exists() else 0

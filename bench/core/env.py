@@ -2,14 +2,20 @@
 offline by default, quiet libraries.
 
 ``use_environment(argv)`` is called first by every program; the tests' conftest
-calls it with no arguments (offline). Network use is opt-in from the command line:
+calls it with no arguments (offline). ``quiet_libraries()`` is called by every
+process that loads models (programs and game workers), before it trains or embeds. Network use is opt-in from the command line:
 hub downloads (``model.online=true``, ``task.online=true``, ``task=hf_pref``) and W&B
 (``logger=wandb_online`` or ``logger.mode=online``); then the user's own environment
 decides.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import sys
+import warnings
 
 HUB_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 QUIET = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -40,3 +46,33 @@ def use_environment(argv: list[str] | tuple = (), force: bool = False) -> dict[s
         else:
             os.environ.setdefault(k, v)
     return online
+
+
+# What a library prints on import, unasked: transformers' W&B integration prints this
+# when WANDB_MODE=offline (which use_environment sets), in every process that imports
+# a Trainer (every game worker, SHED's SentenceTransformer).
+_IMPORT_NOTICES = ("[INFO] Running in WANDB offline mode",)
+# Loggers whose INFO lines (Hydra shows INFO) land in the middle of progress bars:
+# sentence-transformers logs "Loading SentenceTransformer model from <full path>".
+_CHATTY_LOGGERS = ("sentence_transformers",)
+
+
+def quiet_libraries() -> None:
+    """Silence per-load progress bars, notices and INFO lines of the HF stack (a game
+    loads hundreds of models; SHED loads its embedder once per process). Idempotent."""
+    import datasets
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if "transformers.integrations.integration_utils" not in sys.modules:
+        # imported here once, its import-time notice swallowed; anything else it prints passes
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            import transformers.integrations.integration_utils  # noqa: F401
+        rest = [ln for ln in buf.getvalue().splitlines() if ln.strip() not in _IMPORT_NOTICES]
+        if rest:
+            print("\n".join(rest))

@@ -1,0 +1,184 @@
+"""The results store: append-only JSONL, one file per experiment under ``<root>/runs/``,
+one line per (experiment, valuer, game, seed) run; and the helpers that read records.
+
+Records of any schema version are upgraded on read (``bench.tracking.schema``).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from filelock import lock_descriptor
+
+from bench.core.errors import ConfigError
+from bench.tracking.provenance import to_jsonable
+from bench.tracking.schema import upgrade
+
+
+def _safe_name(name: str) -> str:
+    safe = re.sub(r"[^\w.=+-]", "_", str(name)).lstrip(".")
+    if not safe:
+        raise ConfigError(f"experiment: invalid name {name!r}; set experiment=<name>")
+    return safe
+
+
+def dumps_line(record: dict) -> bytes:
+    """One record as one JSON line (NaN written as null)."""
+    return (json.dumps(to_jsonable(record), allow_nan=False, ensure_ascii=False) + "\n").encode()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records in a JSONL file, upgraded to the current schema; unreadable lines (a
+    truncated write) are skipped with one warning."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        # Never read a line while it is being written. The writer's lock is a flock on
+        # the file itself; readers share it (filelock has no shared lock, and an
+        # exclusive one on a read-only descriptor fails on NFS), and a read-only file or
+        # folder (a committed baseline) needs no lock file of its own.
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        data = fh.read()
+    out, bad = [], []
+    for i, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            bad.append(i)
+            continue
+        if isinstance(rec, dict):
+            out.append(upgrade(rec))
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) {bad[:5]} "
+                      "(truncated or interrupted write)", RuntimeWarning, stacklevel=2)
+    return out
+
+
+class ResultsStore:
+    """Append-only store: ``<root>/runs/<experiment>.jsonl``, one record per line."""
+
+    def __init__(self, root: str | os.PathLike = "results"):
+        self.root = Path(root)
+        self.runs = self.root / "runs"
+
+    def path(self, experiment: str) -> Path:
+        return self.runs / f"{_safe_name(experiment)}.jsonl"
+
+    def _unwritable(self, err: OSError) -> ConfigError:
+        why = err.strerror or type(err).__name__
+        return ConfigError(f"results_dir: cannot write to {self.runs} ({why}); "
+                           "set results_dir=<writable path>")
+
+    def check_writable(self) -> None:
+        """Fail fast, before any expensive work, if records could not be saved."""
+        try:
+            self.runs.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.runs)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise self._unwritable(e) from e
+
+    def append(self, record: dict) -> Path:
+        """Append one record as one line; safe with concurrent writers and readers.
+
+        Not a write-and-rename (``bench.core.cache.atomic_write_bytes``): the file grows
+        by one line under an exclusive ``flock`` on the file itself (released by the OS
+        if the writer dies), then fsync. A line a killed writer left half-written is
+        skipped by ``read_jsonl`` and never glued to the next record.
+        """
+        if not record.get("experiment"):
+            raise ValueError("record has no 'experiment'")
+        line = dumps_line(record)
+        path = self.path(record["experiment"])
+        try:
+            self.runs.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise self._unwritable(e) from e
+        try:
+            lock_descriptor(fd)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a crashed writer left half a line: keep ours separate
+            from bench.core.faults import die, should_kill
+            if should_kill("log"):
+                os.write(fd, line[: len(line) // 2])
+                os.fsync(fd)
+                die()
+            n = os.write(fd, line)
+            while n < len(line):  # a short write to a regular file is near impossible
+                n += os.write(fd, line[n:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # releases the lock
+        return path
+
+    def experiments(self) -> list[str]:
+        return sorted(p.stem for p in self.runs.glob("*.jsonl"))
+
+    def read(self, experiment: str | None = None) -> list[dict]:
+        """All records (of one experiment, if given), in file order."""
+        if experiment is not None:
+            p = self.path(experiment)
+            recs = read_jsonl(p) if p.exists() else []
+            return [r for r in recs if r.get("experiment") == experiment]
+        return [r for p in sorted(self.runs.glob("*.jsonl")) for r in read_jsonl(p)]
+
+
+# --------------------------------------------------------------------------- reading records
+
+_SECTIONS = ("fidelity", "noise_ceiling", "detection", "selection", "cost")
+
+
+def flatten_metrics(record: dict) -> dict[str, float]:
+    """``{"fidelity/spearman": .., "detection/auroc": .., "cost/wall_s": .., ...}``.
+
+    Reads every dict under ``record["metrics"]`` plus a top-level ``cost``;
+    lists (curves, owner values) are left to tables.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+        elif obj is None or isinstance(obj, (bool, int, float, np.number)):
+            flat[prefix] = to_jsonable(obj)
+
+    metrics = record.get("metrics") or {}
+    for name, sec in metrics.items():
+        walk(name, sec)
+    if "cost" not in metrics and isinstance(record.get("cost"), dict):
+        walk("cost", record["cost"])
+    order = {s: i for i, s in enumerate(_SECTIONS)}
+    return dict(sorted(flat.items(), key=lambda kv: order.get(kv[0].split("/")[0], len(order))))
+
+
+def get_metric(record: dict, section: str, key: str) -> float | None:
+    """``record["metrics"][section][key]`` (``cost`` may also sit at top level); None if absent."""
+    for holder in (record.get("metrics") or {}, record):
+        sec = holder.get(section)
+        if isinstance(sec, dict) and key in sec:
+            v = sec[key]
+            return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+    return None
+
+
+def latest(records: Iterable[dict], keys=("experiment", "game", "valuer", "seed")) -> list[dict]:
+    """The newest record (by timestamp, then file order) for each combination of ``keys``."""
+    best: dict[tuple, dict] = {}
+    for r in records:
+        k = tuple(str(r.get(f)) for f in keys)
+        if k not in best or str(r.get("timestamp") or "") >= str(best[k].get("timestamp") or ""):
+            best[k] = r
+    return list(best.values())
