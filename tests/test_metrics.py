@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench.core.metrics import detection, fidelity, mean_ci, r2
+from bench.core.metrics import detection, detection_roc, fidelity, mean_ci, r2
 
 
 def test_fidelity_perfect_ranking():
@@ -90,3 +90,30 @@ def test_mean_ci():
     m, lo, hi = mean_ci([4.2])
     assert m == 4.2 and math.isnan(lo) and math.isnan(hi)
     assert mean_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_mean_ci_skips_missing_values():
+    """The one CI of the project: report cells pass metrics a run could not compute."""
+    assert mean_ci([1.0, None, 2.0, float("nan"), 3.0, float("inf")]) == mean_ci([1.0, 2.0, 3.0])
+    assert all(math.isnan(v) for v in mean_ci([None, float("nan")]))
+    assert all(math.isnan(v) for v in mean_ci([]))
+
+
+def test_detection_roc_known_answer():
+    """Low value = flagged bad. Ranked lowest first: bad, good, bad, good."""
+    fpr, tpr = detection_roc([1.0, 2.0, 3.0, 4.0], [True, False, True, False])
+    assert fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
+    assert tpr.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert np.trapezoid(tpr, fpr) == pytest.approx(0.75)
+    assert detection([1.0, 2.0, 3.0, 4.0], [True, False, True, False])["auroc"] == pytest.approx(0.75)
+    # the bad points valued lowest: the curve goes straight up to (0, 1)
+    fpr, tpr = detection_roc([5.0, -1.0, 3.0, -2.0], [False, True, False, True])
+    assert (0.0, 1.0) in set(zip(fpr.tolist(), tpr.tolist()))
+    # valued highest: the worst curve, straight right first
+    fpr, tpr = detection_roc([5.0, -1.0, 3.0, -2.0], [True, False, True, False])
+    assert (1.0, 0.0) in set(zip(fpr.tolist(), tpr.tolist()))
+    # a tie between a bad and a good point is one diagonal step
+    fpr, tpr = detection_roc([1.0, 1.0], [True, False])
+    assert fpr.tolist() == [0.0, 1.0] and tpr.tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError):
+        detection_roc([1.0, 2.0], [True, True])

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
-from bench.analysis import report
+from bench.analysis import tables
 from bench.cli import compare
 from bench.cli import report as report_cli
 from bench.core.errors import ConfigError, fail
 from bench.tracking import (ResultsStore, WandbLogger, config_hash, flatten_metrics, git_info,
-                            hardware_fingerprint, latest, to_jsonable)
+                            hardware_fingerprint, latest, read_jsonl, to_jsonable)
 
 
 def make_record(valuer="exact", seed=0, commit="a" * 40, experiment="toy", game="union",
@@ -58,6 +59,28 @@ def test_round_trip_and_nan_is_null(tmp_path):
     assert back["metrics"]["fidelity"]["spearman"] is None
     assert back["owner_values"] == [1.0, None, None, 0.5] and back["seed"] == 3
     assert store.read() == [back] and store.read("other") == []
+
+
+def test_v1_records_are_upgraded_on_read(tmp_path):
+    """The committed baseline results/baselines/quick.jsonl is schema v1 (``truth``,
+    ``truth_values``); read_jsonl and ResultsStore give schema-2 records."""
+    v1 = REPO / "results" / "baselines" / "quick.jsonl"
+    raw = [json.loads(line) for line in v1.read_text().splitlines() if line.strip()]
+    assert raw and all("schema" not in r and "truth" in r for r in raw)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quick.jsonl").write_bytes(v1.read_bytes())
+    for recs in (read_jsonl(v1), ResultsStore(tmp_path).read("quick"), ResultsStore(tmp_path).read()):
+        assert len(recs) == len(raw)
+        for old, new in zip(raw, recs):
+            assert new["schema"] == 2
+            assert new["exact_values"] == old["truth_values"]
+            assert new["exact_values_seed2"] == old["truth_values_seed2"]
+            assert new["planted"]["noisy_owners"] == old["truth"]["noisy_owners"]
+            assert new["planted"]["duplicate_pairs"] == old["truth"]["duplicate_pairs"]
+            assert new["planted"]["corrupted_ids"] is None        # v1 did not store them
+            assert {"truth", "truth_values", "truth_values_seed2"}.isdisjoint(new)
+            assert set(new["valuation"]) == {"table", "clusters", "cluster_scores", "trajectory"}
+    assert v1.read_bytes() == (tmp_path / "runs" / "quick.jsonl").read_bytes()   # read-only: never rewritten
 
 
 def test_truncated_last_line_is_skipped_and_next_append_survives(tmp_path):
@@ -257,9 +280,9 @@ def test_report_table_and_plot(tmp_path, capsys):
     recs = [make_record("exact", s, spearman=0.9 + 0.01 * s) for s in range(3)]
     recs += [make_record("tmc", s, spearman=0.5) for s in range(2)]
     recs += [make_record("tmc", 2, status="failed")]
-    text = report.format_table(recs)
+    text = tables.format_table(recs)
     assert "toy · game=union" in text and "0.910 ± 0.025" in text and "2/3" in text
-    md = report.format_table(recs, markdown=True)
+    md = tables.format_table(recs, markdown=True)
     assert "| valuer | n | fidelity ρ |" in md and "| tmc | 2/3 | 0.500 ± 0.000 |" in md
     store = ResultsStore(tmp_path)
     for r in recs:

@@ -1,7 +1,6 @@
-"""Fidelity at equal fine-tune budget from recorded runs (the program: ``bench/cli/budget.py``)."""
+"""Fidelity at equal fine-tune budget from recorded runs (the program: ``bench/cli/budget.py``;
+the plot: ``bench.analysis.plots.plot_budget``)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
@@ -44,34 +43,6 @@ def budget_table(records: list[dict]) -> dict:
     return {"noise_ceiling_spearman": ceiling, "n_examples": int(sum(records[0]["owner_sizes"])),
             "n_corrupted": None if bad is None else int(bad.sum()),
             "curves": curves}
-
-
-def plot_budget(table: dict, out: str | Path, title: str) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, pts in table["curves"].items():
-        x = [max(p["fine_tunes"], 1) for p in pts]
-        style = "o-" if len(pts) > 1 else "s"
-        axes[0].plot(x, [np.nan if p["spearman"] is None else p["spearman"] for p in pts], style, label=name)
-        if any(p["point_auroc"] is not None for p in pts):
-            axes[1].plot(x, [np.nan if p["point_auroc"] is None else p["point_auroc"] for p in pts], style,
-                         label=name)
-    axes[0].axhline(table["noise_ceiling_spearman"], color="k", ls=":", lw=1, label="noise ceiling")
-    axes[1].axhline(0.5, color="k", ls=":", lw=1, label="chance")
-    for ax, yl in zip(axes, ("owner Spearman vs exact retraining Shapley", "noisy-example AUROC")):
-        ax.set_xscale("log")
-        ax.set_xlabel("fine-tunes spent")
-        ax.set_ylabel(yl)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def format_budget(table: dict) -> str:

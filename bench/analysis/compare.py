@@ -1,13 +1,14 @@
 """Two sets of records side by side: quality deltas and cost ratios (the program: ``bench/cli/compare.py``)."""
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from bench.tracking import REPO_DIR, dumps_line, get_metric, latest
+from bench.analysis.stats import metric_mean
+from bench.analysis.tables import tag_variants
+from bench.tracking.provenance import REPO_DIR
+from bench.tracking.store import dumps_line, latest
 
 # (header, section, key, +1 if higher is better else -1)
 QUALITY = [("ρ", "fidelity", "spearman", +1), ("pearson", "fidelity", "pearson", +1),
@@ -29,15 +30,9 @@ def _of_commit(records: list[dict], commit: str) -> list[dict]:
     return [r for r in records if str(r.get("commit", "")).startswith(commit)]
 
 
-def _mean(recs: list[dict], section: str, key: str) -> float | None:
-    xs = [v for v in (get_metric(r, section, key) for r in recs) if v is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
 def compare_rows(new: list[dict], old: list[dict], tol: float, cost_tol: float | None):
     """Table rows for one experiment and whether any row regressed. Records of one
     experiment with different settings (sweep axes) are lined up per setting."""
-    from bench.analysis.report import tag_variants
     tagged = tag_variants(list(new) + list(old))        # variants named over both sides together
     by_key = lambda recs: _group(latest(recs))  # noqa: E731
     n_g, o_g = by_key(tagged[:len(new)]), by_key(tagged[len(new):])
@@ -61,7 +56,7 @@ def compare_rows(new: list[dict], old: list[dict], tol: float, cost_tol: float |
             bad.append("FAILED")
         cells = []
         for name, sec, k, sign in QUALITY:
-            nv, ov = _mean(n_ok, sec, k), _mean(o_ok, sec, k)
+            nv, ov = metric_mean(n_ok, sec, k), metric_mean(o_ok, sec, k)
             if ov is None:
                 cells.append("—" if nv is None else f"{nv:.3f}")
             elif nv is None:
@@ -74,7 +69,7 @@ def compare_rows(new: list[dict], old: list[dict], tol: float, cost_tol: float |
                 if worse:
                     bad.append(name)
         for name, sec, k in COST:
-            nv, ov = _mean(n_ok, sec, k), _mean(o_ok, sec, k)
+            nv, ov = metric_mean(n_ok, sec, k), metric_mean(o_ok, sec, k)
             if nv is None or not ov:
                 cells.append("—")
                 continue
@@ -98,18 +93,9 @@ def _group(recs: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 def write_baseline(records: list[dict], path: Path) -> int:
-    """Atomically replace ``path`` with the ok records (temp file + os.replace)."""
+    """Atomically replace ``path`` with the ok records, sorted; returns how many."""
+    from bench.core.cache import atomic_write_bytes
     ok = sorted((r for r in records if r.get("status") == "ok"),
                 key=lambda r: (str(r.get("game")), str(r.get("valuer")), str(r.get("seed"))))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.writelines(dumps_line(r) for r in ok)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, b"".join(dumps_line(r) for r in ok))
     return len(ok)

@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench.analysis.budget import budget_table, format_budget, plot_budget
+from bench.analysis.budget import budget_table, format_budget
+from bench.analysis.plots import plot_budget
 from bench.core.errors import ConfigError, fail
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.analysis.compare import COST, QUALITY, _of_commit, compare_rows, resolve_commit, write_baseline
-from bench.analysis.report import render_table
+from bench.analysis.tables import render_table
 from bench.core.errors import fail
 from bench.tracking import ResultsStore, git_info, latest, read_jsonl
 

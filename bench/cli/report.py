@@ -15,7 +15,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from bench.analysis.report import format_table, plot, write_report
+from bench.analysis.plots import plot_fidelity_cost
+from bench.analysis.report import write_report
+from bench.analysis.tables import format_table, summarize
 from bench.core.errors import fail
 from bench.tracking import ResultsStore
 
@@ -48,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         print(f"wrote {write_report(records, args.out)}", file=sys.stderr)
     if args.plot:
-        print(f"wrote {plot(records, args.plot)}", file=sys.stderr)
+        print(f"wrote {plot_fidelity_cost(summarize(records), args.plot)}", file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.analysis.report import format_table
+from bench.analysis.tables import format_table
 from bench.core.env import use_environment
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import hydra
     from omegaconf import DictConfig
 
-    from bench.core.train import quiet_libraries
+    from bench.core.env import quiet_libraries
     quiet_libraries()
 
     @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")

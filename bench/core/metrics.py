@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from scipy import stats
 from sklearn.cluster import KMeans
-from sklearn.metrics import average_precision_score, f1_score, r2_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, r2_score, roc_auc_score, roc_curve
 
 NAN = float("nan")
 
@@ -89,9 +89,28 @@ def detection(values, is_bad, seed: int = 0) -> dict:
     }
 
 
+def detection_roc(values, is_bad) -> tuple[np.ndarray, np.ndarray]:
+    """``(fpr, tpr)`` of flagging the lowest values as bad (score = -values, as in
+    ``detection``; sklearn's ``roc_curve``, so tied values make one diagonal step).
+    Starts at (0, 0) and ends at (1, 1); its area is ``detection(...)["auroc"]``."""
+    values, is_bad = np.asarray(values, dtype=float), np.asarray(is_bad, dtype=bool)
+    if values.shape != is_bad.shape or values.ndim != 1:
+        raise ValueError(f"values and is_bad must be 1-D of equal length, got {values.shape} and {is_bad.shape}")
+    if is_bad.all() or not is_bad.any():
+        raise ValueError("detection_roc: is_bad needs at least one bad and one good point")
+    fpr, tpr, _ = roc_curve(is_bad, -values)
+    return fpr, tpr
+
+
 def mean_ci(xs, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lo, hi): Student-t confidence interval for the mean; one value -> (x, nan, nan)."""
-    x = np.asarray(xs, dtype=float).ravel()
+    """(mean, lo, hi): Student-t confidence interval for the mean of the values in ``xs``.
+
+    None, NaN and inf are missing values and skipped (a metric a run could not
+    compute). No value -> (nan, nan, nan); one value -> (x, nan, nan).
+    """
+    raw = np.asarray(xs if isinstance(xs, np.ndarray) else list(xs), dtype=object).ravel()
+    x = np.array([np.nan if v is None else v for v in raw], dtype=float)
+    x = x[np.isfinite(x)]
     if x.size == 0:
         return NAN, NAN, NAN
     mean = float(x.mean())
