@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     from bench.core.partition import make_partition
     from bench.core.task import synthetic_pref
     from bench.tracking import ResultsStore, provenance, to_jsonable
-    from bench.core.train import TrainSettings, quiet_libraries
+    from bench.core.env import quiet_libraries
+    from bench.core.train import TrainSettings
     from valuers.base import Budget
     from valuers.dpo_arithmetic import DPOArithmetic
     from valuers.retraining import RetrainShapley

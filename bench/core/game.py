@@ -477,7 +477,7 @@ class Game:
 
 
 def _compute_in_worker(game: Game, item, n_jobs: int):
-    from bench.core.train import quiet_libraries
+    from bench.core.env import quiet_libraries
     quiet_libraries()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
     rec, _ = game._get_or_compute(item)

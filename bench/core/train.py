@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bench.core.models import ModelSpec, render_prompt, render_response
+from bench.core.settings import Settings, setting
 
 
 class FineTuneDiverged(RuntimeError):
@@ -28,29 +29,32 @@ class FineTuneDiverged(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    beta: float = 0.1
-    lr: float = 5e-4
-    epochs: float = 5
-    batch_size: int = 16
-    max_length: int = 128
-    weight_decay: float = 0.0
-    scheduler: str = "linear"
-    warmup_ratio: float = 0.0         # share of steps with linear lr warm-up, in [0, 1)
-    lora_r: int | None = 8            # null -> full fine-tune
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"
-    score_batch_size: int = 64
+class TrainSettings(Settings):
+    """The ``train`` config node; every field type- and range-checked (``bench.core.settings``)."""
+    prefix = "train"
+    beta: float = setting(0.1, "DPO beta (strength of the pull towards the reference)", min=0, min_exclusive=True)
+    lr: float = setting(5e-4, "learning rate (0 = no update)", min=0)
+    epochs: float = setting(5, "passes over a coalition's data (a float: a share of the last pass)", min=0,
+                            min_exclusive=True)
+    batch_size: int = setting(16, "pairs per optimiser step", min=1)
+    max_length: int = setting(128, "tokens of prompt + response at most (longer pairs are truncated)", min=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
+    scheduler: str = setting("linear", "learning-rate schedule (a transformers SchedulerType: linear, cosine, "
+                                       "constant, ...)")
+    warmup_ratio: float = setting(0.0, "share of steps with linear lr warm-up, in [0, 1)", min=0, max=1,
+                                  max_exclusive=True)
+    lora_r: int | None = setting(8, "LoRA rank; null = full fine-tune", min=1)
+    lora_alpha: int = setting(16, "LoRA alpha (the adapter is scaled by alpha / r)", min=1)
+    lora_dropout: float = setting(0.0, "LoRA dropout, in [0, 1)", min=0, max=1, max_exclusive=True)
+    lora_targets: str = setting("all-linear", "modules LoRA adapts (peft target_modules)")
+    score_batch_size: int = setting(64, "pairs per scoring batch (does not change results)", min=1)
 
-    def __post_init__(self):
-        from bench.core.errors import ConfigError
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
-        if self.lr < 0 or self.epochs <= 0 or self.batch_size < 1:
-            raise ConfigError("train.lr >= 0, train.epochs > 0, train.batch_size >= 1 required")
-        if self.lora_r is not None and self.lora_r < 1:
-            raise ConfigError(f"train.lora_r: {self.lora_r} must be >= 1, or null for a full fine-tune")
+    def check(self) -> None:
+        if self.scheduler != "linear":
+            from transformers import SchedulerType
+            names = [t.value for t in SchedulerType]
+            if self.scheduler not in names:
+                raise self.error("scheduler", f"unknown {self.scheduler!r}; choose one of {names}")
 
     def key(self) -> dict:
         d = asdict(self)
@@ -104,14 +108,6 @@ def to_dataset(pairs, tok, spec: ModelSpec):
     })
 
 
-def quiet_libraries() -> None:
-    """Silence per-load progress bars and notices of the HF stack (a game loads hundreds)."""
-    import datasets
-    import transformers
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
 
 
 @contextlib.contextmanager
