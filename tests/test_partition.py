@@ -192,13 +192,16 @@ def test_bad_partitions_are_one_line_config_errors(task, kw, field):
 
 
 def test_dirichlet_many_owners_does_not_blame_sizes(task):
-    try:
-        part = make_partition(task, kind="dirichlet", n_owners=50, alpha=0.05, seed=0)
-    except ConfigError as e:
-        assert one_line(str(e)) and not str(e).startswith("partition.sizes"), str(e)
-    else:
+    """Skewed Dirichlet shares over as many owners as examples still give every owner
+    one example; one owner more is refused for n_owners, not for sizes."""
+    n = len(task.train)
+    for n_owners in (50, n):
+        part = make_partition(task, kind="dirichlet", n_owners=n_owners, alpha=0.05, seed=0)
         ids = [p.id for o in part.owners for p in o]
-        assert len(ids) == len(set(ids)) and min(part.sizes()) >= 1
+        assert len(ids) == len(set(ids)) == n and min(part.sizes()) >= 1 and part.n_owners == n_owners
+    with pytest.raises(ConfigError) as e:
+        make_partition(task, kind="dirichlet", n_owners=n + 1, alpha=0.05, seed=0)
+    assert one_line(str(e.value)) and str(e.value).startswith("partition.n_owners"), str(e.value)
 
 
 def test_garbled_pairs_keep_something_to_prefer(task):
