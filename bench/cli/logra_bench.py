@@ -48,7 +48,8 @@ def build_workload(cfg: dict):
     import torch
     from bench.core.models import ModelSpec, load_base
     from bench.core.task import synthetic_pref
-    from bench.core.train import clone_model, quiet_libraries
+    from bench.core.env import quiet_libraries
+    from bench.core.train import clone_model
     from valuers.influence.data import encode_pairs
     from valuers.influence.layers import watched_layers
     from valuers.influence.subject import Subject, reference_logps
