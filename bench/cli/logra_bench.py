@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
+
+from bench.core.resources import PeakRSS, peak_rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent.parent
 METHODS = ("logra", "naive", "plain")
@@ -136,39 +136,6 @@ def make_pass(method: str, subject, layers, ex, ref, cfg: dict):
 
 # ------------------------------------------------------------------ measuring
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Largest resident set size seen while the block runs (sampled)."""
-
-    def __init__(self, every_s: float = 0.002):
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
-
-    def __enter__(self):
-        self.start = _rss()
-        self.peak = self.start
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(self.every_s)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.start
-
-
 def _child(job: str, methods: list, cfg: dict, q) -> None:
     """job "memory": one pass of methods[0], peak RSS growth over the loaded workload.
     job "speed": all methods on one workload, alternated for ``repeats`` rounds (on a
@@ -185,7 +152,7 @@ def _child(job: str, methods: list, cfg: dict, q) -> None:
                 out = make_pass(m, subject, layers, ex, ref, cfg)()
             res[m].update(peak_mem_bytes=mem.delta, out_dim=None if out is None else int(out.shape[1]),
                           out_bytes=0 if out is None else int(out.nbytes),
-                          maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                          maxrss_bytes=peak_rss_bytes())
         else:
             runs = {m: make_pass(m, subject, layers, ex, ref, cfg) for m in methods}
             times = {m: [] for m in methods}
