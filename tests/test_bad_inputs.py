@@ -1,5 +1,6 @@
-"""The bad-input catalogue: each case, run through the command line, exits non-zero
-with exactly one ``error:`` line naming the field and the fix, and writes no record.
+"""The bad-input catalogue: each case, run through the command line (in-process,
+``conftest.run_cli``), exits 2 with exactly one ``error:`` line naming the field and
+the fix, writes nothing under results_dir and leaves no temporary file.
 
 ``python tests/test_bad_inputs.py --markdown`` prints the README's catalogue table
 from these same cases (case → message → exit code).
@@ -7,18 +8,16 @@ from these same cases (case → message → exit code).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 try:
-    from conftest import REPO, subprocess_env
+    from conftest import run_cli
 except ImportError:            # run as a script for --markdown
-    REPO = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import subprocess_env
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import run_cli
 
 SMALL = ["experiment=smoke", "task.n_train_per_source=10", "task.n_eval_per_source=8", "partition.sizes=[8,5,5]",
          "logger=none", "progress=false"]
@@ -35,6 +34,10 @@ def _files(tmp: Path) -> dict[str, Path]:
            "blank": jsonl("blank.jsonl", [ROW] * 3 + [{**ROW, "chosen": "  "}]),
            "long": jsonl("long.jsonl", [ROW] * 3 + [{**ROW, "prompt": "x" * 5000}]),
            "dupid": jsonl("dupid.jsonl", [{**ROW, "id": i % 3} for i in range(6)]),
+           "number": jsonl("number.jsonl", [ROW] * 2 + [{**ROW, "chosen": 5}] + [ROW]),
+           "listed": jsonl("listed.jsonl", [ROW, {**ROW, "prompt": ["a", "b"]}] + [ROW] * 2),
+           "null": jsonl("null.jsonl", [{**ROW, "rejected": None}] + [ROW] * 3),
+           "degenerate": jsonl("degenerate.jsonl", [{**ROW, "rejected": " " + ROW["chosen"]}] * 4),
            "latin1": tmp / "latin1.jsonl"}
     out["empty"].write_text("")
     out["latin1"].write_bytes(json.dumps(ROW).replace("hi", "h\\u00e9").encode() + b'\n{"prompt": "caf\xe9"}\n')
@@ -45,29 +48,83 @@ def local(f: str) -> list[str]:
     return ["task=local_pref", f"task.path={{{f}}}", "task.eval_fraction=0.25"]
 
 
+ONE_SOURCE = ["task.sources=[tone]", "partition.owner_sources=[tone,tone]", "partition.sizes=[5,5]",
+              "partition.noisy_owners=[1]"]
+
 # id: (extra command-line arguments, text the one error line must contain, exit code)
 CASES = {
     "unknown model": (["model=nope"], "model=nope: no such config", 2),
     "unknown task": (["task=nope"], "task=nope: no such config", 2),
     "unknown partition": (["partition=nope"], "partition=nope: no such config", 2),
     "unknown experiment": (["experiment=nope"], "experiment=nope: no such config", 2),
+    "unknown launcher": (["hydra/launcher=nope"], "hydra/launcher=nope: no such config; choose one of", 2),
     "unknown valuer": (["valuers=[nope]"], "valuers: unknown ['nope']", 2),
+    "no valuer (only the baselines would run)": (["valuers=[]"], "valuers: empty, so only the baselines", 2),
+    "a valuer listed twice": (["valuers=[loo,shed,loo]"], "valuers: ['loo'] listed twice", 2),
     "unknown game": (["game.kind=nope"], "game.kind: unknown 'nope'", 2),
     "unknown metric": (["game.metric=nope"], "game.metric: unknown 'nope'", 2),
     "selection valuer not run (conflict)": (["valuers=[loo]", "selection.valuers=[shed]"],
                                             "selection.valuers: ['shed'] are not in valuers", 2),
+    "unknown selection method": (["selection.methods=[bogus]"], "selection.methods[0]: unknown 'bogus'", 2),
+    "selection curve with one seed (no CI)": (["valuers=[shed]", "selection.valuers=[shed]", "selection.seeds=[0]"],
+                                              "selection.seeds: [0]: the curve's 95% confidence intervals", 2),
     "more owners than examples": (["partition=iid", "partition.n_owners=100000"], "n_owners", 2),
     "an owner with no examples": (["partition.sizes=[0,5,5]"], "owner 0", 2),
+    "every owner noisy (detection has no clean class)": (["partition.noisy_owners=[0,1,2]"],
+                                                         "partition.noisy_owners: every owner", 2),
+    "a noisy owner with nothing corrupted": (["partition.flip_frac=0"], "flip_frac=0 and garble_frac=0 corrupt "
+                                                                          "nothing", 2),
+    "a noisy owner listed twice": (["partition.noisy_owners=[2,2]"], "owner(s) [2] listed twice", 2),
     "zero fine-tune budget": (["budget.max_fine_tunes=0"], "budget.max_fine_tunes: 0", 2),
     "negative time budget": (["budget.max_seconds=-5"], "budget.max_seconds: -5", 2),
-    "LDS with too few subsets": (["lds.n_subsets=2"], "lds: n_subsets=2", 2),
+    "LDS with too few subsets": (["lds.n_subsets=2"], "lds.n_subsets: 2 subsets give no rank correlation", 2),
+    "LDS subsets of no example": (["lds.frac=0.01"], "lds.frac: 0.01 of the 18 training examples gives subsets "
+                                                     "of 0", 2),
+    "an eval set of one pair": (["task.n_eval_per_source=1", *ONE_SOURCE],
+                                "task.n_eval_per_source: the eval set has 1 usable pair", 2),
+    "noise ceiling under the same seed": (["noise_seed_offset=0"], "noise_seed_offset: 0 retrains the reference", 2),
     "malformed shard": (["game.shard=4/4"], "game.shard: '4/4' needs 0 <= i < k", 2),
     "unknown W&B mode": (["logger=wandb", "logger.mode=bogus"], "logger.mode: unknown 'bogus'", 2),
     "SHED with more clusters than examples": (["valuers=[shed]", "+valuer_args.shed.n_clusters=500"],
-                                              "n_clusters", 2),
+                                              "valuer_args.shed.n_clusters: 500 exceeds the 18 training", 2),
+    "a valuer setting out of range": (["valuers=[shed]", "+valuer_args.shed.n_clusters=0"],
+                                      "valuer_args.shed.n_clusters: 0; use a value >= 1", 2),
+    "an unknown valuer setting": (["valuers=[point_mc_shapley]", "+valuer_args.point_mc_shapley.permutations=3"],
+                                  "valuer_args.point_mc_shapley.permutations: unknown setting", 2),
+    "a valuer setting of the wrong type": (["valuers=[dpo_arithmetic_gen]",
+                                            "+valuer_args.dpo_arithmetic_gen.top_p=high"],
+                                           "valuer_args.dpo_arithmetic_gen.top_p: 'high' is not a number", 2),
+    "a valuer option without +": (["valuer_args.shed.n_clusters=5"], "write +valuer_args.shed.n_clusters=5", 2),
+    # Hydra's own errors, as one line
+    "wrong type (seed)": (["seed=abc"], "seed: 'abc' is not an integer", 2),
+    "wrong type (n_jobs)": (["n_jobs=x"], "n_jobs: 'x' is not an integer", 2),
+    "wrong type in a node (train.lr)": (["train.lr=fast"], "train.lr: 'fast' is not a number", 2),
+    "a node set to a value": (["budget=3"], "budget: 3 is not a mapping", 2),
+    "override of a missing key": (["train.nope=1"], "train.nope: no such setting; choose from ['batch_size'", 2),
+    "+ on an existing key": (["+seed=1"], "seed: already in the config, so +seed cannot add it; drop the +", 2),
+    "an unknown key added with +": (["+train.nope=1"], "train.nope: unknown setting; choose from", 2),
+    "an unknown top-level key added with +": (["+seeed=1"], "seeed: unknown setting; choose from", 2),
+    "deleting a key the job needs": (["~seed"], "seed: missing (was it deleted with ~seed?)", 2),
+    "deleting a key that does not exist": (["~nope"], "nope: not in the config, so ~nope has nothing to delete", 2),
+    "malformed override": (["seed=[1"], "seed: cannot parse 'seed=[1'", 2),
+    "not an override": (["seed"], "seed: not an override; write key=value", 2),
+    "several values without -m": (["seed=1,2"], "seed: '1,2' is several values; add -m to sweep", 2),
+    "a sweep whose first value is bad": (["-m", "seed=abc,1"], "seed: 'abc' is not an integer", 2),
+    "unresolvable interpolation": (["cache_dir=${nope}"], "cache_dir: cannot resolve", 2),
+    "a required value left ???": (["task=local_pref"], "task.path: required, the config leaves it ???", 2),
+    "train.max_length beyond the tiny model": (["train.max_length=256"],
+                                               "train.max_length: 256 exceeds model.n_positions=128", 2),
+    "tiny model width not a multiple of heads": (["model.n_embd=30"], "model.n_embd: 30 is not a multiple", 2),
+    "experiment name with a slash": (["experiment_name=a/b"], "experiment_name: 'a/b'", 2),
+    # data files
     "empty dataset file": (local("empty"), "is empty", 2),
     "dataset without a column": (local("nocol"), "missing column(s) ['rejected']", 2),
     "empty string in a row": (local("blank"), "row 3 has an empty 'chosen'", 2),
+    "a number where a string belongs": (local("number"), "task.path: row 2: 'chosen' is 5 (a number), not a "
+                                                         "string", 2),
+    "a list where a string belongs": (local("listed"), "task.path: row 1: 'prompt' is ['a', 'b'] (a list)", 2),
+    "null where a string belongs": (local("null"), "task.path: row 0: 'rejected' is None (null)", 2),
+    "every row has chosen == rejected": (local("degenerate"), "task.path: all 4 rows have chosen == rejected", 2),
     "over-long prompt": (local("long"), "prompt of 5000 characters", 2),
     "duplicate ids": (local("dupid"), "duplicate id 0", 2),
     "non-UTF-8 file": (local("latin1"), "is not UTF-8 (byte 0xe9", 2),
@@ -77,26 +134,38 @@ CASES = {
 }
 
 
-def run_case(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+def run_case(args: list[str], tmp: Path) -> tuple[int, str, str]:
     files = {k: str(v) for k, v in _files(tmp).items()}
     (tmp / "afile").write_text("x")
     files["afile"] = str(tmp / "afile")
-    argv = [a.format(**files) for a in SMALL + args]
+    argv = [a.format(**files) if "{" in a and "${" not in a else a for a in SMALL + args]
     if not any(a.startswith("results_dir=") for a in argv):
         argv.append(f"results_dir={tmp}/results")
-    return subprocess.run([sys.executable, "-m", "bench", *argv], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    argv += [f"hydra.run.dir={tmp}/hydra", f"hydra.sweep.dir={tmp}/hydra"]   # Hydra's own folder, not the repo's
+    return run_cli(argv)
+
+
+def _written(tmp: Path) -> list[Path]:
+    return [p for p in (tmp / "results").rglob("*") if p.is_file()]
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, tmp_path):
     args, expect, code = CASES[case]
-    out = run_case(args, tmp_path)
-    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert out.returncode == code, out.stderr[-2000:]
-    assert len(errors) == 1 and expect in errors[0], out.stderr[-2000:]
-    assert not list(tmp_path.glob("results/runs/*.jsonl")), "nothing written"
-    assert not list(tmp_path.rglob("*.tmp")), "no stray temporary files"
+    rc, out, err = run_case(args, tmp_path)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == code, err[-2000:]
+    assert len(errors) == 1 and expect in errors[0], (errors, err[-2000:])
+    assert not _written(tmp_path), "nothing written under results_dir"
+    stray = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.startswith(".probe-")]
+    assert not stray, f"no stray temporary files: {stray}"
+
+
+def test_config_errors_come_before_hydra_writes_anything(tmp_path):
+    """A setting refused from the config alone stops before Hydra makes its run folder."""
+    for args in (["seed=abc"], ["train.nope=1"], ["valuers=[]"], ["+valuer_args.shed.n_clusters=0"]):
+        rc, _, _ = run_case(args, tmp_path)
+        assert rc == 2 and not (tmp_path / "hydra").exists(), args
 
 
 def markdown() -> str:
@@ -104,10 +173,10 @@ def markdown() -> str:
     lines = ["| case | message | exit |", "|---|---|---|"]
     for case, (args, _, _) in CASES.items():
         with tempfile.TemporaryDirectory() as d:
-            out = run_case(args, Path(d))
-        msg = next((ln for ln in out.stderr.splitlines() if ln.startswith("error:")), "(none)")
+            rc, _, err = run_case(args, Path(d))
+        msg = next((ln for ln in err.splitlines() if ln.startswith("error:")), "(none)")
         msg = msg.replace(d, "<tmp>").replace("|", "\\|")
-        lines.append(f"| {case} | `{msg}` | {out.returncode} |")
+        lines.append(f"| {case} | `{msg}` | {rc} |")
     return "\n".join(lines)
 
 

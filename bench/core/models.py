@@ -16,34 +16,53 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bench.core.errors import ConfigError
+from bench.core.settings import Settings, setting
 
 TINY_TEMPLATE = "Q: {prompt}\nA:"
+MODEL_KINDS = ("tiny", "smollm2", "hf")
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    kind: str = "tiny"                  # tiny | smollm2 | hf
-    name: str = "tiny"
-    path: str | None = None             # hf: hub id or local folder
-    online: bool = False                # hf: allow downloads
-    chat_template: bool = False         # render prompts with the tokenizer's chat template
+class ModelSpec(Settings):
+    """The ``model`` config node; every field type- and range-checked (``bench.core.settings``)."""
+    prefix = "model"
+    kind: str = setting("tiny", "tiny | smollm2 | hf", choices=MODEL_KINDS)
+    name: str = setting("tiny", "names the base model's cache folder")
+    path: str | None = setting(None, "hf: a local folder or a hub id (downloads need online=true)")
+    online: bool = setting(False, "hf: allow downloads")
+    chat_template: bool = setting(False, "render prompts with the tokenizer's chat template")
     # tiny tier architecture and warm-up
-    n_layer: int = 2
-    n_embd: int = 128
-    n_head: int = 4
-    n_positions: int = 128
-    activation: str = "gelu"            # exact GELU: a fused kernel, ~2x cheaper than GPT-2's tanh form here
-    warmup_epochs: int = 3
-    warmup_lr: float = 3e-3
-    warmup_batch_size: int = 32
-    init_seed: int = 0
-    extra: dict = field(default_factory=dict)
+    n_layer: int = setting(2, "tiny: transformer blocks", min=1)
+    n_embd: int = setting(128, "tiny: hidden width (a multiple of n_head)", min=1)
+    n_head: int = setting(4, "tiny: attention heads", min=1)
+    n_positions: int = setting(128, "tiny: longest sequence in tokens (>= train.max_length)", min=1)
+    # exact GELU: a fused kernel, ~2x cheaper than GPT-2's tanh form here
+    activation: str = setting("gelu", "tiny: activation function (a transformers ACT2FN name)")
+    warmup_epochs: int = setting(3, "tiny: LM warm-up passes over the task's warm-up split", min=0)
+    warmup_lr: float = setting(3e-3, "tiny: warm-up learning rate", min=0, min_exclusive=True)
+    warmup_batch_size: int = setting(32, "tiny: warm-up batch size", min=1)
+    init_seed: int = setting(0, "tiny: weight initialisation seed", min=0)
+    extra: dict = setting({}, "free-form extra settings (part of the cache key)")
+
+    def check(self) -> None:
+        if not self.name.strip() or "/" in self.name:
+            raise self.error("name", f"{self.name!r}; use a non-empty name without '/' (it names a cache folder)")
+        if self.kind == "hf" and not self.path:
+            raise self.error("path", "required for model=hf; give a local folder, or a hub id with model.online=true")
+        if self.kind == "tiny":
+            if self.n_embd % self.n_head:
+                raise self.error("n_embd", f"{self.n_embd} is not a multiple of n_head={self.n_head}; "
+                                           f"use e.g. n_embd={self.n_head * max(1, self.n_embd // self.n_head)}")
+            if self.activation != "gelu":
+                from transformers.activations import ACT2FN
+                if self.activation not in ACT2FN:
+                    raise self.error("activation", f"unknown {self.activation!r}; choose one of {sorted(ACT2FN)}")
 
     def cache_tag(self, task_fp: str) -> str:
         d = {k: v for k, v in self.__dict__.items() if k not in ("online",)}

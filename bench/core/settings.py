@@ -34,6 +34,8 @@ def setting(default, help: str, *, min=None, max=None, choices=None, min_exclusi
     Bounds and choices apply to the value, or to each element of a ``list[...]`` field."""
     meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None,
             "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}
+    if default is MISSING:          # a required setting (the class needs kw_only=True if others have defaults)
+        return field(metadata=meta)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -87,6 +89,11 @@ class Settings:
         if unknown:
             keys = ", ".join(f"{where}.{k}" if where else k for k in unknown)
             raise ConfigError(f"{keys}: unknown setting; choose from {names}")
+        absent = [f.name for f in fields(cls) if f.name not in kwargs
+                  and f.default is MISSING and f.default_factory is MISSING]
+        if absent:
+            key = f"{where}.{absent[0]}" if where else absent[0]
+            raise ConfigError(f"{key}: missing (was it deleted with ~{key}?); set {key}=<value>")
         token = _PREFIX.set(where)
         try:
             return cls(**kwargs)
@@ -148,6 +155,8 @@ class Settings:
 
     @staticmethod
     def _default(f):
+        if f.default is MISSING and f.default_factory is MISSING:
+            return "required"
         return f.default if f.default is not MISSING else f.default_factory()
 
     def check(self) -> None:
