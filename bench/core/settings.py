@@ -176,5 +176,6 @@ def describe(cls) -> str:
     for f in fields(cls):
         kinds, nullable = _kinds(hints[f.name])
         kind = "|".join(k.__name__ for k in kinds) + ("|null" if nullable else "")
-        lines.append(f"  {cls.prefix}.{f.name} ({kind}, default {Settings._default(f)!r}): {f.metadata.get('help', '')}")
+        name = f"{cls.prefix}.{f.name}" if cls.prefix else f.name
+        lines.append(f"  {name} ({kind}, default {Settings._default(f)!r}): {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -112,8 +112,8 @@ class SelectionSettings(Settings):
     valuers: list[str] = setting(REQUIRED, "point-valued valuers to put through the selection curve")
     sizes: list[float] = setting(REQUIRED, "shares (floats in (0, 1]) or counts (integers >= 1) of the "
                                            "training examples", min=0, min_exclusive=True)
-    seeds: list[int] = setting(REQUIRED, "subset draws and training seeds (>= 2 for a confidence interval)",
-                               min=0)
+    seeds: list[int] = setting(REQUIRED, "subset draws and training seeds (>= 2 for a confidence interval; "
+                                         "a seed listed twice would repeat a draw)", min=0)
     methods: list[str] = setting(REQUIRED, "qocs | qwcs | random | all", choices=SELECTION_METHODS)
     beta: float = setting(REQUIRED, "QWCS: clusters ~ softmax(beta x z-scored score)")
 
@@ -130,9 +130,9 @@ class SelectionSettings(Settings):
         if self.valuers:
             if not self.methods:
                 raise self.error("methods", "empty; choose from " + ", ".join(SELECTION_METHODS))
-            if len(self.seeds) < 2:
-                raise self.error("seeds", f"{self.seeds}: the curve's 95% confidence intervals need >= 2 "
-                                          f"seeds (3 recommended), e.g. selection.seeds=[0,1,2]")
+            if not self.seeds:
+                raise self.error("seeds", "empty; give at least one seed (>= 2 for a confidence interval), "
+                                          "e.g. selection.seeds=[0,1,2]")
 
 
 @dataclass(frozen=True)

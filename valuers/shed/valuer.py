@@ -171,10 +171,16 @@ class SHED:
 
     def check(self, game) -> None:
         """Settings that depend on the game, checked by the harness before any training."""
-        n = len(game.flat_pairs())
-        if self.n_clusters > n:
-            raise ConfigError(f"valuer_args.{self.name}.n_clusters: {self.n_clusters} exceeds the {n} training "
-                              f"examples; set +valuer_args.{self.name}.n_clusters=<at most {n}>")
+        from bench.core.embed import pair_text
+        pairs = game.flat_pairs()
+        key = f"valuer_args.{self.name}.n_clusters"
+        if self.n_clusters > len(pairs):
+            raise ConfigError(f"{key}: {self.n_clusters} exceeds the {len(pairs)} training examples; "
+                              f"set {key} <= {len(pairs)}")
+        distinct = len({pair_text(p) for p in pairs})     # equal texts embed equally (duplicated owners)
+        if self.n_clusters > distinct:
+            raise ConfigError(f"{key}: {self.n_clusters} exceeds the {distinct} distinct training examples "
+                              f"(the rest are duplicates); set {key} <= {distinct}")
 
     # -- stage 1 (no training; also used by bench.core.selection)
     def clusters(self, game, meter: CostMeter | None = None) -> tuple[Clustering, dict]:
