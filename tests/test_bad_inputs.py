@@ -127,8 +127,8 @@ CASES = {
     "empty string in a row": (local("blank"), "row 3 has an empty 'chosen'", 2),
     "a number where a string belongs": (local("number"), "task.path: row 2: 'chosen' is 5 (a number), not a "
                                                          "string", 2),
-    "a list where a string belongs": (local("listed"), "task.path: row 1: 'prompt' is ['a', 'b'] (a list)", 2),
-    "null where a string belongs": (local("null"), "task.path: row 0: 'rejected' is None (null)", 2),
+    "a list where a string belongs": (local("listed"), "task.path: row 1: 'prompt' is [\"a\", \"b\"] (a list)", 2),
+    "null where a string belongs": (local("null"), "task.path: row 0: 'rejected' is null, not a string", 2),
     "every row has chosen == rejected": (local("degenerate"), "task.path: all 4 rows have chosen == rejected", 2),
     "over-long prompt": (local("long"), "prompt of 5000 characters", 2),
     "duplicate ids": (local("dupid"), "duplicate id 0", 2),

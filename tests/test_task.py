@@ -226,15 +226,15 @@ def _jsonl(path, rows):
 
 
 @pytest.mark.parametrize("col", ["prompt", "chosen", "rejected", "source"])
-@pytest.mark.parametrize("bad, kind", [(5, "a number"), (["a", "b"], "a list"), (None, "null"), (True, "true/false"),
-                                       ({"text": "a"}, "an object")])
+@pytest.mark.parametrize("bad, kind", [(5, "5 (a number)"), (["a", "b"], '["a", "b"] (a list)'), (None, "null"),
+                                       (True, "true (true/false)"), ({"text": "a"}, '{"text": "a"} (an object)')])
 def test_non_string_field_names_row_and_column(tmp_path, col, bad, kind):
     rows = [dict(r) for r in ROWS]
     rows[3][col] = bad
     with pytest.raises(ConfigError) as e:
         local_pref(str(_jsonl(tmp_path / "d.jsonl", rows)))
     msg = str(e.value)
-    assert one_line(msg) and msg.startswith(f"task.path: row 3: {col!r} is ") and kind in msg and "not a string" in msg
+    assert one_line(msg) and msg.startswith(f"task.path: row 3: {col!r} is {kind}, not a string; "), msg
 
 
 def test_non_string_column_in_parquet_and_missing_key(tmp_path):
@@ -243,7 +243,7 @@ def test_non_string_column_in_parquet_and_missing_key(tmp_path):
         local_pref(str(_write(tmp_path / "d.parquet", rows)))
     rows = [dict(r) for r in ROWS]
     del rows[4]["rejected"]                                       # one row without the key
-    with pytest.raises(ConfigError, match=r"^task\.eval_path: row 4: 'rejected' is None \(null\)"):
+    with pytest.raises(ConfigError, match=r"^task\.eval_path: row 4: 'rejected' is null, not a string"):
         local_pref(str(_jsonl(tmp_path / "t.jsonl", ROWS)), eval_path=str(_jsonl(tmp_path / "e.jsonl", rows)))
 
 

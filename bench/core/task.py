@@ -237,8 +237,13 @@ def _kind(v) -> str:
 
 
 def _short(v, n: int = 40) -> str:
-    r = repr(v)
-    return r if len(r) <= n else r[:n - 3] + "..."
+    """A value as the file writes it (JSON), cut to ``n`` characters, with its kind."""
+    try:
+        r = json.dumps(v, ensure_ascii=False)
+    except (TypeError, ValueError):
+        r = repr(v)
+    r = r if len(r) <= n else r[:n - 3] + "..."
+    return r if v is None else f"{r} ({_kind(v)})"
 
 
 def _rows_to_pairs(rows: list[dict], where: str, max_prompt_chars: int = MAX_PROMPT_CHARS) -> tuple[list[Pair], int]:
@@ -260,7 +265,7 @@ def _rows_to_pairs(rows: list[dict], where: str, max_prompt_chars: int = MAX_PRO
         for i, r in enumerate(rows):
             x = r.get("id")
             if isinstance(x, bool) or not isinstance(x, (int, str)):
-                raise ConfigError(f"{where}: row {i}: 'id' is {_short(x)} ({_kind(x)}); use an integer or "
+                raise ConfigError(f"{where}: row {i}: 'id' is {_short(x)}; use an integer or "
                                   f"string id in every row (or drop the id column)")
             if x in seen:
                 raise ConfigError(f"{where}: duplicate id {x!r}; ids must be unique (or drop the id column)")
@@ -271,7 +276,7 @@ def _rows_to_pairs(rows: list[dict], where: str, max_prompt_chars: int = MAX_PRO
                 continue
             v = r.get(col)
             if not isinstance(v, str):
-                raise ConfigError(f"{where}: row {i}: {col!r} is {_short(v)} ({_kind(v)}), not a string; "
+                raise ConfigError(f"{where}: row {i}: {col!r} is {_short(v)}, not a string; "
                                   f"write it as a JSON string or drop the row")
             if not v.strip():
                 raise ConfigError(f"{where}: row {i} has an empty {col!r}; fill it or drop the row")
@@ -311,7 +316,7 @@ def _json_rows(p: Path, field_name: str) -> list:
         if rows is not None:
             for i, r in enumerate(rows):
                 if not isinstance(r, dict):
-                    raise ConfigError(f"{field_name}: row {i} is {_short(r)} ({_kind(r)}), not an object with "
+                    raise ConfigError(f"{field_name}: row {i} is {_short(r)}, not an object with "
                                       f"prompt / chosen / rejected; fix the row")
             return rows
     rows = []
@@ -324,7 +329,7 @@ def _json_rows(p: Path, field_name: str) -> list:
             raise ConfigError(f"{field_name}: {str(p)!r} line {line_no} is not valid JSON ({e.msg} at column "
                               f"{e.colno}); fix the line (one JSON object per line)") from None
         if not isinstance(r, dict):
-            raise ConfigError(f"{field_name}: {str(p)!r} line {line_no} is {_short(r)} ({_kind(r)}), not an "
+            raise ConfigError(f"{field_name}: {str(p)!r} line {line_no} is {_short(r)}, not an "
                               f"object with prompt / chosen / rejected; fix the line")
         rows.append(r)
     return rows
