@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SPEC, TRAIN, subprocess_env
+from conftest import SPEC, TRAIN, run_cli
 
 from bench.core import shapley
 from bench.core.errors import ConfigError
@@ -216,10 +214,9 @@ def test_valuer_efficiency_signature_and_cost(game):
 @pytest.mark.slow
 def test_cli_smoke_with_generation_valuer(tmp_path):
     args = ["experiment=smoke", "valuers=[retrain_shapley,dpo_arithmetic_gen]", "logger=none",
-            f"results_dir={tmp_path}", "n_jobs=1", "progress=false"]
-    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+            f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra", "n_jobs=1", "progress=false"]
+    code, _, err = run_cli(args)
+    assert code == 0, err[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines()]
     rec = next(r for r in recs if r["valuer"] == "dpo_arithmetic_gen")
     assert rec["status"] == "ok", rec.get("error")

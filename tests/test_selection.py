@@ -3,12 +3,10 @@ the plot, and one slow run of the command line on the smoke preset."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, one_line, subprocess_env
+from conftest import one_line, run_cli
 from test_shed import FakeGame, make_pairs
 
 from bench.core.errors import ConfigError
@@ -105,11 +103,10 @@ def test_plot(tmp_path):
 @pytest.mark.slow
 def test_selection_command_on_smoke(tmp_path):
     out = tmp_path / "sel.png"
-    proc = subprocess.run([sys.executable, "-m", "bench.core.selection", "--experiment", "smoke", "--seeds", "0",
-                           "--sizes", "0.1", "0.5", "--out", str(out), f"results_dir={tmp_path / 'r'}",
-                           "progress=false", "+valuer_args.shed.passes=1"],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = run_cli(["selection", "--experiment", "smoke", "--seeds", "0", "--sizes", "0.1", "0.5",
+                            "--out", str(out), f"results_dir={tmp_path / 'r'}", "progress=false",
+                            "+valuer_args.shed.passes=1"])
+    assert code == 0, err[-3000:]
     curve = json.loads(out.with_suffix(".json").read_text())
     assert out.exists() and curve["counts"] == [10, 50] and len(curve["rows"]) == 2 * 3 + 1
     assert curve["valuation_extras"]["passes"] == 1
