@@ -28,7 +28,8 @@ from bench.core.partition import Planted
 from bench.core.shard import ASSEMBLE, missing, missing_message, parse_shard, run_shard
 from bench.core.train import FineTuneDiverged
 from bench.core.valuation import Budget, BudgetExhausted, Valuation
-from bench.harness.build import BASELINES, available_valuers, build_game, build_task, build_valuer, default_valuers
+from bench.harness.build import build_game, build_task, build_valuer, check_valuers
+from bench.harness.checks import check_config
 from bench.tracking import ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
 
@@ -105,39 +106,14 @@ def overhead_line(t_start: float, fine_tune_s: float, valuer_own_s: float) -> st
 # ------------------------------------------------------------------ checks before any work
 
 def check_job(cfg: DictConfig) -> tuple[list[str], dict, dict]:
-    """Every job-level setting, before anything is built or trained. Returns the
-    valuer names, their ``valuer_args`` and the selection settings."""
-    if not str(cfg.experiment_name).strip():
-        raise ConfigError("experiment_name: empty; name the experiment (it names the records file)")
-    if int(cfg.noise_seed_offset) == 0:
-        raise ConfigError("noise_seed_offset: 0 retrains the reference under the same seed, so the noise "
-                          "ceiling would be perfect by construction; use a non-zero offset (default 1000)")
-    if int(cfg.n_jobs) < 1:
-        raise ConfigError(f"n_jobs: {cfg.n_jobs}; use >= 1 (worker processes for the fine-tunes)")
-    Budget(**OmegaConf.to_container(cfg.budget))          # budget.*: positive or null
-    WandbLogger.check(cfg.logger.mode, cfg.logger.dir)     # W&B settings
-    if cfg.valuers != "all" and not isinstance(cfg.valuers, (list, tuple)) and not OmegaConf.is_list(cfg.valuers):
-        raise ConfigError(f"valuers: {cfg.valuers!r}; use `all` or a list, e.g. valuers=[loo,shed]")
-    names = default_valuers() if cfg.valuers == "all" else [str(n) for n in cfg.valuers]
-    # the floor and the ceiling of every table: random is free, retrain_shapley
-    # reuses the exact reference the job computes anyway
-    names = list(dict.fromkeys([*BASELINES, *names]))
-    unknown = [n for n in names if n not in available_valuers()]
-    if unknown:
-        raise ConfigError(f"valuers: unknown {unknown}; choose from {available_valuers()}")
-    valuer_args = OmegaConf.to_container(cfg.valuer_args, resolve=True) or {}
-    stray = sorted(set(valuer_args) - set(available_valuers()))
-    if stray:
-        raise ConfigError(f"valuer_args: {stray} name no valuer; choose from {available_valuers()}")
-    lds_n, lds_frac = int(cfg.lds.n_subsets), float(cfg.lds.frac)
-    if lds_n and (lds_n < 3 or not 0 < lds_frac < 1):
-        raise ConfigError(f"lds: n_subsets={lds_n}, frac={lds_frac}; use n_subsets >= 3 (or 0 = off) "
-                          f"and frac in (0, 1)")
-    sel = OmegaConf.to_container(cfg.selection, resolve=True)
-    bad = [n for n in sel["valuers"] if n not in names]
-    if bad:
-        raise ConfigError(f"selection.valuers: {bad} are not in valuers={names}; add them to valuers or drop them")
-    return names, valuer_args, sel
+    """Every setting of the job, before anything is built or trained (the checks live
+    in ``bench.harness.checks`` and ``build.check_valuers``; the data-dependent ones run
+    in ``build_game``). Returns the valuer names, their ``valuer_args`` and the
+    selection settings."""
+    c = check_config(cfg)            # every node's fields, types, ranges, cross-field rules
+    WandbLogger.check(c["logger"]["mode"], c["logger"]["dir"])
+    names, valuer_args = check_valuers(c)
+    return names, valuer_args, c["selection"]
 
 
 # ------------------------------------------------------------------ the job
@@ -152,7 +128,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
             sweep_stale_tmp(d)
     shard = parse_shard(cfg.game.get("shard"))    # a malformed shard spec fails now
     names, valuer_args, sel = check_job(cfg)
-    built = {n: build_valuer(n, valuer_args.get(n)) for n in names}   # valuer settings fail now
+    built = {n: build_valuer(n, valuer_args.get(n)) for n in names}
     budget = Budget(**OmegaConf.to_container(cfg.budget))
 
     task = build_task(cfg)
@@ -165,7 +141,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         "duplicate_pairs": part.planted.duplicate_pairs,
                         "corrupted_ids": part.planted.corrupted_ids,
                         "n_corrupted": len(part.planted.corrupted_ids)},
-            "example_ids": example_ids, "owner_sizes": part.sizes(), "config": config}
+            "example_ids": example_ids, "owner_sizes": part.sizes(), "task_dropped": dict(task.dropped),
+            "config": config}
     print(f"[dvbench] {cfg.experiment_name}: {part.n_owners} owners {part.sizes()}, game={game.kind}, "
           f"metric={game.metric}, seed={cfg.seed}, model={cfg.model.name}, n_jobs={cfg.n_jobs}")
 

@@ -9,6 +9,8 @@ Version 2 (written now):
                         what the partition planted (never shown to a valuer);
                         corrupted_ids are example ids, in the task's id space
     example_ids         the training examples' ids in point-value order
+    task_dropped        rows dropped from each dataset file ({"task.path": k, ...}),
+                        chosen == rejected (nothing to prefer)
     valuer, valuer_config, status ("ok" | "failed" | "over_budget"), error
     owner_values, stderr, point_values (when the method has them)
     valuation           {table, clusters, cluster_scores, trajectory}: the typed
@@ -48,6 +50,7 @@ def upgrade(rec: dict[str, Any]) -> dict[str, Any]:
                       "duplicate_pairs": truth.get("duplicate_pairs", []),
                       "corrupted_ids": None, "n_corrupted": truth.get("n_corrupted")}
     out["example_ids"] = None
+    out["task_dropped"] = {}
     ex = dict(rec.get("extras") or {})
     out["valuation"] = {"table": ex.pop("table", None), "clusters": ex.get("clusters"),
                         "cluster_scores": ex.pop("proxy_values", None),
