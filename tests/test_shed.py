@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, one_line, subprocess_env
+from conftest import one_line, run_cli
 
 from bench.core import toy_games
 from bench.core.errors import ConfigError
@@ -301,6 +298,10 @@ def test_valuer_is_seeded(tmp_path, fake_embed):
     a = SHED(n_clusters=5, group_size=2, passes=2).value(game, Budget()).extras
     b = SHED(n_clusters=5, group_size=2, passes=2).value(game, Budget()).extras
     assert a["per_pass_groups"] == b["per_pass_groups"] and a["proxies"] == b["proxies"]
+    # ... and the seed (its own, and the game's) is what decides the removal order
+    c = SHED(n_clusters=5, group_size=2, passes=2, seed=1).value(game, Budget()).extras
+    d = SHED(n_clusters=5, group_size=2, passes=2).value(game.with_seed(1), Budget()).extras
+    assert c["per_pass_groups"] != a["per_pass_groups"] and d["per_pass_groups"] != a["per_pass_groups"]
 
 
 # ------------------------------------------------------------------ errors
@@ -393,10 +394,9 @@ def test_v_empty_is_the_base_model_on_the_tiny_game(make_game, fresh_cache):
 @pytest.mark.slow
 def test_cli_smoke_with_shed(tmp_path):
     res = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke", "valuers=[retrain_shapley,shed]",
-                           "logger=none", f"results_dir={res}", "progress=false"],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = run_cli(["experiment=smoke", "valuers=[retrain_shapley,shed]", "logger=none",
+                            f"results_dir={res}", f"hydra.run.dir={tmp_path}/hydra", "progress=false"])
+    assert code == 0, err[-3000:]
     recs = [json.loads(x) for x in (res / "runs" / "smoke.jsonl").read_text().splitlines()]
     shed = [r for r in recs if r["valuer"] == "shed"]
     assert len(shed) == 1 and shed[0]["status"] == "ok", shed

@@ -1,21 +1,19 @@
 """Slow end-to-end check of the retraining valuers on the `quick` preset (6 owners,
 one flipped, one duplicate): run with `make test-slow` or `pytest -m slow`."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
+from conftest import run_cli
 
 
 @pytest.mark.slow
 def test_quick_preset_end_to_end(tmp_path):
-    cmd = [sys.executable, "-m", "bench", "experiment=quick", "logger=none", f"results_dir={tmp_path}",
-           "valuers=[random,loo,retrain_shapley,mc_shapley]", "progress=false"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=3600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    code, _, err = run_cli(["experiment=quick", "logger=none", f"results_dir={tmp_path}",
+                            f"hydra.run.dir={tmp_path}/hydra", "valuers=[random,loo,retrain_shapley,mc_shapley]",
+                            "progress=false"])
+    assert code == 0, err[-2000:]
     recs = {r["valuer"]: r for r in map(json.loads, (tmp_path / "runs" / "quick.jsonl").read_text().splitlines())}
     assert set(recs) == {"random", "loo", "retrain_shapley", "mc_shapley"}
     exact = recs["retrain_shapley"]
