@@ -2,8 +2,9 @@
 session-wide cache folder so the tiny base model is built once per test session.
 
 Everything here runs offline on the CPU. ``DVBENCH_TEST_THREADS`` (default 2)
-sets torch's thread count; use 1 when another process is already using the cores
-(oversubscribed OpenMP threads make tiny-model training many times slower).
+sets torch's and the BLAS thread counts (of this process and of its children); use 1
+when another process is already using the cores (oversubscribed OpenMP threads make
+tiny-model training many times slower).
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ import torch
 
 N_THREADS = int(os.environ.get("DVBENCH_TEST_THREADS", "2"))
 torch.set_num_threads(N_THREADS)
+try:    # numpy's BLAS too, as OMP_NUM_THREADS does in the children (subprocess_env): the same
+    from threadpoolctl import threadpool_limits   # thread count gives the same float sums in both
+    threadpool_limits(N_THREADS)
+except ImportError:
+    pass
 
 from bench.core.models import ModelSpec, load_base  # noqa: E402
 from bench.core.partition import make_partition  # noqa: E402
