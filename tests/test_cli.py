@@ -1,10 +1,11 @@
 """End to end through the CLI (``bench.cli.main`` in this process: the session's
-``smoke_run`` and ``run_cli``), and the real entry point (``python -m bench``) in a
-subprocess (its exit status and one-line errors; test_determinism runs a whole job
-through it)."""
+``smoke_run`` and ``run_cli``), and the real entry points (``python -m bench`` and the
+``dvbench`` console script) in subprocesses (their exit status and one-line errors;
+test_determinism runs a whole job through ``python -m bench``)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -208,11 +209,33 @@ def test_bad_input_local_file_with_experiment(smoke, tmp_path):
     _check_bad(results, smoke_args(results) + ["task=local_pref", f"task.path={path}"], "'chosen'")
 
 
-def test_python_m_bench_is_the_cli(tmp_path):
-    """The real entry point, in its own interpreter: the usage, and a bad argument's exit
-    status and one-line message (the job itself runs through it in test_determinism)."""
+def _console_script() -> list[str]:
+    """The ``dvbench`` console script: the installed one when it is, else what pip's
+    generated wrapper runs for pyproject's ``[project.scripts]`` entry."""
+    installed = Path(sys.executable).with_name("dvbench")
+    if installed.exists():
+        return [str(installed)]
+    text = (REPO / "pyproject.toml").read_text()
+    try:
+        import tomllib
+        target = tomllib.loads(text)["project"]["scripts"]["dvbench"]
+    except ImportError:                                   # Python 3.10
+        target = re.search(r'^dvbench\s*=\s*"([^"]+)"', text, re.M).group(1)
+    module, func = target.split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.argv[0] = 'dvbench'; "
+                                  f"sys.exit({func}())"]
+
+
+ENTRY_POINTS = {"python -m bench": lambda: [sys.executable, "-m", "bench"], "dvbench": _console_script}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_entry_point(entry, tmp_path):
+    """The real entry points, each in its own interpreter: the usage, and a bad argument's
+    exit status and one-line message (test_determinism runs a whole job through
+    ``python -m bench``)."""
     def bench(*args):
-        return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=subprocess_env(),
+        return subprocess.run([*ENTRY_POINTS[entry](), *args], cwd=REPO, env=subprocess_env(),
                               capture_output=True, text=True, timeout=300)
     usage = bench("--help")
     assert usage.returncode == 0 and usage.stdout.startswith("usage: dvbench"), usage.stderr[-2000:]
