@@ -181,9 +181,6 @@ def test_mc_budget_too_small_for_one_permutation_raises():
         assert len([m for m in game.computed if m]) <= 4
 
 
-@pytest.mark.xfail(strict=True, reason="valuers/retraining.py MCShapley.value: its own max_fine_tunes is only "
-                   "checked by the permutation_shapley callback, i.e. every check_every (= n) permutations, so "
-                   "it overshoots (16 coalitions for a cap of 8 on 5 players); the run's Budget is enforced")
 def test_mc_own_fine_tune_cap():
     """``max_fine_tunes`` in the valuer's settings caps the coalitions it uses, like the budget."""
     table, _ = GAMES["majority"]

@@ -78,7 +78,7 @@ def test_the_view_hides_the_rest(setup):
     view = ViewOnly(game)
     assert all(hasattr(game, k) for k in GAME_VIEW), [k for k in GAME_VIEW if not hasattr(game, k)]
     assert view.n == 3 and view.flat_pairs() == game.flat_pairs() and view.used == {"n", "flat_pairs"}
-    for hidden in ("cache_dir", "cache", "stages", "key", "log", "metered", "with_seed", "_task", "_static",
+    for hidden in ("cache_dir", "cache", "stages", "key", "log", "with_seed", "_task", "_static",
                    "partition", "__dict__"):
         with pytest.raises(AttributeError, match="GameView"):
             getattr(view, hidden)

@@ -61,9 +61,9 @@ class MCShapleySettings(Settings):
 class MCShapley:
     """Permutation Monte Carlo Shapley.
 
-    ``max_fine_tunes`` (or the run's budget, whichever is smaller) caps distinct
-    coalitions used; sampling stops earlier when the running mean stabilises
-    (``tol``). Stopped by the budget mid-permutation, it keeps the complete ones.
+    ``max_fine_tunes`` (and the run's budget) cap the distinct coalitions used; sampling
+    stops earlier when the running mean stabilises (``tol``). Stopped by either
+    mid-permutation, it keeps the complete permutations.
     """
 
     def __init__(self, name: str = "mc_shapley", **settings):
@@ -75,20 +75,11 @@ class MCShapley:
 
     def value(self, game, budget: Budget) -> Valuation:
         meter = CostMeter(game)
-        caps = [c for c in (budget.max_fine_tunes, self.max_fine_tunes) if c is not None]
-        cap = min(caps) if caps else None
-        seen: set[int] = set()
-
-        def utility(mask: int) -> float:
-            seen.add(mask)
-            return game.utility(mask)
-
-        def stop(m, running):   # budget check after each block of permutations
-            return cap is not None and len(seen - {0}) >= cap
-
         rng = np.random.default_rng(self.seed + 7919 * game.seed)
-        with meter.phase("fine_tune+score"):
-            res = shapley.permutation_shapley(utility, game.n, rng, callback=stop, **self.kw)
+        # its own cap is a budget on a meter of its own: the game stops the walk before the
+        # cap is passed, and the complete permutations are kept (as under the run's budget)
+        with meter.phase("fine_tune+score"), game.metered(Budget(max_fine_tunes=self.max_fine_tunes)):
+            res = shapley.permutation_shapley(game.utility, game.n, rng, **self.kw)
         return Valuation(res.values, stderr=res.stderr, cost=meter.cost(), extras={
             "n_permutations": res.n_permutations, "converged": res.converged, "budget_stop": res.budget_stop,
             "history": [list(map(float, h)) for h in res.history]})
