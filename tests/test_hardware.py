@@ -374,19 +374,6 @@ def test_micro_main_keeps_only_accepted_runs(monkeypatch, tmp_path, rc):
         assert kept == ["0001_ref.json", "0002_new.json"]
 
 
-def test_benchmark_marker_on_the_command_line_overrides_addopts():
-    """pyproject's addopts deselect `benchmark`; a later `-m benchmark` selects them."""
-    def collected(*args):
-        p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
-                            "tests/test_benchmarks.py", *args], cwd=REPO, env=subprocess_env(),
-                           capture_output=True, text=True, timeout=300)
-        return [ln for ln in p.stdout.splitlines() if "::" in ln]
-
-    assert collected() == []
-    names = collected("-m", "benchmark")
-    assert len(names) == 4 and all("test_benchmark_" in n for n in names)
-
-
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_makefile_wires_the_drivers():
     def dry(*args):       # the target's last command line, whitespace normalised

@@ -176,7 +176,20 @@ def test_hardware_fingerprint_keys():
     for k in ("platform", "python", "machine", "cpu", "n_cpus", "ram_bytes", "torch", "cuda",
               "gpus", "id"):
         assert k in hw
-    assert len(hw["id"]) == 12 and hardware_fingerprint()["id"] == hw["id"]
+    assert len(hw["id"]) == 12
+    # the id is recomputed from the machine (not a cached value compared with itself) ...
+    from bench.tracking import system
+    system._hardware.cache_clear()
+    assert hardware_fingerprint()["id"] == hw["id"]
+    # ... and depends on what it names: another CPU count is another machine
+    system._hardware.cache_clear()
+    real = os.cpu_count
+    try:
+        os.cpu_count = lambda: (real() or 1) + 1
+        assert hardware_fingerprint()["id"] != hw["id"]
+    finally:
+        os.cpu_count = real
+        system._hardware.cache_clear()
 
 
 def test_git_info_never_raises(tmp_path):
