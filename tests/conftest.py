@@ -76,10 +76,10 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 # of 20 pairs, 16 fine-tunes (8 coalitions x 2 seeds). Shared by the CLI, offline and
 # determinism tests through the session's ``smoke_run``.
 SMOKE = ["experiment=smoke", "logger=none", "n_jobs=1", "progress=false",
-         "valuers=[random,loo,retrain_shapley,mc_shapley,dpo_arithmetic]",
+         "valuer=[random,loo,retrain_shapley,mc_shapley,dpo_arithmetic]",
          "task.n_train_per_source=40", "partition.sizes=[20,20,20]", "task.n_eval_per_source=20",
          "task.n_warmup_per_source=60", "model.n_embd=64", "train.epochs=3",
-         "valuer_args.mc_shapley.max_permutations=3"]
+         "valuer.mc_shapley.max_permutations=3"]
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 HUB_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE")  # what the CLI sets
 

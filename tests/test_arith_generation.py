@@ -169,9 +169,9 @@ def test_bad_settings_are_refused():
         DPOArithmeticGeneration(reward_axis="honest")
     with pytest.raises(ConfigError, match="top_p"):
         DPOArithmeticGeneration(top_p=0)
-    with pytest.raises(ConfigError, match=r"^valuer_args\.dpo_arithmetic_gen\.reweight: true needs n_samples"):
+    with pytest.raises(ConfigError, match=r"^valuer\.dpo_arithmetic_gen\.reweight: true needs n_samples"):
         DPOArithmeticGeneration(reweight=True)
-    with pytest.raises(ConfigError, match=r"^valuer_args\.dpo_arithmetic_gen\.n_prompts: '3' is not an integer"):
+    with pytest.raises(ConfigError, match=r"^valuer\.dpo_arithmetic_gen\.n_prompts: '3' is not an integer"):
         DPOArithmeticGeneration(n_prompts="3")
 
 
@@ -213,7 +213,7 @@ def test_valuer_efficiency_signature_and_cost(game):
 
 @pytest.mark.slow
 def test_cli_smoke_with_generation_valuer(tmp_path):
-    args = ["experiment=smoke", "valuers=[retrain_shapley,dpo_arithmetic_gen]", "logger=none",
+    args = ["experiment=smoke", "valuer=[retrain_shapley,dpo_arithmetic_gen]", "logger=none",
             f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra", "n_jobs=1", "progress=false"]
     code, _, err = run_cli(args)
     assert code == 0, err[-3000:]

@@ -11,7 +11,8 @@ from bench.core.errors import ConfigError
 from bench.core.game import Game
 from bench.core.models import ModelSpec
 from bench.core.partition import make_partition
-from bench.harness.build import available_valuers, build_game, build_task, build_valuer
+from bench.harness.build import (available_valuers, build_game, build_task, build_valuer, check_valuers,
+                                  default_valuers)
 from bench.core.task import synthetic_pref
 from bench.core.train import TrainSettings
 
@@ -46,13 +47,13 @@ def test_experiment_composes_and_builds(compose, name, tmp_path):
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert c["experiment_name"] == name
     assert c["cache_dir"] == f"{tmp_path}/cache"
-    # the valuers it runs exist and build with its per-valuer arguments
-    names = available_valuers() if c["valuers"] == "all" else c["valuers"]
-    assert names and set(names) <= set(available_valuers())
+    # the valuers it selects exist and build with its per-valuer settings
+    names, cfgs = check_valuers(c)
+    assert names[:2] == ["random", "retrain_shapley"] and set(names) <= set(available_valuers())
     for v in names:
-        valuer, vcfg = build_valuer(v, c["valuer_args"].get(v))
+        valuer, vcfg = build_valuer(v, cfgs[v])
         assert valuer.name == v
-        for k, val in (c["valuer_args"].get(v) or {}).items():
+        for k, val in (c["valuer"].get(v) or {}).items():
             assert vcfg[k] == val
     # data and partition build as declared (no model is loaded)
     task = build_task(cfg)
@@ -88,7 +89,14 @@ def test_experiment_comments_match_configs(compose):
     assert part.n_owners == 4
 
 
-@pytest.mark.parametrize("name", _names("valuer"))
+def test_valuer_group_all_lists_options_of_the_group():
+    """conf/valuer/all.yaml (valuer=all, the default) selects options of this group only,
+    and every option but the point-level reference (hours on the presets)."""
+    assert set(default_valuers()) == set(available_valuers()) - {"point_mc_shapley"}
+    assert set(available_valuers()) == set(_names("valuer")) - {"all"}
+
+
+@pytest.mark.parametrize("name", available_valuers())
 def test_valuer_instantiates(name):
     valuer, vcfg = build_valuer(name)
     assert valuer.name == name == vcfg["name"]
@@ -102,7 +110,7 @@ def test_valuer_overrides_reach_the_object():
     with pytest.raises(ConfigError) as e:
         build_valuer("nope")
     assert one_line(str(e.value)) and "retrain_shapley" in str(e.value)
-    assert available_valuers() == _names("valuer")
+    assert available_valuers() == [n for n in _names("valuer") if n != "all"]
 
 
 SMALL_TASK = ["task.n_train_per_source=8", "task.n_eval_per_source=4", "task.n_warmup_per_source=4"]

@@ -67,7 +67,7 @@ def test_two_cpu_runs_give_identical_values(smoke_run, tmp_path):
 @pytest.mark.slow
 def test_two_cpu_runs_of_every_valuer_are_identical(tmp_path):
     args = ["experiment=smoke", "task.n_train_per_source=10", "task.n_eval_per_source=8", "partition.sizes=[8,5,5]",
-            "progress=false", "logger=none", "valuers=all", "lds.n_subsets=3"]
+            "progress=false", "logger=none", "valuer=all", "lds.n_subsets=3"]
     code, _, err = run_cli([*args, f"results_dir={tmp_path}/a/r", f"hydra.run.dir={tmp_path}/a/h"])
     assert code == 0, err[-3000:]
     _check(read_records(tmp_path / "a" / "r"),

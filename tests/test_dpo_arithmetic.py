@@ -53,11 +53,11 @@ def test_size_weights_are_data_shares():
 
 
 def test_bad_weights_name_is_refused():
-    with pytest.raises(ConfigError, match=r"^valuer_args\.dpo_arithmetic\.weights: unknown 'uniform'"):
+    with pytest.raises(ConfigError, match=r"^valuer\.dpo_arithmetic\.weights: unknown 'uniform'"):
         DPOArithmetic(weights="uniform")
-    with pytest.raises(ConfigError, match=r"^valuer_args\.dpo_arithmetic_size\.metric: unknown 'acc'"):
+    with pytest.raises(ConfigError, match=r"^valuer\.dpo_arithmetic_size\.metric: unknown 'acc'"):
         DPOArithmetic(name="dpo_arithmetic_size", metric="acc")
-    with pytest.raises(ConfigError, match=r"^valuer_args\.dpo_arithmetic\.weight: unknown setting"):
+    with pytest.raises(ConfigError, match=r"^valuer\.dpo_arithmetic\.weight: unknown setting"):
         DPOArithmetic(weight="size")
 
 

@@ -121,4 +121,4 @@ def test_time_budget_is_checked_between_gradient_batches(game, monkeypatch):
 def test_bad_settings_are_one_line(kw, field):
     with pytest.raises(ConfigError) as e:
         NaiveInfluence(**kw)
-    assert one_line(str(e.value)) and f"valuer_args.influence_naive.{field}" in str(e.value)
+    assert one_line(str(e.value)) and f"valuer.influence_naive.{field}" in str(e.value)

@@ -23,7 +23,7 @@ SMALL = ["experiment=smoke", "task.n_train_per_source=10", "task.n_eval_per_sour
 
 
 def _cmd(out, valuer):
-    return [sys.executable, "-m", "bench", *SMALL, f"valuers=[{valuer}]", f"results_dir={out}"]
+    return [sys.executable, "-m", "bench", *SMALL, f"valuer=[{valuer}]", f"results_dir={out}"]
 
 
 def _entries(out):

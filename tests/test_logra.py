@@ -410,14 +410,14 @@ def test_k_larger_than_layer_width(tiny_base):
 def test_bad_settings_are_one_line(kw, field):
     with pytest.raises(ConfigError) as e:
         LoGra(**kw)
-    assert one_line(str(e.value)) and f"valuer_args.logra.{field}" in str(e.value)
+    assert one_line(str(e.value)) and f"valuer.logra.{field}" in str(e.value)
 
 
 def test_settings_are_named_as_written():
     """Errors name the setting under the valuer's own name; unknown keys are refused by name."""
-    with pytest.raises(ConfigError, match=r"^valuer_args\.logra_k8\.k_in: "):
+    with pytest.raises(ConfigError, match=r"^valuer\.logra_k8\.k_in: "):
         LoGra(name="logra_k8", k_in=0)
-    with pytest.raises(ConfigError, match=r"valuer_args\.logra\b.*unknown setting") as e:
+    with pytest.raises(ConfigError, match=r"valuer\.logra\b.*unknown setting") as e:
         LoGra(k=8)
     assert "'k'" in str(e.value) or "logra.k:" in str(e.value)
     s = LoGra(k_in=None, damping_scale=1).settings
@@ -457,8 +457,8 @@ def test_lds_sums_values_over_random_halves():
 
 @pytest.mark.slow
 def test_harness_runs_logra_end_to_end(tmp_path):
-    """python -m bench experiment=smoke valuers=[retrain_shapley,logra]: a real fine-tuned model."""
-    proc = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke", "valuers=[retrain_shapley,logra]",
+    """python -m bench experiment=smoke valuer=[retrain_shapley,logra]: a real fine-tuned model."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke", "valuer=[retrain_shapley,logra]",
                            "logger=none", f"results_dir={tmp_path}", "progress=false"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -66,7 +66,7 @@ def test_wandb_failure_keeps_the_local_record(smoke_run, tmp_path, monkeypatch):
         raise RuntimeError("W&B is down")
     monkeypatch.setattr(wandb, "init", boom)
     args = smoke_args(tmp_path / "r", cache_dir=smoke_run.results / "cache")
-    code, _, err = run_cli([a for a in args if a != "logger=none"] + ["logger=wandb", "valuers=[loo]"])
+    code, _, err = run_cli([a for a in args if a != "logger=none"] + ["logger=wandb", "valuer=[loo]"])
     assert code == 0, err[-3000:]
     assert "W&B init failed (RuntimeError: W&B is down)" in err
     recs = read_records(tmp_path / "r")

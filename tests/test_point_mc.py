@@ -68,7 +68,7 @@ def test_fine_tune_cap_stops_after_a_permutation():
                                        ({"max_fine_tunes": 0}, "max_fine_tunes"),
                                        ({"seed": 1.5}, "seed"), ({"permutations": 3}, "permutations")])
 def test_bad_settings(kw, field):
-    with pytest.raises(ConfigError, match=rf"^valuer_args\.point_mc_shapley\.{field}: "):
+    with pytest.raises(ConfigError, match=rf"^valuer\.point_mc_shapley\.{field}: "):
         PointMCShapley(**kw)
 
 

@@ -105,7 +105,7 @@ def test_selection_command_on_smoke(tmp_path):
     out = tmp_path / "sel.png"
     code, _, err = run_cli(["selection", "--experiment", "smoke", "--seeds", "0", "--sizes", "0.1", "0.5",
                             "--out", str(out), f"results_dir={tmp_path / 'r'}", "progress=false",
-                            "+valuer_args.shed.passes=1"])
+                            "valuer.shed.passes=1"])
     assert code == 0, err[-3000:]
     curve = json.loads(out.with_suffix(".json").read_text())
     assert out.exists() and curve["counts"] == [10, 50] and len(curve["rows"]) == 2 * 3 + 1

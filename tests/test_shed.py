@@ -307,12 +307,12 @@ def test_valuer_is_seeded(tmp_path, fake_embed):
 # ------------------------------------------------------------------ errors
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(group_size=0), "valuer_args.shed.group_size"), (dict(passes=0), "valuer_args.shed.passes"),
-    (dict(n_clusters=0), "valuer_args.shed.n_clusters"), (dict(method="nope"), "valuer_args.shed.method"),
-    (dict(method="exact", n_clusters=20), "valuer_args.shed.n_clusters"),
-    (dict(drop_share="half"), "valuer_args.shed.drop_share"), (dict(n_init=0), "valuer_args.shed.n_init"),
-    (dict(n_clusters="10"), "valuer_args.shed.n_clusters"), (dict(metric="nope"), "valuer_args.shed.metric"),
-    (dict(clusters=3), "valuer_args.shed.clusters: unknown setting"),
+    (dict(group_size=0), "valuer.shed.group_size"), (dict(passes=0), "valuer.shed.passes"),
+    (dict(n_clusters=0), "valuer.shed.n_clusters"), (dict(method="nope"), "valuer.shed.method"),
+    (dict(method="exact", n_clusters=20), "valuer.shed.n_clusters"),
+    (dict(drop_share="half"), "valuer.shed.drop_share"), (dict(n_init=0), "valuer.shed.n_init"),
+    (dict(n_clusters="10"), "valuer.shed.n_clusters"), (dict(metric="nope"), "valuer.shed.metric"),
+    (dict(clusters=3), "valuer.shed.clusters: unknown setting"),
 ])
 def test_bad_settings_are_one_line_config_errors(kwargs, field):
     with pytest.raises(ConfigError) as e:
@@ -324,11 +324,11 @@ def test_too_many_clusters(tmp_path, fake_embed):
     game, _ = _fake_setup(tmp_path, fake_embed, [0.1] * 5)
     with pytest.raises(ConfigError) as e:
         SHED(n_clusters=16).value(game, Budget())
-    assert one_line(str(e.value)) and str(e.value).startswith("valuer_args.shed.n_clusters") and "15" in str(e.value)
+    assert one_line(str(e.value)) and str(e.value).startswith("valuer.shed.n_clusters") and "15" in str(e.value)
     x = np.repeat(np.eye(3), 2, axis=0)                             # 6 examples, 3 distinct
     with pytest.raises(ConfigError, match="valuer.n_clusters.*distinct"):
         cluster(x, 4)
-    with pytest.raises(ConfigError, match="valuer_args.shed.group_size"):
+    with pytest.raises(ConfigError, match="valuer.shed.group_size"):
         group_removal_shapley(lambda c: np.zeros(len(c)), 3, 0, 1, np.random.default_rng(0))
 
 
@@ -394,7 +394,7 @@ def test_v_empty_is_the_base_model_on_the_tiny_game(make_game, fresh_cache):
 @pytest.mark.slow
 def test_cli_smoke_with_shed(tmp_path):
     res = tmp_path / "results"
-    code, _, err = run_cli(["experiment=smoke", "valuers=[retrain_shapley,shed]", "logger=none",
+    code, _, err = run_cli(["experiment=smoke", "valuer=[retrain_shapley,shed]", "logger=none",
                             f"results_dir={res}", f"hydra.run.dir={tmp_path}/hydra", "progress=false"])
     assert code == 0, err[-3000:]
     recs = [json.loads(x) for x in (res / "runs" / "smoke.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from conftest import run_cli
 @pytest.mark.slow
 def test_quick_preset_end_to_end(tmp_path):
     code, _, err = run_cli(["experiment=quick", "logger=none", f"results_dir={tmp_path}",
-                            f"hydra.run.dir={tmp_path}/hydra", "valuers=[random,loo,retrain_shapley,mc_shapley]",
+                            f"hydra.run.dir={tmp_path}/hydra", "valuer=[random,loo,retrain_shapley,mc_shapley]",
                             "progress=false"])
     assert code == 0, err[-2000:]
     recs = {r["valuer"]: r for r in map(json.loads, (tmp_path / "runs" / "quick.jsonl").read_text().splitlines())}

@@ -23,7 +23,7 @@ def test_slurm_launcher_reads_the_slurm_block():
 @pytest.mark.slow
 def test_submitit_local_sweep_shares_the_cache(tmp_path):
     small = ["experiment=smoke", "task.n_train_per_source=10", "task.n_eval_per_source=8", "partition.sizes=[8,5,5]"]
-    code, _, err = run_cli(["-m", "hydra/launcher=submitit_local", *small, "valuers=[loo],[mc_shapley]",
+    code, _, err = run_cli(["-m", "hydra/launcher=submitit_local", *small, "valuer=[loo],[mc_shapley]",
                             f"results_dir={tmp_path}", "progress=false", f"hydra.sweep.dir={tmp_path}/multirun"])
     assert code == 0, err[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines()]

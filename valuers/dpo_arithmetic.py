@@ -38,7 +38,7 @@ def coalition_weights(n: int, kind: str, sizes=None) -> np.ndarray:
         w = member * np.asarray(sizes, dtype=np.float64)[None, :]
         tot = w.sum(1, keepdims=True)
         return np.divide(w, tot, out=np.zeros_like(w), where=tot > 0)
-    raise ConfigError(f"valuer_args.dpo_arithmetic.weights: unknown {kind!r}; choose one of {list(WEIGHTS)}")
+    raise ConfigError(f"valuer.dpo_arithmetic.weights: unknown {kind!r}; choose one of {list(WEIGHTS)}")
 
 
 def coalition_utilities(base_gap: np.ndarray, margins: np.ndarray, weights: np.ndarray, beta: float) -> dict:
@@ -73,7 +73,7 @@ def check_compatible(meta: dict | None, expected: dict, owner: int) -> None:
 
 @dataclass(frozen=True)
 class DPOArithmeticSettings(Settings):
-    prefix = "valuer_args.dpo_arithmetic"
+    prefix = "valuer.dpo_arithmetic"
     weights: str = setting("identity", "identity (w_i = 1, the sequential-DPO identity) | size "
                                        "(w_i = |D_i|/|D_S|, a union-game proxy)", choices=WEIGHTS)
     metric: str | None = setting(None, "utility metric of the coalition table; null = the game's metric",
@@ -83,7 +83,7 @@ class DPOArithmeticSettings(Settings):
 class DPOArithmetic:
     def __init__(self, name: str = "dpo_arithmetic", **settings):
         self.name = name
-        self.settings = s = DPOArithmeticSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.settings = s = DPOArithmeticSettings.of(settings, prefix=f"valuer.{name}")
         self.weights, self.metric = s.weights, s.metric
 
     def owner_margins(self, game) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ HESSIANS = ("layer", "full")
 
 @dataclass(frozen=True)
 class NaiveInfluenceSettings(InfluenceSettings):
-    prefix = "valuer_args.influence_naive"
+    prefix = "valuer.influence_naive"
     proj_dim: int | None = setting(None, "null = exact (full gradients); an int = dense Gaussian projection of "
                                          "each larger layer's gradient to this size", min=1)
     hessian: str = setting("layer", "layer (one Fisher block per layer, as logra) | full (one block)",
@@ -49,7 +49,7 @@ class NaiveInfluenceSettings(InfluenceSettings):
 class NaiveInfluence:
     def __init__(self, name: str = "influence_naive", **settings):
         self.name = name
-        self.where = f"valuer_args.{name}"
+        self.where = f"valuer.{name}"
         self.settings = NaiveInfluenceSettings.of(settings, prefix=self.where)
 
     def gradients(self, subject, layers, pairs, proj: dict, mean: bool = False):

@@ -60,7 +60,7 @@ PROJECTIONS = ("random", "eigen")
 
 @dataclass(frozen=True)
 class LoGraSettings(InfluenceSettings):
-    prefix = "valuer_args.logra"
+    prefix = "valuer.logra"
     projection: str = setting("random", "random (seeded Gaussian, orthonormal rows) | eigen (top-k of E[xx^T], "
                                         "E[gg^T])", choices=PROJECTIONS)
     k_in: int | None = setting(16, "projected input width per layer; null = no projection on that side", min=1)
@@ -76,7 +76,7 @@ class LoGra:
 
     def __init__(self, name: str = "logra", **settings):
         self.name = name
-        self.where = f"valuer_args.{name}"
+        self.where = f"valuer.{name}"
         self.settings = LoGraSettings.of(settings, prefix=self.where)
 
     def meta(self, model_key: str, data_fp: str) -> dict:

@@ -28,7 +28,7 @@ from valuers.base import Budget, CostMeter, Step, Valuation, owner_sums
 
 @dataclass(frozen=True)
 class PointMCSettings(Settings):
-    prefix = "valuer_args.point_mc_shapley"
+    prefix = "valuer.point_mc_shapley"
     max_permutations: int = setting(4, "permutations of the training examples; each costs up to N fine-tunes",
                                     min=1)
     truncation_tol: float | None = setting(0.05, "stop a permutation once its prefix is within this share of "
@@ -42,7 +42,7 @@ class PointMCSettings(Settings):
 class PointMCShapley:
     def __init__(self, name: str = "point_mc_shapley", **settings):
         self.name = name
-        self.settings = s = PointMCSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.settings = s = PointMCSettings.of(settings, prefix=f"valuer.{name}")
         self.seed = s.seed
         self.max_permutations, self.truncation_tol, self.max_fine_tunes = s.max_permutations, s.truncation_tol, \
             s.max_fine_tunes

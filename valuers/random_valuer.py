@@ -11,14 +11,14 @@ from valuers.base import Budget, CostMeter, Valuation
 
 @dataclass(frozen=True)
 class RandomSettings(Settings):
-    prefix = "valuer_args.random"
+    prefix = "valuer.random"
     seed: int = setting(0, "seed of the draw (combined with the game's seed)")
 
 
 class RandomValuer:
     def __init__(self, name: str = "random", **settings):
         self.name = name
-        self.settings = RandomSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.settings = RandomSettings.of(settings, prefix=f"valuer.{name}")
 
     def value(self, game, budget: Budget) -> Valuation:
         meter = CostMeter(game)

@@ -46,7 +46,7 @@ class LeaveOneOut:
 
 @dataclass(frozen=True)
 class MCShapleySettings(Settings):
-    prefix = "valuer_args.mc_shapley"
+    prefix = "valuer.mc_shapley"
     max_permutations: int = setting(50, "permutations at most", min=1)
     min_permutations: int = setting(4, "permutations before the stopping rule may fire", min=1)
     tol: float | None = setting(0.02, "stop when the running mean moves by <= tol x its mean |value| "
@@ -68,7 +68,7 @@ class MCShapley:
 
     def __init__(self, name: str = "mc_shapley", **settings):
         self.name = name
-        self.settings = s = MCShapleySettings.of(settings, prefix=f"valuer_args.{name}")
+        self.settings = s = MCShapleySettings.of(settings, prefix=f"valuer.{name}")
         self.seed, self.max_fine_tunes = s.seed, s.max_fine_tunes
         self.kw = dict(max_permutations=s.max_permutations, min_permutations=s.min_permutations, tol=s.tol,
                        truncation_tol=s.truncation_tol)

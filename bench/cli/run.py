@@ -20,7 +20,7 @@ from bench.core.errors import ConfigError, fail
 
 
 CONF = Path(__file__).resolve().parent.parent.parent / "conf"
-GROUPS = ("model", "task", "partition", "game", "train", "logger", "experiment", "local")
+GROUPS = ("model", "task", "partition", "game", "train", "logger", "experiment", "local", "valuer")
 
 
 def check_overrides(argv: list[str]) -> str | None:
@@ -31,7 +31,12 @@ def check_overrides(argv: list[str]) -> str | None:
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
         if key in GROUPS:
-            for v in value.split(","):
+            chosen = [v.strip() for v in value.strip("[]").split(",")]
+            twice = sorted({v for v in chosen if v and chosen.count(v) > 1})
+            if twice:
+                return f"{key}: {twice} listed twice; name each once"
+            for v in value.strip("[]").split(","):     # a choice, a sweep (a,b) or a list ([a,b])
+                v = v.strip()
                 if v and v != "null" and not (CONF / key / f"{v}.yaml").exists():
                     names = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
                     return f"{key}={v}: no such config; choose one of {names}"
@@ -122,8 +127,9 @@ def hydra_message(e: BaseException, overrides: list[str]) -> str:
     m = re.match(r"Could not override '([^']+)'", msg)
     if m:
         key = m.group(1)
-        if key.split(".")[0] == "valuer_args":
-            return f"{key}: valuer options are added with a +; write +{key}={_value_of(overrides, key)}"
+        if key.split(".")[0] in ("valuers", "valuer_args"):
+            return (f"{key}: valuers are the config group `valuer` now: select them with valuer=[loo,shed] "
+                    f"(or valuer=all) and set an option with valuer.<name>.<key>=<value>")
         parent, keys = _nearest_node(overrides, key)
         if keys is None:
             return f"{key}: {parent or key} is a single value, not a group of settings; set {parent or key}=<value>"

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config(args.experiment, args.overrides)
         task = build_task(cfg)
         game, _ = build_game(cfg, task)
-        all_args = OmegaConf.to_container(cfg.valuer_args, resolve=True) or {}
+        all_args = OmegaConf.to_container(cfg.valuer, resolve=True) or {}
         valuer, vcfg = build_valuer(args.valuer, all_args.get(args.valuer))
         val = valuer.value(game, Budget(**OmegaConf.to_container(cfg.budget)))
         if not task.test:

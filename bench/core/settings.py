@@ -13,7 +13,7 @@ instead; a subclass adds cross-field checks in ``check``.
         n_clusters: int = setting(10, "C, the number of K-means clusters", min=1)
         method: str = setting("removal", "removal (k passes) | exact (all 2^C)", choices=("removal", "exact"))
 
-Build them with ``cls.of(kwargs, prefix="valuer_args.shed")`` so that an unknown key
+Build them with ``cls.of(kwargs, prefix="valuer.shed")`` so that an unknown key
 is refused by name and every message names the setting as the user writes it.
 ``describe(cls)`` renders the fields as text (for ``--help`` and the README).
 """

@@ -3,9 +3,10 @@
 Every node is read through its ``Settings`` class (unknown keys refused by name, every
 field type- and range-checked); ``check_inputs`` refuses data that would make a
 reported metric meaningless before the game exists, ``check_valuers`` the valuer list.
-Valuers are a Hydra config group (``conf/valuer/<name>.yaml``); each is built with
-``hydra.utils.instantiate`` from its YAML merged with ``valuer_args.<name>``, and
-only classes in ``valuers/`` may be named as ``_target_``.
+Valuers are a Hydra config group with several choices (``valuer=[loo,shed]``; each
+``conf/valuer/<name>.yaml`` lands at ``valuer.<name>``, so ``valuer.shed.n_clusters=20``
+is a plain, type-checked override); each is built with ``hydra.utils.instantiate``,
+and only classes in ``valuers/`` may be named as ``_target_``.
 """
 from __future__ import annotations
 
@@ -97,51 +98,37 @@ BASELINES = ("random", "retrain_shapley")     # always in a job's records
 
 
 def available_valuers() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "valuer").glob("*.yaml"))
+    """Every option of the ``valuer`` config group (``all`` is the group's default
+    selection, not a valuer)."""
+    return sorted(p.stem for p in (CONF_DIR / "valuer").glob("*.yaml") if p.stem != "all")
 
 
 def default_valuers() -> list[str]:
-    """What ``valuers=all`` runs: every valuer except those whose YAML says
-    ``in_all: false`` (references that cost far more than the preset, e.g. point-level
-    permutation Shapley); name those explicitly."""
-    return [n for n in available_valuers()
-            if OmegaConf.load(CONF_DIR / "valuer" / f"{n}.yaml").get("in_all", True)]
+    """What ``valuer=all`` selects: the defaults list of ``conf/valuer/all.yaml``."""
+    return [str(n) for n in OmegaConf.load(CONF_DIR / "valuer" / "all.yaml").defaults]
 
 
 def check_valuers(c: dict) -> tuple[list[str], dict]:
-    """The valuers a job runs (the baselines first) and their ``valuer_args``, from the
-    config as plain data; every valuer's settings checked by building it. Refuses an
-    empty list (only the baselines would run), a name listed twice, an unknown name and
-    ``valuer_args`` of no valuer."""
-    valuers = c["valuers"]
-    if valuers == "all":
-        asked = default_valuers()
-    elif isinstance(valuers, list):
-        asked = [str(v) for v in valuers]
-    else:
-        raise ConfigError(f"valuers: {valuers!r}; use `all` or a list, e.g. valuers=[loo,shed]")
+    """The valuers a job runs (the baselines first) and their settings, from the
+    composed config as plain data (``valuer.<name>`` = that valuer's config). A node
+    without ``_target_`` holds a preset's settings for a valuer that is not selected
+    and is ignored. Every selected valuer's settings are checked by building it."""
+    nodes = c.get("valuer") or {}
+    if not isinstance(nodes, dict):
+        raise ConfigError(f"valuer: {nodes!r}; select valuers with valuer=[loo,shed] or valuer=all")
+    asked = [n for n, v in nodes.items() if isinstance(v, dict) and "_target_" in v]
     if not asked:
-        raise ConfigError(f"valuers: empty, so only the baselines {list(BASELINES)} would run, with nothing to "
-                          f"compare; name the valuers to benchmark, e.g. valuers=[dpo_arithmetic,shed], or "
-                          f"valuers=all")
-    twice = sorted({v for v in asked if asked.count(v) > 1})
-    if twice:
-        raise ConfigError(f"valuers: {twice} listed twice; name each valuer once")
+        raise ConfigError(f"valuer: none selected, so only the baselines {list(BASELINES)} would run, with nothing "
+                          f"to compare; select the valuers to benchmark, e.g. valuer=[dpo_arithmetic,shed], or "
+                          f"valuer=all")
     names = list(dict.fromkeys([*BASELINES, *asked]))
     unknown = [n for n in names if n not in available_valuers()]
     if unknown:
-        raise ConfigError(f"valuers: unknown {unknown}; choose from {available_valuers()}")
-    valuer_args = c.get("valuer_args") or {}
-    stray = sorted(set(valuer_args) - set(available_valuers()))
-    if stray:
-        raise ConfigError(f"valuer_args: {stray} name no valuer; choose from {available_valuers()}")
-    for n, args in valuer_args.items():
-        if not isinstance(args, dict):
-            raise ConfigError(f"valuer_args.{n}: {args!r} is not a mapping; set its options one by one, "
-                              f"e.g. +valuer_args.{n}.seed=1")
+        raise ConfigError(f"valuer: unknown {unknown}; choose from {available_valuers()}")
+    settings = {n: nodes.get(n) for n in names}
     for n in names:
-        build_valuer(n, valuer_args.get(n))
-    return names, valuer_args
+        build_valuer(n, settings[n])
+    return names, settings
 
 
 def build_valuer(name: str, overrides: dict | None = None):
@@ -149,9 +136,8 @@ def build_valuer(name: str, overrides: dict | None = None):
     from hydra.utils import instantiate
     path = CONF_DIR / "valuer" / f"{name}.yaml"
     if not path.exists():
-        raise ConfigError(f"valuers: unknown valuer {name!r}; choose from {available_valuers()}")
+        raise ConfigError(f"valuer: unknown valuer {name!r}; choose from {available_valuers()}")
     vcfg = OmegaConf.merge(OmegaConf.load(path), overrides or {})
-    vcfg.pop("in_all", None)                # a harness setting, not the valuer's
     target = str(vcfg.get("_target_", ""))
     if not target.startswith("valuers."):   # config-driven construction: the project's own classes only
         raise ConfigError(f"valuer {name}: _target_ {target!r} is not a class in valuers/; "

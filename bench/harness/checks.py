@@ -43,8 +43,8 @@ class JobSettings(Settings):
     experiment_name: str = setting(REQUIRED, "names the records file <results_dir>/runs/<experiment_name>.jsonl")
     seed: int = setting(REQUIRED, "training seed of the game (and of the valuers' sampling)", min=0)
     noise_seed_offset: int = setting(REQUIRED, "the noise ceiling retrains the exact game with seed + offset")
-    valuers: str | list[str] = setting(REQUIRED, "`all` or a list of conf/valuer names")
-    valuer_args: dict = setting(REQUIRED, "per-valuer settings: +valuer_args.<name>.<key>=<value>")
+    valuer: dict = setting(REQUIRED, "the selected valuers' configs (group conf/valuer): valuer=[loo,shed], "
+                                     "valuer.<name>.<key>=<value>")
     budget: dict = setting(REQUIRED, "max_fine_tunes, max_seconds of every valuer")
     lds: dict = setting(REQUIRED, "linear datamodeling score settings")
     selection: dict = setting(REQUIRED, "data-selection curve settings")
@@ -72,8 +72,6 @@ class JobSettings(Settings):
         if self.seed + self.noise_seed_offset < 0:
             raise self.error("noise_seed_offset", f"{self.noise_seed_offset} makes the second seed "
                                                   f"{self.seed + self.noise_seed_offset} < 0; use a positive offset")
-        if isinstance(self.valuers, str) and self.valuers != "all":
-            raise self.error("valuers", f"{self.valuers!r}; use `all` or a list, e.g. valuers=[loo,shed]")
 
 
 @dataclass(frozen=True)
@@ -209,5 +207,6 @@ def check_config(cfg: DictConfig) -> dict:
     names, _ = check_valuers(c)          # every valuer's settings, by building it
     bad = [n for n in c["selection"]["valuers"] if n not in names]
     if bad:
-        raise ConfigError(f"selection.valuers: {bad} are not in valuers={names}; add them to valuers or drop them")
+        raise ConfigError(f"selection.valuers: {bad} are not selected (valuer={names}); select them, "
+                          f"e.g. valuer=[{','.join(names[2:] + bad)}], or drop them from selection.valuers")
     return c

@@ -108,12 +108,12 @@ def overhead_line(t_start: float, fine_tune_s: float, valuer_own_s: float) -> st
 def check_job(cfg: DictConfig) -> tuple[list[str], dict, dict]:
     """Every setting of the job, before anything is built or trained (the checks live
     in ``bench.harness.checks`` and ``build.check_valuers``; the data-dependent ones run
-    in ``build_game``). Returns the valuer names, their ``valuer_args`` and the
+    in ``build_game``). Returns the valuer names, their configs (``valuer.<name>``) and the
     selection settings."""
     c = check_config(cfg)            # every node's fields, types, ranges, cross-field rules
     WandbLogger.check(c["logger"]["mode"], c["logger"]["dir"])
-    names, valuer_args = check_valuers(c)
-    return names, valuer_args, c["selection"]
+    names, valuer_cfgs = check_valuers(c)
+    return names, valuer_cfgs, c["selection"]
 
 
 # ------------------------------------------------------------------ the job
@@ -127,8 +127,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         if Path(d).exists():
             sweep_stale_tmp(d)
     shard = parse_shard(cfg.game.get("shard"))    # a malformed shard spec fails now
-    names, valuer_args, sel = check_job(cfg)
-    built = {n: build_valuer(n, valuer_args.get(n)) for n in names}
+    names, valuer_cfgs, sel = check_job(cfg)
+    built = {n: build_valuer(n, valuer_cfgs.get(n)) for n in names}
     budget = Budget(**OmegaConf.to_container(cfg.budget))
 
     task = build_task(cfg)
@@ -198,7 +198,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                     if val.point_values is not None:
                         rec["point_values"] = val.point_values
                     if name in sel["valuers"]:
-                        rec["metrics"]["selection"] = run_selection(game, val, task, sel, valuer_args, cfg, name)
+                        rec["metrics"]["selection"] = run_selection(game, val, task, sel, valuer_cfgs, cfg, name)
                         selection_s += rec["metrics"]["selection"]["fresh_compute_s"]
                 except BudgetExhausted as e:
                     rec.update(status="over_budget", error=f"{name}: {e}", owner_values=[], metrics={}, cost={})
@@ -243,14 +243,14 @@ def log_point_values(wb, records: list[dict]) -> None:
         wb.log_artifact(path, name=f"point_values-{records[0]['experiment']}-s{records[0]['seed']}")
 
 
-def run_selection(game, val, task, sel: dict, valuer_args: dict, cfg, name: str) -> dict:
+def run_selection(game, val, task, sel: dict, valuer_cfgs: dict, cfg, name: str) -> dict:
     """The data-selection curve of one valuation (judged on the task's test split),
     its plot under <results_dir>/plots/, and the compact curve for the record."""
     from bench.analysis.plots import plot_selection
     from bench.core.selection import compact, curve_for_valuation, format_curve
     clusters = None
     if val.clusters is None:     # SHED's clustering of the examples, for any point values
-        shed, _ = build_valuer("shed", valuer_args.get("shed"))
+        shed, _ = build_valuer("shed", valuer_cfgs.get("shed"))
         clusters = shed.clusters(game)[0].labels
     curve = curve_for_valuation(game, val, task.test, clusters, sizes=sel["sizes"],
                                 seeds=sel["seeds"], methods=sel["methods"], beta=sel["beta"])

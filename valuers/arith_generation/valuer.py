@@ -53,7 +53,7 @@ def select_prompts(pairs, n_prompts: int, seed: int = 0) -> list:
     """``n_prompts`` pairs, stratified by source: each source's pairs in a seeded
     order, then round-robin over sources (in order of first appearance)."""
     if n_prompts < 1:
-        raise ConfigError(f"valuer_args.dpo_arithmetic_gen.n_prompts: {n_prompts}; use a value >= 1")
+        raise ConfigError(f"valuer.dpo_arithmetic_gen.n_prompts: {n_prompts}; use a value >= 1")
     groups: dict[str, list] = {}
     for p in pairs:
         groups.setdefault(p.source, []).append(p)
@@ -232,7 +232,7 @@ def _logw_stats(logw: np.ndarray, groups: np.ndarray) -> dict:
 
 @dataclass(frozen=True)
 class GenerationSettings(Settings):
-    prefix = "valuer_args.dpo_arithmetic_gen"
+    prefix = "valuer.dpo_arithmetic_gen"
     n_prompts: int = setting(20, "eval prompts, stratified by source, chosen by `seed`", min=1)
     max_new_tokens: int = setting(16, "tokens generated per sample at most", min=1)
     temperature: float = setting(1.0, "sampling temperature on the combined log-probs; 0 = greedy (argmax of z)",
@@ -256,7 +256,7 @@ class GenerationSettings(Settings):
 class DPOArithmeticGeneration:
     def __init__(self, name: str = "dpo_arithmetic_gen", **settings):
         self.name = name
-        self.settings = s = GenerationSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.settings = s = GenerationSettings.of(settings, prefix=f"valuer.{name}")
         self.n_prompts, self.max_new_tokens = s.n_prompts, s.max_new_tokens
         self.temperature, self.top_p, self.n_samples, self.seed = s.temperature, s.top_p, s.n_samples, s.seed
         self.reward_axis, self.reweight, self.batch_size = s.reward_axis, s.reweight, s.batch_size

@@ -11,7 +11,7 @@ from valuers.influence.subject import DTYPES
 
 @dataclass(frozen=True)
 class InfluenceSettings(Settings):
-    prefix = "valuer_args.influence"
+    prefix = "valuer.influence"
     seed: int = setting(0, "projection seed (each layer's projection derives from it and the layer name)")
     train_loss: str = setting("dpo", "dpo (the pair's DPO loss vs the base, beta = train.beta) | sft (mean NLL "
                                      "of the chosen response)", choices=LOSSES)

@@ -70,11 +70,11 @@ def _check_removal_args(g: int, passes: int, drop_share: str) -> None:
     """The removal arguments of ``group_removal_shapley`` called on its own (the valuer's
     are checked by ``ShedSettings``)."""
     if g < 1:
-        raise ConfigError(f"valuer_args.shed.group_size: {g}; use a value >= 1")
+        raise ConfigError(f"valuer.shed.group_size: {g}; use a value >= 1")
     if passes < 1:
-        raise ConfigError(f"valuer_args.shed.passes: {passes}; use a value >= 1")
+        raise ConfigError(f"valuer.shed.passes: {passes}; use a value >= 1")
     if drop_share not in DROP_SHARES:
-        raise ConfigError(f"valuer_args.shed.drop_share: unknown {drop_share!r}; choose one of {list(DROP_SHARES)}")
+        raise ConfigError(f"valuer.shed.drop_share: unknown {drop_share!r}; choose one of {list(DROP_SHARES)}")
 
 
 def group_removal_shapley(utilities: Callable[[list[Coalition]], Sequence[float]], n: int, g: int,
@@ -119,8 +119,8 @@ def group_removal_shapley(utilities: Callable[[list[Coalition]], Sequence[float]
 def exact_proxy_shapley(utilities: Callable[[list[Coalition]], Sequence[float]], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact Shapley over all 2^n coalitions of proxies; returns (values, table)."""
     if n > MAX_EXACT_CLUSTERS:
-        raise ConfigError(f"valuer_args.shed.n_clusters: {n} is too many for method=exact (2^{n} fine-tunes); "
-                          f"use <= {MAX_EXACT_CLUSTERS} or valuer_args.shed.method=removal")
+        raise ConfigError(f"valuer.shed.n_clusters: {n} is too many for method=exact (2^{n} fine-tunes); "
+                          f"use <= {MAX_EXACT_CLUSTERS} or valuer.shed.method=removal")
     coalitions = [shapley.members(m, n) for m in range(1 << n)]
     table = np.asarray(utilities(coalitions), dtype=float)
     phi = shapley.exact_shapley(table)
@@ -137,7 +137,7 @@ def _metrics() -> tuple:
 
 @dataclass(frozen=True)
 class ShedSettings(Settings):
-    prefix = "valuer_args.shed"
+    prefix = "valuer.shed"
     n_clusters: int = setting(10, "C, the number of K-means clusters; at most the number of (distinct) "
                                   "training examples", min=1)
     method: str = setting("removal", "removal: k passes of random group removal | exact: all 2^C proxy "
@@ -164,7 +164,7 @@ class SHED:
 
     def __init__(self, name: str = "shed", **settings):
         self.name = name
-        self.settings = s = ShedSettings.of(settings, prefix=f"valuer_args.{name}")
+        self.settings = s = ShedSettings.of(settings, prefix=f"valuer.{name}")
         self.n_clusters, self.method = s.n_clusters, s.method
         self.group_size, self.passes, self.drop_share = s.group_size, s.passes, s.drop_share
         self.seed, self.n_init, self.embed_batch_size, self.metric = s.seed, s.n_init, s.embed_batch_size, s.metric
@@ -173,7 +173,7 @@ class SHED:
         """Settings that depend on the game, checked by the harness before any training."""
         from bench.core.embed import pair_text
         pairs = game.flat_pairs()
-        key = f"valuer_args.{self.name}.n_clusters"
+        key = f"valuer.{self.name}.n_clusters"
         if self.n_clusters > len(pairs):
             raise ConfigError(f"{key}: {self.n_clusters} exceeds the {len(pairs)} training examples; "
                               f"set {key} <= {len(pairs)}")
