@@ -29,27 +29,27 @@ def _top(x: np.ndarray, k: int) -> set[int]:
     return set(np.argsort(-x, kind="stable")[:k].tolist())
 
 
-def fidelity(est, truth, total_gain: float | None = None, k: int | None = None) -> dict:
-    """Agreement of estimated values `est` with reference values `truth`.
+def fidelity(est, ref, total_gain: float | None = None, k: int | None = None) -> dict:
+    """Agreement of estimated values `est` with reference values `ref` (e.g. exact retraining Shapley).
 
-    Keys: spearman, kendall, pearson; rel_l2 = ||est - truth|| / ||truth||; topk = overlap
+    Keys: spearman, kendall, pearson; rel_l2 = ||est - ref|| / ||ref||; topk = overlap
     fraction of the top-k sets (k defaults to max(1, n // 3)); sign_agreement = share of
     players with equal sign (0 is its own sign); efficiency_gap = |sum(est) - total_gain|
     (None without total_gain). Undefined correlations are NaN.
     """
-    est, truth = np.asarray(est, dtype=float), np.asarray(truth, dtype=float)
-    if est.shape != truth.shape or est.ndim != 1:
-        raise ValueError(f"est and truth must be 1-D of equal length, got {est.shape} and {truth.shape}")
-    n = len(truth)
+    est, ref = np.asarray(est, dtype=float), np.asarray(ref, dtype=float)
+    if est.shape != ref.shape or est.ndim != 1:
+        raise ValueError(f"est and ref must be 1-D of equal length, got {est.shape} and {ref.shape}")
+    n = len(ref)
     k = min(n, max(1, n // 3) if k is None else k)
-    norm = np.linalg.norm(truth)
+    norm = np.linalg.norm(ref)
     return {
-        "spearman": _corr(stats.spearmanr, est, truth),
-        "kendall": _corr(stats.kendalltau, est, truth),
-        "pearson": _corr(stats.pearsonr, est, truth),
-        "rel_l2": float(np.linalg.norm(est - truth) / norm) if norm > 0 else NAN,
-        "topk": len(_top(est, k) & _top(truth, k)) / k if k > 0 else NAN,
-        "sign_agreement": float(np.mean(np.sign(est) == np.sign(truth))) if n else NAN,
+        "spearman": _corr(stats.spearmanr, est, ref),
+        "kendall": _corr(stats.kendalltau, est, ref),
+        "pearson": _corr(stats.pearsonr, est, ref),
+        "rel_l2": float(np.linalg.norm(est - ref) / norm) if norm > 0 else NAN,
+        "topk": len(_top(est, k) & _top(ref, k)) / k if k > 0 else NAN,
+        "sign_agreement": float(np.mean(np.sign(est) == np.sign(ref))) if n else NAN,
         "efficiency_gap": None if total_gain is None else float(abs(est.sum() - total_gain)),
     }
 
