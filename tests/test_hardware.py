@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, one_line, subprocess_env
+from conftest import REPO, one_line
 
 from bench.cli import hardware
 from bench.tracking import ResultsStore, hardware_fingerprint, hardware_slug, read_jsonl, system

@@ -61,8 +61,8 @@ def test_assemble_on_an_empty_cache_names_the_missing(tmp_path):
 
 def test_overhead_accounting(monkeypatch):
     """The job's wall-time line: fresh compute from a game log, the process age."""
-    from bench.core.game import UseLog
-    from bench.core.game import fresh_compute_s
+    from bench.core.metering import UseLog
+    from bench.core.metering import fresh_compute_s
     from bench.harness import job
     from bench.harness.job import overhead_line, process_age_s
     log = UseLog()

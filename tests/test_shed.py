@@ -17,7 +17,7 @@ from conftest import one_line, run_cli
 
 from bench.core import toy_games
 from bench.core.errors import ConfigError
-from bench.core.game import UseLog
+from bench.core.metering import UseLog
 from bench.core.shapley import exact_shapley, mask_of
 from bench.core.task import Pair
 from valuers.base import Budget

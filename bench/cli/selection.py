@@ -1,24 +1,10 @@
-"""The data-selection experiment: fine-tune on a value-selected subset vs a random
-subset of the same size vs all data.
+"""``python -m bench selection``: one valuation's data-selection curve outside a job.
 
-For each subset size and seed, ``selection_curve`` builds
+Builds the game with Hydra compose, values it (SHED by default), fine-tunes QOCS /
+QWCS / random / all subsets per size and seed (``bench/core/selection.py`` says how),
+plots the curve and writes a JSON next to the plot:
 
-  qocs    SHED's quality-ordered cluster sampling (whole clusters by score)
-  qwcs    SHED's quality-weighted cluster sampling (clusters ~ softmax(β·score))
-  random  a uniform subset of the same size
-  all     every training example (one per seed, independent of the size)
-
-and scores each with the game's utility (``game.subset_utilities``: DPO from the
-base on exactly those examples, cached by content, parallel when n_jobs > 1).
-A seed drives the subset draw *and* the training seed (the game ``with_seed(seed0 +
-seed)``), so the confidence intervals include training noise; ``all`` then varies by
-seed too. Cluster scores come from a SHED ``Valuation`` (its proxy values) or, for
-any per-example values, the mean value of each cluster's members.
-
-Command line (builds the game with Hydra compose, values it with SHED, writes a JSON
-next to the plot):
-
-    python -m bench selection --experiment quick --seeds 0 1 2 \
+    python -m bench selection --experiment quick --seeds 0 1 2 \\
         --out results/plots/selection_quick.png results_dir=/tmp/r n_jobs=2
 """
 from __future__ import annotations

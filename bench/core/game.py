@@ -21,8 +21,7 @@ import ast
 import hashlib
 import os
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from bench.core.partition import Partition
 from bench.core.shapley import members
 from bench.core.resources import peak_rss_bytes
 from bench.core.task import Task
-from bench.core.valuation import Budget, BudgetExhausted
+from bench.core.metering import Metered, UseLog
 from bench.core.train import METRICS, FineTuneDiverged, TrainSettings, dpo_stage, materialize, sequence_logps, utility_metrics
 
 GAMES = ("union", "sequential")
@@ -78,40 +77,6 @@ class Subset:
 
 
 @dataclass
-class UseLog:
-    """What was asked of the game while this log was open: one entry per distinct
-    utility used, and the budget those uses may not exceed."""
-    entries: dict = field(default_factory=dict)   # mask or cache key -> {"fresh", "compute_s", "peak_rss", "trained"}
-    budget: Budget = field(default_factory=Budget)
-    t0: float = field(default_factory=time.monotonic)
-
-    def add(self, key, rec: dict, fresh: bool) -> None:
-        if key not in self.entries or fresh:
-            self.entries[key] = {"fresh": fresh, "compute_s": rec.get("train_s", 0) + rec.get("eval_s", 0),
-                                 "peak_rss": rec.get("peak_rss", 0), "trained": rec.get("n_train", 0) > 0}
-
-    def fine_tunes(self) -> int:
-        return sum(e["trained"] for e in self.entries.values())
-
-    def admit(self, keys_trained: dict) -> None:
-        """Raise BudgetExhausted if using these utilities ({log id: trains?}) would pass
-        the budget, or if the time budget has run out."""
-        b = self.budget
-        if b.max_seconds is not None and time.monotonic() - self.t0 > b.max_seconds:
-            raise BudgetExhausted(f"budget.max_seconds={b.max_seconds:g} spent")
-        if b.max_fine_tunes is not None:
-            new = sum(1 for k, t in keys_trained.items() if t and k not in self.entries)
-            if new and self.fine_tunes() + new > b.max_fine_tunes:
-                raise BudgetExhausted(f"budget.max_fine_tunes={b.max_fine_tunes}: {self.fine_tunes()} used, "
-                                      f"{new} more asked for")
-
-
-def fresh_compute_s(log: UseLog) -> float:
-    """Train + eval seconds of the utilities a game computed (not read from the cache)."""
-    return sum(e["compute_s"] for e in log.entries.values() if e["fresh"])
-
-
-@dataclass
 class Finetuned:
     """A coalition's model with its last stage's trainable weights live (a LoRA
     adapter left unmerged, or full weights requiring grad) and that stage's
@@ -124,7 +89,7 @@ class Finetuned:
     key: str           # the coalition's cache key (names its artefacts)
 
 
-class Game:
+class Game(Metered):
     def __init__(self, task: Task, owners: "list[list] | Partition", model: ModelSpec, train: TrainSettings,
                  kind: str = "union", seed: int = 0, metric: str = "pref_acc",
                  cache_dir: str | Path = "results/cache", n_jobs: int = 1, progress: bool = True,
@@ -148,8 +113,7 @@ class Game:
                         "eval": _owner_fp(self.eval), "model": asdict(model), "train": train.key(),
                         "game": kind, "seed": seed}
         self._base = None   # (model, tokenizer), loaded lazily in each process
-        self.log = UseLog()           # everything asked of this game object
-        self._meters: list[UseLog] = []   # open ``metered`` blocks, innermost last
+        self._init_meters()
 
     # -- pickling: never ship the loaded model to workers
     def __getstate__(self):
@@ -159,40 +123,11 @@ class Game:
         d["_meters"] = []
         return d
 
-    # ----------------------------------------------------------- metering and budgets
-    @contextmanager
-    def metered(self, budget: Budget | None = None):
-        """Count what is asked of the game inside the block (a fresh ``UseLog``), and
-        enforce ``budget`` on it: a utility past ``max_fine_tunes`` or after
-        ``max_seconds`` raises ``BudgetExhausted`` before any training. Blocks nest
-        (the job's total around each valuer's own)."""
-        log = UseLog(budget=budget or Budget())
-        self._meters.append(log)
-        try:
-            yield log
-        finally:
-            self._meters.remove(log)
-
-    @property
-    def usage(self) -> UseLog:
-        """The innermost open meter (the game's whole log when none is open)."""
-        return self._meters[-1] if self._meters else self.log
-
-    def check_budget(self) -> None:
-        """For valuers' own long computations: raise BudgetExhausted once time is up."""
-        for m in self._meters:
-            m.admit({})
-
     def _admit(self, items) -> None:
-        keys = {self._log_id(it): self._trains(it) for it in items}
-        for m in self._meters:
-            m.admit(keys)
+        self._admit_keys({self._log_id(it): self._trains(it) for it in items})
 
     def _note(self, item, rec: dict, fresh: bool) -> None:
-        key = self._log_id(item)
-        self.log.add(key, rec, fresh)
-        for m in self._meters:
-            m.add(key, rec, fresh)
+        self._note_key(self._log_id(item), rec, fresh)
 
     @staticmethod
     def _trains(item) -> bool:

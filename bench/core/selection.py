@@ -15,11 +15,7 @@ seed)``), so the confidence intervals include training noise; ``all`` then varie
 seed too. Cluster scores come from a SHED ``Valuation`` (its proxy values) or, for
 any per-example values, the mean value of each cluster's members.
 
-Command line (builds the game with Hydra compose, values it with SHED, writes a JSON
-next to the plot):
-
-    python -m bench selection --experiment quick --seeds 0 1 2 \\
-        --out results/plots/selection_quick.png results_dir=/tmp/r n_jobs=2
+The program: ``python -m bench selection`` (``bench/cli/selection.py``).
 """
 from __future__ import annotations
 
@@ -150,7 +146,7 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
     metric; pass a game over the same training data with a held-out eval set to avoid it.
     """
     from bench.core.metrics import mean_ci
-    from bench.core.game import fresh_compute_s
+    from bench.core.metering import fresh_compute_s
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

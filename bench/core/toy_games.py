@@ -9,12 +9,13 @@ budgeted like the real game, for testing valuers against exact answers.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from itertools import permutations
 from math import factorial
 from typing import Callable, Sequence
 
 import numpy as np
+
+from bench.core.metering import Metered
 
 MAX_BRUTE_FORCE_N = 8  # 8! = 40320 permutations
 
@@ -102,7 +103,7 @@ def unanimity_game(n: int, carriers: Sequence[int]) -> tuple[np.ndarray, np.ndar
     return _table(n, lambda s: float(t <= set(s))), phi
 
 
-class TableGame:
+class TableGame(Metered):
     """A valuation game whose utilities are read from a 2^n table: the names of
     ``bench.core.valuation.GameView`` over a closed-form game, metered like the real
     game (``bench.core.game.Game``), so valuers and their budgets can be tested against
@@ -126,7 +127,6 @@ class TableGame:
     def __init__(self, table, owner_sizes=None, seed: int = 0, compute_s: float = 1.0, cache_dir=None):
         from collections import Counter
 
-        from bench.core.game import UseLog
         from bench.core.task import Pair
         self._table = np.asarray(table, dtype=float)
         n = len(self._table).bit_length() - 1
@@ -142,34 +142,12 @@ class TableGame:
         self.eval = [Pair(0, "eval", "q", "a", "b")]
         self._owner_of = {p.id: i for i, o in enumerate(self.owners) for p in o}
         self._cache_dir = cache_dir
-        self.log = UseLog()                 # everything asked of this game object
-        self._meters: list = []
+        self._init_meters()
         self._done: set = set()             # coalitions "cached"
         self.computed: Counter = Counter()  # coalition -> times computed (1 once cached)
 
-    # ----------------------------------------------------------- metering, as Game
-    @contextmanager
-    def metered(self, budget=None):
-        from bench.core.game import UseLog
-        from bench.core.valuation import Budget
-        log = UseLog(budget=budget or Budget())
-        self._meters.append(log)
-        try:
-            yield log
-        finally:
-            self._meters.remove(log)
-
-    @property
-    def usage(self):
-        return self._meters[-1] if self._meters else self.log
-
-    def check_budget(self) -> None:
-        for m in self._meters:
-            m.admit({})
-
     def _admit(self, masks) -> None:
-        for m in self._meters:
-            m.admit({mask: mask != 0 for mask in masks})
+        self._admit_keys({mask: mask != 0 for mask in masks})
 
     def _use(self, mask: int) -> float:
         fresh = mask not in self._done
@@ -178,8 +156,7 @@ class TableGame:
             self.computed[mask] += 1
         rec = {"n_train": sum(self.owner_sizes[i] for i in range(self.n) if mask >> i & 1),
                "train_s": self.compute_s if mask else 0.0, "eval_s": 0.0}
-        for log in (self.log, *self._meters):
-            log.add(mask, rec, fresh)
+        self._note_key(mask, rec, fresh)
         return float(self._table[mask])
 
     def _check_mask(self, mask) -> int:

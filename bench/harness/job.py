@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from bench.core import metrics as M
 from bench.core import shapley
 from bench.core.errors import ConfigError
-from bench.core.game import Game, fresh_compute_s
+from bench.core.game import Game
+from bench.core.metering import fresh_compute_s
 from bench.core.partition import Planted
 from bench.core.shard import ASSEMBLE, missing, missing_message, parse_shard, run_shard
 from bench.core.train import FineTuneDiverged
