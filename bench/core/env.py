@@ -66,6 +66,10 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
+    # torch.func's vmap over CPU attention (influence_naive's per-example gradients) warns
+    # once per process that it loops instead of batching: a speed note, not a problem
+    warnings.filterwarnings("ignore", message=r"There is a performance drop because we have not yet implemented "
+                                              r"the batching rule", category=UserWarning)
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     if "transformers.integrations.integration_utils" not in sys.modules:
