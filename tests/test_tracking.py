@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
+from store_worker import append_many
 
 from bench.analysis import tables
 from bench.cli import compare
@@ -96,19 +97,10 @@ def test_truncated_last_line_is_skipped_and_next_append_survives(tmp_path):
         assert [r["seed"] for r in store.read("toy")] == [0, 2]
 
 
-def _append_many(root, worker, n, start):
-    start.wait()
-    store = ResultsStore(root)
-    for i in range(n):
-        rec = make_record(valuer=f"w{worker}", seed=i)
-        rec["owner_values"] = [float(worker)] * 3000  # ~15 kB lines: interleaving would show
-        store.append(rec)
-
-
 def test_concurrent_appends_from_processes(tmp_path):
     ctx = mp.get_context("spawn")
     start, n = ctx.Event(), 25
-    procs = [ctx.Process(target=_append_many, args=(tmp_path, w, n, start)) for w in range(4)]
+    procs = [ctx.Process(target=append_many, args=(tmp_path, w, n, start)) for w in range(4)]
     for p in procs:
         p.start()
     start.set()
