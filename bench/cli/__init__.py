@@ -2,7 +2,7 @@
 
     dvbench [run] <hydra overrides>      one experiment job (the default sub-command)
     dvbench assemble <hydra overrides>   check a sharded ground truth is complete, then run
-    dvbench report | compare | budget | selection | scaling | hardware | logra-bench  [--help]
+    dvbench report | compare | budget | selection | scaling | hardware | logra-bench | profile  [--help]
 
 Sub-command modules are imported only when chosen, so ``--help`` of one never
 imports the training stack of another.
@@ -22,6 +22,7 @@ COMMANDS = {
     "scaling": ("bench.cli.scaling", "cost of DPO arithmetic vs exact retraining as n grows"),
     "hardware": ("bench.cli.hardware", "fingerprint, preset, make bench and make bench-micro"),
     "logra-bench": ("bench.cli.logra_bench", "LoGra vs naive per-example gradients: speed, memory, accuracy"),
+    "profile": ("bench.cli.profile", "where a coalition fine-tune's wall time goes, and its fine-tune efficiency"),
 }
 
 

@@ -1,0 +1,162 @@
+"""``python -m bench profile``: where a coalition fine-tune's wall time goes.
+
+Builds the game of a preset, then trains a few coalitions afresh (a temporary
+utility cache; the base model is reused from the configured cache) under cProfile,
+and splits their wall time into phases by the functions that ran:
+
+    dataset + tokenisation    bench's to_dataset and TRL's dataset preparation
+    trainer construction      DPOTrainer.__init__ (less its dataset preparation)
+    reference log-probs       TRL's reference forward passes (precomputed or per step; timed
+                              around TRL's no-checkpointing context, which holds exactly them)
+    recomputation             activation-checkpoint recomputation in the backward pass
+    optimizer steps           TRL's training steps, less the two lines above
+    evaluation                scoring the trained model on the eval pairs
+    cache I/O                 reading and writing cache entries and stage weights
+    other                     the rest (model copies, merging adapters, bookkeeping)
+
+Fine-tune efficiency = (optimizer steps + evaluation) / wall: the share of the time
+spent in passes that change the model or score it.
+
+    python -m bench profile experiment=smoke --coalitions 3
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# (phase, file suffix, function name): the outermost calls that make up each phase
+PHASES = (
+    ("dataset + tokenisation", "bench/core/train.py", "to_dataset"),
+    ("dataset + tokenisation", "trl/trainer/dpo_trainer.py", "_prepare_dataset"),
+    ("recomputation", "torch/utils/checkpoint.py", "recompute_fn"),
+    ("evaluation", "bench/core/train.py", "sequence_logps"),
+    ("cache I/O", "bench/core/cache.py", "get_json"),
+    ("cache I/O", "bench/core/cache.py", "put_json"),
+    ("cache I/O", "bench/core/cache.py", "get_tensors"),
+    ("cache I/O", "bench/core/cache.py", "put_tensors"),
+)
+TRAINER_INIT = ("trl/trainer/dpo_trainer.py", "__init__")
+TRAINING_STEP = ("trl/trainer/dpo_trainer.py", "training_step")
+ORDER = ("dataset + tokenisation", "trainer construction", "reference log-probs", "recomputation",
+         "optimizer steps", "evaluation", "cache I/O", "other")
+
+
+def cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
+    """Cumulative seconds of every function ``name`` defined in a file ending in ``suffix``."""
+    return sum(v[3] for (f, _, fn), v in stats.stats.items() if fn == name and f.replace(os.sep, "/").endswith(suffix))
+
+
+@contextlib.contextmanager
+def timing_reference_passes():
+    """TRL runs every reference forward pass (per step, or precomputed) inside its
+    ``disable_gradient_checkpointing`` context: time that context. Yields a list whose
+    one element accumulates the seconds."""
+    import trl.trainer.dpo_trainer as dpo
+    original, total = dpo.disable_gradient_checkpointing, [0.0]
+
+    @contextlib.contextmanager
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            with original(*args, **kwargs):
+                yield
+        finally:
+            total[0] += time.perf_counter() - t0
+
+    dpo.disable_gradient_checkpointing = timed
+    try:
+        yield total
+    finally:
+        dpo.disable_gradient_checkpointing = original
+
+
+def breakdown(stats: pstats.Stats, wall: float, reference_s: float) -> dict:
+    """Seconds per phase (``ORDER``) and the fine-tune efficiency, from one profile and
+    the timed reference passes."""
+    out = dict.fromkeys(ORDER, 0.0)
+    for phase, suffix, name in PHASES:
+        out[phase] += cumulative(stats, suffix, name)
+    prepare = cumulative(stats, "trl/trainer/dpo_trainer.py", "_prepare_dataset")
+    precomputed = cumulative(stats, "trl/trainer/dpo_trainer.py", "_precompute_ref_logps")
+    out["trainer construction"] = max(cumulative(stats, *TRAINER_INIT) - prepare - precomputed, 0.0)
+    out["reference log-probs"] = reference_s
+    in_steps = max(reference_s - precomputed, 0.0)        # reference passes made inside training steps
+    step = cumulative(stats, *TRAINING_STEP)
+    out["optimizer steps"] = max(step - in_steps - out["recomputation"], 0.0)
+    out["other"] = max(wall - sum(v for k, v in out.items() if k != "other"), 0.0)
+    eff = (out["optimizer steps"] + out["evaluation"]) / wall if wall > 0 else float("nan")
+    return {"wall_s": wall, "phases": out, "efficiency": eff}
+
+
+def format_breakdown(res: dict, title: str) -> str:
+    wall = res["wall_s"]
+    lines = [title, f"{'phase':24s} {'seconds':>8s} {'share':>6s}"]
+    for k in ORDER:
+        v = res["phases"][k]
+        lines.append(f"{k:24s} {v:8.2f} {100 * v / wall if wall else 0:5.1f}%")
+    lines.append(f"{'wall':24s} {wall:8.2f}")
+    lines.append(f"fine-tune efficiency (optimizer steps + evaluation) / wall = {res['efficiency']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--coalitions", type=int, default=3, help="single-owner coalitions to train (default 3)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
+    args = ap.parse_args(argv)
+    from bench.core.errors import ConfigError, fail
+    if args.coalitions < 1:
+        fail("--coalitions: use >= 1")
+    t_start = time.perf_counter()
+    from hydra import compose, initialize_config_dir
+
+    from bench.core.env import quiet_libraries
+    from bench.harness.build import CONF_DIR, build_game, build_task
+    quiet_libraries()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(args.overrides))
+    tmp = Path(tempfile.mkdtemp(prefix="dvbench-profile-"))
+    try:
+        models = Path(cfg.cache_dir) / "models"          # the base is built (or read) once, outside the profile
+        models.mkdir(parents=True, exist_ok=True)
+        (tmp / "models").symlink_to(models.resolve(), target_is_directory=True)
+        cfg.cache_dir = str(tmp)
+        cfg.n_jobs = 1
+        cfg.progress = False
+        try:
+            game, _ = build_game(cfg, build_task(cfg))
+        except ConfigError as e:
+            fail(e)
+        game.base()
+        game.utility(0)                                   # the base's eval log-probs, once per game
+        setup_s = time.perf_counter() - t_start
+        masks = [1 << i for i in range(min(args.coalitions, game.n))]
+        prof = cProfile.Profile()
+        with timing_reference_passes() as reference_s:
+            t0 = time.perf_counter()
+            prof.enable()
+            for m in masks:
+                game.utility(m)
+            prof.disable()
+            wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = breakdown(pstats.Stats(prof), wall, reference_s[0])
+    print(f"[dvbench] profile: {cfg.experiment_name}, model={cfg.model.name}, {len(masks)} coalition(s), "
+          f"imports + model load + base eval {setup_s:.1f} s (once per process), profiled under cProfile "
+          f"(adds overhead to Python-heavy phases)")
+    print(format_breakdown(res, f"{len(masks)} fine-tunes, per fine-tune {wall / len(masks):.2f} s"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
