@@ -416,3 +416,16 @@ def test_with_eval_scores_on_other_pairs(fresh_cache, make_game, tiny_task):
     from bench.core.errors import ConfigError
     with pytest.raises(ConfigError, match="eval pairs"):
         game.with_eval([])
+
+
+def test_gradient_checkpointing_changes_only_the_arithmetic_order(make_game, fresh_cache):
+    """``train.gradient_checkpointing=false`` skips the backward-pass recomputation: a
+    setting in the cache key, and on the CPU the very same fine-tune (the recomputed
+    activations equal the stored ones bit for bit)."""
+    from dataclasses import replace
+    on = make_game(fresh_cache)
+    off = make_game(fresh_cache, train=replace(TRAIN, gradient_checkpointing=False))
+    assert on.key(0b001) != off.key(0b001)
+    a, b = on.record(0b001), off.record(0b001)
+    assert b["n_train"] == a["n_train"] > 0
+    assert a["logp_chosen"] == b["logp_chosen"] and a["logp_rejected"] == b["logp_rejected"]

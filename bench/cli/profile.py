@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--coalitions", type=int, default=3, help="single-owner coalitions to train (default 3)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)      # options and overrides in any order
     from bench.core.errors import ConfigError, fail
     if args.coalitions < 1:
         fail("--coalitions: use >= 1")

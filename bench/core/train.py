@@ -48,6 +48,8 @@ class TrainSettings(Settings):
     lora_dropout: float = setting(0.0, "LoRA dropout, in [0, 1)", min=0, max=1, max_exclusive=True)
     lora_targets: str = setting("all-linear", "modules LoRA adapts (peft target_modules)")
     score_batch_size: int = setting(64, "pairs per scoring batch (does not change results)", min=1)
+    gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (TRL's default: "
+                                                 "saves memory, costs a forward pass per step)")
 
     def check(self) -> None:
         if self.scheduler != "linear":
@@ -151,7 +153,7 @@ def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: 
             per_device_train_batch_size=s.batch_size, max_length=s.max_length,
             weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,  # transformers 5: a float < 1 is a ratio
             seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False,
-            report_to="none", save_strategy="no",
+            report_to="none", save_strategy="no", gradient_checkpointing=s.gradient_checkpointing,
             logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         )
         trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
