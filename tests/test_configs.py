@@ -48,10 +48,11 @@ def test_experiment_composes_and_builds(compose, name, tmp_path):
     assert c["experiment_name"] == name
     assert c["cache_dir"] == f"{tmp_path}/cache"
     # the valuers it selects exist and build with its per-valuer settings
-    names, cfgs = check_valuers(c)
+    built = check_valuers(c)
+    names = list(built)
     assert names[:2] == ["random", "retrain_shapley"] and set(names) <= set(available_valuers())
     for v in names:
-        valuer, vcfg = build_valuer(v, cfgs[v])
+        valuer, vcfg = built[v]
         assert valuer.name == v
         for k, val in (c["valuer"].get(v) or {}).items():
             assert vcfg[k] == val

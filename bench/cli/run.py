@@ -89,22 +89,12 @@ def _first_of_sweeps(parsed: list, multirun: bool) -> list[str] | None:
     return out
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def _nearest_node(overrides: list[str], key: str) -> tuple[str, list[str] | None]:
     """(the deepest existing ancestor of ``key``, its keys, or None when it is a single
     value) in the config composed without the overrides of ``key``."""
+    from bench.harness.build import compose_config
     try:
-        node = _compose([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+        node = compose_config([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
     except Exception:
         return "", None
     path = []
@@ -180,7 +170,8 @@ def compose(argv: list[str]):
     if first is None:
         return None
     try:
-        return _compose(first)
+        from bench.harness.build import compose_config
+        return compose_config(first)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise ConfigError(hydra_message(e, first)) from None
 
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     try:                                  # every setting, before Hydra makes its output folder
         cfg = compose(argv)
         if cfg is not None:
-            check_config(cfg)
+            check_config(cfg)             # run_experiment checks each job again (a sweep's later values)
     except ConfigError as e:
         fail(e)
 
@@ -239,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     def _run(cfg: DictConfig) -> None:
         try:
             from bench.harness.job import run_experiment
-            check_config(cfg)             # again in each job (a sweep's later values)
             records = run_experiment(cfg)
         except ConfigError as e:
             fail(e)

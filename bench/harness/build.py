@@ -25,6 +25,19 @@ from bench.core.train import TrainSettings
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``conf/config.yaml`` composes with these overrides (Hydra's compose API,
+    outside ``@hydra.main``; no output folder is written)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def _kwargs(cfg: DictConfig, drop=("kind",)) -> dict:
     d = OmegaConf.to_container(cfg, resolve=True)
     return {k: v for k, v in d.items() if k not in drop}
@@ -108,11 +121,12 @@ def default_valuers() -> list[str]:
     return [str(n) for n in OmegaConf.load(CONF_DIR / "valuer" / "all.yaml").defaults]
 
 
-def check_valuers(c: dict) -> tuple[list[str], dict]:
-    """The valuers a job runs (the baselines first) and their settings, from the
+def check_valuers(c: dict) -> dict[str, tuple]:
+    """The valuers a job runs, built (their settings checked by building them), in
+    order, the baselines first: ``{name: (valuer, its resolved config)}``, from the
     composed config as plain data (``valuer.<name>`` = that valuer's config). A node
     without ``_target_`` holds a preset's settings for a valuer that is not selected
-    and is ignored. Every selected valuer's settings are checked by building it."""
+    and is ignored."""
     nodes = c.get("valuer") or {}
     if not isinstance(nodes, dict):
         raise ConfigError(f"valuer: {nodes!r}; select valuers with valuer=[loo,shed] or valuer=all")
@@ -125,10 +139,7 @@ def check_valuers(c: dict) -> tuple[list[str], dict]:
     unknown = [n for n in names if n not in available_valuers()]
     if unknown:
         raise ConfigError(f"valuer: unknown {unknown}; choose from {available_valuers()}")
-    settings = {n: nodes.get(n) for n in names}
-    for n in names:
-        build_valuer(n, settings[n])
-    return names, settings
+    return {n: build_valuer(n, nodes.get(n)) for n in names}
 
 
 def build_valuer(name: str, overrides: dict | None = None):

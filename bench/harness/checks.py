@@ -183,20 +183,16 @@ def task_settings(task: dict):
     return cls.of({k: v for k, v in task.items() if k in names}, prefix="task")
 
 
-def check_config(cfg: DictConfig) -> dict:
-    """Every setting of a composed config (see the module docstring); returns it as plain data."""
+def check_config(cfg: DictConfig) -> tuple[dict, dict]:
+    """Every setting of a composed config (see the module docstring); returns it as plain
+    data and the valuers it selects, built (``build.check_valuers``)."""
     c = _container(cfg)
     JobSettings.of(c, prefix="")
     for node, cls in NODES.items():
         cls.of(c[node], prefix=node)
     task_settings(c["task"])
-    budget = c["budget"]
     from bench.core.valuation import Budget
-    names = [f.name for f in fields(Budget)]
-    unknown = sorted(set(budget) - set(names))
-    if unknown:
-        raise ConfigError(f"budget.{unknown[0]}: unknown setting; choose from {names}")
-    Budget(**budget)
+    Budget.of(c["budget"], prefix="budget")
     train, model = c["train"], c["model"]
     if model.get("kind", "tiny") == "tiny":
         n_pos = model.get("n_positions", ModelSpec().n_positions)
@@ -204,9 +200,10 @@ def check_config(cfg: DictConfig) -> dict:
         if max_len > n_pos:
             raise ConfigError(f"train.max_length: {max_len} exceeds model.n_positions={n_pos}, the tiny model's "
                               f"longest sequence; lower train.max_length or raise model.n_positions")
-    names, _ = check_valuers(c)          # every valuer's settings, by building it
+    valuers = check_valuers(c)           # every valuer's settings, by building it
+    names = list(valuers)
     bad = [n for n in c["selection"]["valuers"] if n not in names]
     if bad:
         raise ConfigError(f"selection.valuers: {bad} are not selected (valuer={names}); select them, "
                           f"e.g. valuer=[{','.join(names[2:] + bad)}], or drop them from selection.valuers")
-    return c
+    return c, valuers

@@ -29,7 +29,7 @@ from bench.core.partition import Planted
 from bench.core.shard import ASSEMBLE, missing, missing_message, parse_shard, run_shard
 from bench.core.train import FineTuneDiverged
 from bench.core.valuation import Budget, BudgetExhausted, Valuation
-from bench.harness.build import build_game, build_task, build_valuer, check_valuers
+from bench.harness.build import build_game, build_task, build_valuer
 from bench.harness.checks import check_config
 from bench.tracking import ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
@@ -106,15 +106,13 @@ def overhead_line(t_start: float, fine_tune_s: float, valuer_own_s: float) -> st
 
 # ------------------------------------------------------------------ checks before any work
 
-def check_job(cfg: DictConfig) -> tuple[list[str], dict, dict]:
-    """Every setting of the job, before anything is built or trained (the checks live
-    in ``bench.harness.checks`` and ``build.check_valuers``; the data-dependent ones run
-    in ``build_game``). Returns the valuer names, their configs (``valuer.<name>``) and the
-    selection settings."""
-    c = check_config(cfg)            # every node's fields, types, ranges, cross-field rules
+def check_job(cfg: DictConfig) -> tuple[dict, dict]:
+    """Every setting of the job, before anything is trained (the checks live in
+    ``bench.harness.checks``; the data-dependent ones run in ``build_game``). Returns the
+    selected valuers, built (``{name: (valuer, config)}``), and the selection settings."""
+    c, valuers = check_config(cfg)   # every node's fields, types, ranges, cross-field rules
     WandbLogger.check(c["logger"]["mode"], c["logger"]["dir"])
-    names, valuer_cfgs = check_valuers(c)
-    return names, valuer_cfgs, c["selection"]
+    return valuers, c["selection"]
 
 
 # ------------------------------------------------------------------ the job
@@ -128,8 +126,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         if Path(d).exists():
             sweep_stale_tmp(d)
     shard = parse_shard(cfg.game.get("shard"))    # a malformed shard spec fails now
-    names, valuer_cfgs, sel = check_job(cfg)
-    built = {n: build_valuer(n, valuer_cfgs.get(n)) for n in names}
+    built, sel = check_job(cfg)
     budget = Budget(**OmegaConf.to_container(cfg.budget))
 
     task = build_task(cfg)
@@ -199,7 +196,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                     if val.point_values is not None:
                         rec["point_values"] = val.point_values
                     if name in sel["valuers"]:
-                        rec["metrics"]["selection"] = run_selection(game, val, task, sel, valuer_cfgs, cfg, name)
+                        rec["metrics"]["selection"] = run_selection(game, val, task, sel, built, cfg, name)
                         selection_s += rec["metrics"]["selection"]["fresh_compute_s"]
                 except BudgetExhausted as e:
                     rec.update(status="over_budget", error=f"{name}: {e}", owner_values=[], metrics={}, cost={})
@@ -244,15 +241,21 @@ def log_point_values(wb, records: list[dict]) -> None:
         wb.log_artifact(path, name=f"point_values-{records[0]['experiment']}-s{records[0]['seed']}")
 
 
-def run_selection(game, val, task, sel: dict, valuer_cfgs: dict, cfg, name: str) -> dict:
+def selection_clusters(game, val, shed=None):
+    """What a selection curve samples clusters from when the valuation has none of its
+    own (SHED has): SHED's clustering of the examples (``shed``: a built SHED valuer,
+    default its YAML); None when the valuation brings its own."""
+    if val.clusters is not None:
+        return None
+    return (shed or build_valuer("shed")[0]).clusters(game)[0].labels
+
+
+def run_selection(game, val, task, sel: dict, built: dict, cfg, name: str) -> dict:
     """The data-selection curve of one valuation (judged on the task's test split),
     its plot under <results_dir>/plots/, and the compact curve for the record."""
     from bench.analysis.plots import plot_selection
     from bench.core.selection import compact, curve_for_valuation, format_curve
-    clusters = None
-    if val.clusters is None:     # SHED's clustering of the examples, for any point values
-        shed, _ = build_valuer("shed", valuer_cfgs.get("shed"))
-        clusters = shed.clusters(game)[0].labels
+    clusters = selection_clusters(game, val, built["shed"][0] if "shed" in built else None)
     curve = curve_for_valuation(game, val, task.test, clusters, sizes=sel["sizes"],
                                 seeds=sel["seeds"], methods=sel["methods"], beta=sel["beta"])
     png = Path(cfg.results_dir) / "plots" / f"selection_{cfg.experiment_name}_{name}_s{cfg.seed}.png"
