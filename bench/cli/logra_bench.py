@@ -219,14 +219,8 @@ def compare(cfg: dict, methods=METHODS) -> dict:
 
 def smoke_game(cache_dir: str):
     """The ``smoke`` experiment's game (tiny tier, full fine-tune), built through Hydra."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from bench.harness.build import build_game
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", f"cache_dir={cache_dir}", "progress=false",
-                                           "logger=none"])
-    GlobalHydra.instance().clear()
+    from bench.harness.build import build_game, compose_config
+    cfg = compose_config(["experiment=smoke", f"cache_dir={cache_dir}", "progress=false", "logger=none"])
     game, _ = build_game(cfg)
     return game
 

@@ -117,13 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.coalitions < 1:
         fail("--coalitions: use >= 1")
     t_start = time.perf_counter()
-    from hydra import compose, initialize_config_dir
-
     from bench.core.env import quiet_libraries
-    from bench.harness.build import CONF_DIR, build_game, build_task
+    from bench.harness.build import build_game, build_task, compose_config
     quiet_libraries()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(args.overrides))
+    cfg = compose_config(args.overrides)
     tmp = Path(tempfile.mkdtemp(prefix="dvbench-profile-"))
     try:
         models = Path(cfg.cache_dir) / "models"          # the base is built (or read) once, outside the profile

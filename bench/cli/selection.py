@@ -23,14 +23,6 @@ from bench.core.selection import METHODS, curve_for_valuation, format_curve
 
 # ------------------------------------------------------------------ command line
 
-def compose_config(experiment: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from bench.harness.build import CONF_DIR
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"experiment={experiment}", *overrides])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench selection", description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default="quick")
@@ -51,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from omegaconf import OmegaConf
 
-        from bench.harness.build import build_game, build_task, build_valuer
+        from bench.harness.build import build_game, build_task, build_valuer, compose_config
+        from bench.harness.job import selection_clusters
         from valuers.base import Budget
-        cfg = compose_config(args.experiment, args.overrides)
+        cfg = compose_config([f"experiment={args.experiment}", *args.overrides])
         task = build_task(cfg)
         game, _ = build_game(cfg, task)
         all_args = OmegaConf.to_container(cfg.valuer, resolve=True) or {}
@@ -62,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if not task.test:
             print("[dvbench] no test split (task.n_test_per_source / task.test_path): subsets are judged on "
                   "the eval set the valuer used", file=sys.stderr)
-        clusters = None
-        if val.clusters is None:   # SHED's clustering, for any point values
-            clusters = build_valuer("shed", all_args.get("shed"))[0].clusters(game)[0].labels
+        shed = build_valuer("shed", all_args.get("shed"))[0] if val.clusters is None else None
+        clusters = selection_clusters(game, val, shed)
         curve = curve_for_valuation(game, val, task.test, clusters, sizes=args.sizes,
                                     seeds=args.seeds, methods=args.methods, beta=args.beta)
     except ConfigError as e:
