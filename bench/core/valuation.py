@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bench.core.errors import ConfigError
+from bench.core.settings import Settings, setting
 from bench.core.resources import peak_rss_bytes
 
 
@@ -92,21 +92,18 @@ class BudgetExhausted(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Budget:
+class Budget(Settings):
     """Limits every valuer honours (None = no limit). ``max_fine_tunes`` counts the
     distinct coalitions or training sets a valuer uses (cached ones too, so a result
     does not depend on what happened to be cached); ``max_seconds`` is wall time
     from the moment the harness starts the valuer. The game enforces both
     (``Game.metered``); long computations outside the game call
     ``game.check_budget()`` between units of work."""
-    max_fine_tunes: int | None = None
-    max_seconds: float | None = None
-
-    def __post_init__(self):
-        for k in ("max_fine_tunes", "max_seconds"):
-            v = getattr(self, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-                raise ConfigError(f"budget.{k}: {v}; use a positive number or null (no limit)")
+    prefix = "budget"
+    max_fine_tunes: int | None = setting(None, "distinct coalitions or training sets a valuer may use; "
+                                               "null = no limit", min=1)
+    max_seconds: float | None = setting(None, "wall seconds a valuer may run; null = no limit", min=0,
+                                        min_exclusive=True)
 
 
 def owner_sums(point_values, sizes) -> np.ndarray:
