@@ -138,24 +138,22 @@ class Clustering:
     inertia: float
 
 
-def check_n_clusters(n_clusters: int, embeddings: np.ndarray) -> None:
-    n = len(embeddings)
+def check_n_clusters(n_clusters: int, n: int, distinct: int, key: str = "valuer.n_clusters") -> None:
+    """K-means needs 1 <= C <= the number of distinct items (``key`` names the setting)."""
     if n_clusters < 1:
-        raise ConfigError(f"valuer.n_clusters: {n_clusters} must be >= 1")
+        raise ConfigError(f"{key}: {n_clusters} must be >= 1")
     if n_clusters > n:
-        raise ConfigError(f"valuer.n_clusters: {n_clusters} exceeds the {n} training examples; "
-                          f"set valuer.n_clusters <= {n}")
-    distinct = len(np.unique(np.round(embeddings, 6), axis=0))
+        raise ConfigError(f"{key}: {n_clusters} exceeds the {n} training examples; set {key} <= {n}")
     if n_clusters > distinct:
-        raise ConfigError(f"valuer.n_clusters: {n_clusters} exceeds the {distinct} distinct training examples "
-                          f"(the rest are duplicates); set valuer.n_clusters <= {distinct}")
+        raise ConfigError(f"{key}: {n_clusters} exceeds the {distinct} distinct training examples "
+                          f"(the rest are duplicates); set {key} <= {distinct}")
 
 
 def cluster(embeddings: np.ndarray, n_clusters: int, seed: int = 0, n_init: int = 10) -> Clustering:
     """Seeded K-means; proxy = the member nearest its centroid (Euclidean)."""
     from sklearn.cluster import KMeans
     x = np.asarray(embeddings, dtype=np.float64)
-    check_n_clusters(n_clusters, x)
+    check_n_clusters(n_clusters, len(x), len(np.unique(np.round(x, 6), axis=0)))
     if n_init < 1:
         raise ConfigError(f"valuer.n_init: {n_init} must be >= 1")
     km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(x)

@@ -173,14 +173,9 @@ class SHED:
         """Settings that depend on the game, checked by the harness before any training."""
         from bench.core.embed import pair_text
         pairs = game.flat_pairs()
-        key = f"valuer.{self.name}.n_clusters"
-        if self.n_clusters > len(pairs):
-            raise ConfigError(f"{key}: {self.n_clusters} exceeds the {len(pairs)} training examples; "
-                              f"set {key} <= {len(pairs)}")
-        distinct = len({pair_text(p) for p in pairs})     # equal texts embed equally (duplicated owners)
-        if self.n_clusters > distinct:
-            raise ConfigError(f"{key}: {self.n_clusters} exceeds the {distinct} distinct training examples "
-                              f"(the rest are duplicates); set {key} <= {distinct}")
+        # before any embedding: equal texts embed equally (duplicated owners)
+        check_n_clusters(self.n_clusters, len(pairs), len({pair_text(p) for p in pairs}),
+                         key=f"valuer.{self.name}.n_clusters")
 
     # -- stage 1 (no training; also used by bench.core.selection)
     def clusters(self, game, meter: CostMeter | None = None) -> tuple[Clustering, dict]:
