@@ -148,6 +148,20 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
     return SmokeRun(results, code, out, err, read_records(results), version, list(refused), env)
 
 
+def time_runs_out_at(game, log, k: int, monkeypatch) -> list:
+    """Make the game's time budget run out at the ``k``-th ``check_budget`` call (an hour
+    passes on the open meter ``log``); returns the list that counts the calls."""
+    real, seen = game.check_budget, []
+
+    def clock_jumps():
+        seen.append(1)
+        if len(seen) == k:
+            log.t0 -= 3600
+        real()
+    monkeypatch.setattr(game, "check_budget", clock_jumps)
+    return seen
+
+
 def code_version() -> str:
     """The hash the cache keys carry; it changes when game.py / train.py / models.py change."""
     from bench.core.game import code_version as cv

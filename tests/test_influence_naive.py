@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SPEC, one_line
+from conftest import SPEC, one_line, time_runs_out_at
 from test_logra import _inject_game, _lora_model, _pairs, _perturbed
 
 from bench.core.errors import ConfigError
@@ -103,14 +103,7 @@ def test_time_budget_is_checked_between_gradient_batches(game, monkeypatch):
     """Budget(max_seconds) running out between per-example gradient batches stops the valuer."""
     budget = Budget(max_seconds=600)
     with game.metered(budget) as log:
-        real, seen = game.check_budget, []
-
-        def clock_jumps():          # an hour passes at the second batch (the reference pass is one)
-            seen.append(1)
-            if len(seen) == 2:
-                log.t0 -= 3600
-            real()
-        monkeypatch.setattr(game, "check_budget", clock_jumps)
+        seen = time_runs_out_at(game, log, 2, monkeypatch)    # at the second batch (the reference pass is one)
         with pytest.raises(BudgetExhausted, match="max_seconds=600"):
             NaiveInfluence(batch_size=4).value(game, budget)
     assert len(seen) == 2

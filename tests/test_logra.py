@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SPEC, TASK_KW, TRAIN, one_line, subprocess_env
+from conftest import REPO, SPEC, TASK_KW, TRAIN, one_line, subprocess_env, time_runs_out_at
 
 from bench.core.errors import ConfigError
 from bench.core.game import Game
@@ -365,14 +365,7 @@ def test_time_budget_is_checked_between_gradient_batches(game, tmp_path, monkeyp
 
     budget = Budget(max_seconds=600)
     with game.metered(budget) as log:
-        real, seen = game.check_budget, []
-
-        def clock_jumps():          # an hour passes at the third batch (inside the train logging)
-            seen.append(1)
-            if len(seen) == 3:
-                log.t0 -= 3600
-            real()
-        monkeypatch.setattr(game, "check_budget", clock_jumps)
+        seen = time_runs_out_at(game, log, 3, monkeypatch)    # at the third batch (inside the train logging)
         with pytest.raises(BudgetExhausted, match="max_seconds=600"):
             LoGra(k_in=4, k_out=4, batch_size=bs, logs_dir=str(tmp_path / "stopped")).value(game, budget)
     assert len(seen) == 3
