@@ -41,8 +41,8 @@ test-slow: $(STAMP)  ## slow end-to-end tests
 bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, saved per hardware, vs the last run (BENCH_TOL=25 %)
 	$(BIN)/python -m bench hardware micro --tolerance $(BENCH_TOL) -- $(ARGS)
 
-bench-scaling: $(STAMP)  ## cost of DPO arithmetic vs exact retraining at n = 4, 6, 8 (tiny tier)
-	$(BIN)/python -m bench scaling --owners 4 6 8
+bench-scaling: $(STAMP)  ## exact retraining vs permutation sampling (to SE 0.01) vs DPO arithmetic at n = 4, 6, 8, 10 (tiny tier, experiment=scale_tiny settings, n_jobs=2; <= 1,356 fine-tunes). n = 12 (4,095 exact fine-tunes), 16 and 32 (sampling only, up to 1,517 and 3,133) run long: make bench-scaling ARGS='--owners 12 16 32' (ARGS='--owners 12 16 32 --plan' lists the fine-tunes first)
+	$(BIN)/python -m bench scaling --owners 4 6 8 10 $(ARGS)
 
 bench-selection: $(STAMP)  ## selection curves (QOCS/QWCS vs random vs all, held-out test split, 3 seeds), tiny tier
 	$(BIN)/python -m bench experiment=selection
