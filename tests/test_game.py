@@ -35,7 +35,7 @@ def test_empty_coalition_is_base_model(fresh_cache, make_game, tiny_base, tiny_t
     import bench.core.game
     def no_training(*a, **k):
         raise AssertionError("v(∅) must not train")
-    monkeypatch.setattr(bench.core.game, "dpo_stage", no_training)
+    monkeypatch.setattr(bench.core.game, "dpo_train", no_training)
     game = make_game(fresh_cache)
     model, tok = tiny_base
     lc, lr = sequence_logps(model, tok, SPEC, tiny_task.eval)
@@ -419,13 +419,143 @@ def test_with_eval_scores_on_other_pairs(fresh_cache, make_game, tiny_task):
 
 
 def test_gradient_checkpointing_changes_only_the_arithmetic_order(make_game, fresh_cache):
-    """``train.gradient_checkpointing=false`` skips the backward-pass recomputation: a
-    setting in the cache key, and on the CPU the very same fine-tune (the recomputed
-    activations equal the stored ones bit for bit)."""
+    """``train.gradient_checkpointing=false`` (the default) skips the backward-pass
+    recomputation: a setting in the cache key, and on the CPU the very same fine-tune
+    (the recomputed activations equal the stored ones bit for bit)."""
     from dataclasses import replace
-    on = make_game(fresh_cache)
-    off = make_game(fresh_cache, train=replace(TRAIN, gradient_checkpointing=False))
+    assert TRAIN.gradient_checkpointing is False
+    on = make_game(fresh_cache, train=replace(TRAIN, gradient_checkpointing=True))
+    off = make_game(fresh_cache)
     assert on.key(0b001) != off.key(0b001)
     a, b = on.record(0b001), off.record(0b001)
     assert b["n_train"] == a["n_train"] > 0
     assert a["logp_chosen"] == b["logp_chosen"] and a["logp_rejected"] == b["logp_rejected"]
+
+
+# ------------------------------------------------------------------ shared work once per game
+
+def _trl_in_loop(model, tok, pairs, s, seed):
+    """The fine-tune as TRL does it unaided: its own tokenisation, a reference copy of
+    the model run in every training step, activation checkpointing on (TRL's default)."""
+    from trl import DPOConfig, DPOTrainer
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, beta=s.beta, learning_rate=s.lr, num_train_epochs=s.epochs,
+                         per_device_train_batch_size=s.batch_size, max_length=s.max_length,
+                         weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,
+                         seed=seed, data_seed=seed, use_cpu=True, bf16=False, gradient_checkpointing=True,
+                         precompute_ref_log_probs=False, report_to="none", save_strategy="no", logging_steps=1,
+                         disable_tqdm=True, dataloader_num_workers=0)
+        trainer = DPOTrainer(model=clone_model(model), ref_model=clone_model(model), args=args,
+                             processing_class=tok, train_dataset=to_dataset(pairs, tok, SPEC))
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return state, losses
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_shared_work_gives_the_fine_tune_trl_gives_unaided(make_game, fresh_cache, tiny_base, tiny_task):
+    """The game tokenises once, computes the reference log-probs once (TRL's precompute,
+    over the whole pool in pool order), trains without checkpointing and scores the
+    model it trained. Against TRL unaided (in-loop reference, checkpointing on, its own
+    tokenisation, the model rebuilt from the stage): the tokenisation and the scoring
+    of given weights are bit-identical; the reference log-probs agree to 1e-5 nats
+    (their forward runs over other batches: other padded lengths and row counts, so
+    the matmuls sum in another order), and so the trained weights (to 1e-4 after 10
+    Adam steps of lr 5e-3: Adam's normalised step turns the 1e-9 gradient differences
+    of near-zero-gradient weights into visible ones), losses and eval log-probs agree
+    to fp tolerance and the utilities exactly."""
+    model, tok = tiny_base
+    s = dataclasses.replace(TRAIN, epochs=2, lr=5e-3)
+    game = make_game(fresh_cache, train=s)
+    mask = 0b011
+    pairs = game._pairs(mask)
+    old_state, old_losses = _trl_in_loop(model, tok, pairs, s, seed=0)
+    rec = game.record(mask)
+    new_stage = game.stages(mask)[-1]
+    # tokenisation: the pool's rows are TRL's own, bit for bit
+    ready = game.examples(pairs)
+    rows = ready.rows_for(pairs)
+    for i, p in enumerate(pairs):
+        assert (rows[i]["prompt_ids"], rows[i]["chosen_ids"], rows[i]["rejected_ids"]) == tokenize_pair(tok, SPEC, p)
+    # reference log-probs: TRL's precompute over the pool vs this coalition's own batches
+    lc, lr = sequence_logps(model, tok, SPEC, pairs)
+    np.testing.assert_allclose(rows["ref_chosen_logps"], lc, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(rows["ref_rejected_logps"], lr, atol=1e-5, rtol=0)
+    # the trained weights and losses
+    for k, v in old_state.items():
+        np.testing.assert_allclose(new_stage["state"][k].numpy(), v.numpy(), atol=1e-4, rtol=0, err_msg=k)
+    assert rec["stats"]["steps"] == len(old_losses)
+    assert rec["stats"]["first_loss"] == pytest.approx(old_losses[0], abs=1e-6)
+    assert rec["stats"]["final_loss"] == pytest.approx(old_losses[-1], abs=1e-5)
+    # scoring the live model == scoring the model rebuilt from its stage, bit for bit
+    re_c, re_r = sequence_logps(materialize(model, [new_stage]), tok, SPEC, tiny_task.eval)
+    assert rec["logp_chosen"] == re_c.tolist() and rec["logp_rejected"] == re_r.tolist()
+    # and the utility the unaided fine-tune gives
+    old_c, old_r = sequence_logps(materialize(model, [{"kind": "full", "state": old_state}]), tok, SPEC,
+                                  tiny_task.eval)
+    np.testing.assert_allclose(rec["logp_chosen"], old_c, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(rec["logp_rejected"], old_r, atol=1e-4, rtol=0)
+    base = game.record(0)
+    old_metrics = utility_metrics(old_c, old_r, np.array(base["logp_chosen"]), np.array(base["logp_rejected"]),
+                                  s.beta)
+    assert rec["metrics"]["pref_acc"] == old_metrics["pref_acc"]
+    assert rec["metrics"]["margin"] == pytest.approx(old_metrics["margin"], abs=1e-5)
+
+
+def test_pool_prepared_once_and_no_reference_pass_per_coalition(make_game, fresh_cache, monkeypatch):
+    """Every coalition and seed of a game reads the pool TRL prepared once per process:
+    no coalition re-tokenises or runs a reference forward pass."""
+    import bench.core.game as G
+    import bench.core.train as T
+    from trl.trainer.dpo_trainer import DPOTrainer
+    monkeypatch.setattr(G, "_PROCESS_EXAMPLES", {})
+    calls = {"prepare": 0, "tokenise": 0, "reference": 0}
+    prepare = T.prepare_examples
+
+    def counting_prepare(*a, **k):
+        calls["prepare"] += 1
+        return prepare(*a, **k)
+    monkeypatch.setattr(G, "prepare_examples", counting_prepare)
+    for name, method in (("tokenise", "_prepare_dataset"), ("reference", "compute_ref_log_probs")):
+        original = getattr(DPOTrainer, method)
+        monkeypatch.setattr(DPOTrainer, method, lambda self, *a, _o=original, _n=name, **k:
+                            (calls.__setitem__(_n, calls[_n] + 1), _o(self, *a, **k))[1])
+    game = make_game(fresh_cache)
+    game.table([0b001, 0b110])
+    after_first = dict(calls)
+    assert after_first["prepare"] == 1 and after_first["tokenise"] == 1 and after_first["reference"] >= 1
+    game.with_seed(7).table([0b011, 0b101, 0b111])
+    game.subset_utilities([game.flat_pairs()[:5]])
+    assert calls == after_first, "coalitions, other seeds and subsets must reuse the prepared pool"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_one_worker_pool_per_job_loads_the_base_once(make_game, fresh_cache):
+    """n_jobs = 2: the coalitions of two seeds (two phases) go through one pool whose
+    workers keep their base and prepared pool; the wall time the game reports for its
+    fresh fine-tunes is wall time (<= the elapsed time), not the workers' summed seconds."""
+    import time as _time
+
+    from bench.core.game import POOL_IDLE_S, _init_worker
+    from bench.core.metering import fresh_compute_s
+    from joblib.externals.loky import get_reusable_executor
+
+    def worker_state():          # defined here: pickled by value into the worker
+        import os as _os
+
+        import bench.core.game as G
+        return _os.getpid(), len(G._PROCESS_BASES), len(G._PROCESS_EXAMPLES)
+    game = make_game(fresh_cache)
+    game.n_jobs = 2
+    t0 = _time.perf_counter()
+    game.table([0b001, 0b010, 0b011, 0b100])
+    game.with_seed(5).table([0b001, 0b010, 0b101, 0b110])
+    wall = _time.perf_counter() - t0
+    pool = get_reusable_executor(max_workers=2, timeout=POOL_IDLE_S, initializer=_init_worker, initargs=(2,))
+    states = {pool.submit(worker_state).result() for _ in range(8)}
+    assert all(bases <= 1 and pools <= 1 for _, bases, pools in states), states   # never reloaded
+    assert any(bases == 1 for _, bases, _ in states), states
+    assert game.log.busy_s <= wall
+    assert fresh_compute_s(game.log) > 0
+    assert game.with_seed(5).table([0b001])[0b001] == game.with_seed(5).utility(0b001)

@@ -22,8 +22,14 @@ SMALL = ["experiment=smoke", "task.n_train_per_source=10", "task.n_eval_per_sour
          "progress=false", "logger=none", "lds.n_subsets=0"]
 
 
+POOL = "retrain_shapley+pool"      # the ground truth in a pool of 2 workers (each kill hits a worker or the job)
+
+
 def _cmd(out, valuer):
-    return [sys.executable, "-m", "bench", *SMALL, f"valuer=[{valuer}]", f"results_dir={out}"]
+    extra = []
+    if valuer == POOL:
+        valuer, extra = "retrain_shapley", ["n_jobs=2"]
+    return [sys.executable, "-m", "bench", *SMALL, *extra, f"valuer=[{valuer}]", f"results_dir={out}"]
 
 
 def _entries(out):
@@ -53,12 +59,12 @@ def _kill_during_fine_tune(out, valuer):
 
 
 def _values(out):
-    return {r["valuer"]: (r["owner_values"], r.get("point_values"))
+    return {r["valuer"]: (r["owner_values"], r.get("point_values"), r.get("exact_values"))
             for r in read_jsonl(out / "runs" / "smoke.jsonl") if r.get("status") == "ok"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("valuer", ["retrain_shapley", "dpo_arithmetic", "logra", "shed"])
+@pytest.mark.parametrize("valuer", ["retrain_shapley", POOL, "dpo_arithmetic", "logra", "shed"])
 def test_kill_and_resume(valuer, tmp_path):
     ref = tmp_path / "ref"
     assert _run(ref, valuer).returncode == 0
@@ -67,8 +73,12 @@ def test_kill_and_resume(valuer, tmp_path):
 
     out = tmp_path / "killed"
     r = _run(out, valuer, kill_at="cache_write:6")                  # 1: mid cache write
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    assert len(list(out.rglob(".*.tmp"))) == 1, "the killed writer left exactly its one in-flight entry"
+    if valuer == POOL:   # a worker kills itself: the pool is rebuilt once, its new workers die too, the job fails
+        assert r.returncode != 0 and "worker" in r.stderr.lower(), r.stderr[-2000:]
+        assert 1 <= len(list(out.rglob(".*.tmp"))) <= 4, "each killed writer leaves its one in-flight entry"
+    else:
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        assert len(list(out.rglob(".*.tmp"))) == 1, "the killed writer left exactly its one in-flight entry"
     assert all(DiskCache(out / "cache").get_json("utility", p.stem) for p in _entries(out))
     k1 = len(_entries(out))
     assert k1 < n_ref                                               # killed before the truth was complete

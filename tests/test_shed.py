@@ -49,6 +49,7 @@ class FakeGame:
 
     usage = property(lambda self: self.log)      # what CostMeter reads
     device_kind = "cpu"
+    device = "cpu"
 
     def flat_pairs(self):
         return [p for o in self.owners for p in o]
@@ -96,7 +97,7 @@ def fake_embed(monkeypatch):
     def install(emb):
         import bench.core.embed
         monkeypatch.setattr(bench.core.embed, "embed_pairs",
-                            lambda pairs, cache_dir, bs=64: (np.asarray(emb)[:len(pairs)],
+                            lambda pairs, cache_dir, bs=64, device="cpu": (np.asarray(emb)[:len(pairs)],
                                                               {"key": "fake", "cached": False, "embed_s": 0.0}))
     return install
 

@@ -2,9 +2,12 @@
 
 Builds the game of a preset, then trains a few coalitions afresh (a temporary
 utility cache; the base model is reused from the configured cache) under cProfile,
-and splits their wall time into phases by the functions that ran:
+and splits their wall time into phases by the functions that ran. The work done
+once per game (loading the base, scoring it on the eval pairs, and preparing the
+training pool: TRL's tokenisation and reference log-probs of every pair) is timed
+apart, before the profile:
 
-    dataset + tokenisation    bench's to_dataset and TRL's dataset preparation
+    dataset + tokenisation    bench's to_dataset/rows_for and TRL's dataset preparation
     trainer construction      DPOTrainer.__init__ (less its dataset preparation)
     reference log-probs       TRL's reference forward passes (precomputed or per step; timed
                               around TRL's no-checkpointing context, which holds exactly them)
@@ -35,6 +38,7 @@ from pathlib import Path
 # (phase, file suffix, function name): the outermost calls that make up each phase
 PHASES = (
     ("dataset + tokenisation", "bench/core/train.py", "to_dataset"),
+    ("dataset + tokenisation", "bench/core/train.py", "rows_for"),
     ("dataset + tokenisation", "trl/trainer/dpo_trainer.py", "_prepare_dataset"),
     ("recomputation", "torch/utils/checkpoint.py", "recompute_fn"),
     ("evaluation", "bench/core/train.py", "sequence_logps"),
@@ -136,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         game.base()
         game.utility(0)                                   # the base's eval log-probs, once per game
         setup_s = time.perf_counter() - t_start
+        t0 = time.perf_counter()
+        game.examples(game.flat_pairs())                  # tokenisation + reference log-probs, once per game
+        prepare_s = time.perf_counter() - t0
         masks = [1 << i for i in range(min(args.coalitions, game.n))]
         prof = cProfile.Profile()
         with timing_reference_passes() as reference_s:
@@ -149,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     res = breakdown(pstats.Stats(prof), wall, reference_s[0])
     print(f"[dvbench] profile: {cfg.experiment_name}, model={cfg.model.name}, {len(masks)} coalition(s), "
-          f"imports + model load + base eval {setup_s:.1f} s (once per process), profiled under cProfile "
-          f"(adds overhead to Python-heavy phases)")
+          f"imports + model load + base eval {setup_s:.1f} s (once per process), training pool prepared "
+          f"({len(game.flat_pairs())} pairs tokenised + reference log-probs) {prepare_s:.1f} s (once per game "
+          f"and process); profiled under cProfile (adds overhead to Python-heavy phases)")
     print(format_breakdown(res, f"{len(masks)} fine-tunes, per fine-tune {wall / len(masks):.2f} s"))
     return 0
 

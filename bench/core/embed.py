@@ -57,23 +57,23 @@ def _package_version() -> str:
         return "unknown"
 
 
-@lru_cache(maxsize=1)
-def load_model():
-    """The SentenceTransformer on the CPU (loaded once per process, offline)."""
+@lru_cache(maxsize=2)
+def load_model(device: str = "cpu"):
+    """The SentenceTransformer on ``device`` (loaded once per process and device, offline)."""
     path = model_path()
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise ConfigError("valuer shed: sentence-transformers is missing; pip install "
                           "sentence-transformers==6.2.0 (or the dvbench[shed] extra)") from None
-    return SentenceTransformer(str(path), device="cpu")
+    return SentenceTransformer(str(path), device=device)
 
 
-def embed_texts(texts: list[str], batch_size: int = 64) -> np.ndarray:
+def embed_texts(texts: list[str], batch_size: int = 64, device: str = "cpu") -> np.ndarray:
     """[len(texts), 384] float32, L2-normalised; no cache."""
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
-    model = load_model()
+    model = load_model(device)
     emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
                        normalize_embeddings=True, show_progress_bar=False)
     return np.asarray(emb, dtype=np.float32)
@@ -92,8 +92,10 @@ def _load(path: Path) -> np.ndarray | None:
     return arr
 
 
-def embed_cached(texts: list[str], folder: str | Path | None, batch_size: int = 64) -> tuple[np.ndarray, dict]:
-    """Embeddings of ``texts``, read from or written to ``folder`` (None: not cached).
+def embed_cached(texts: list[str], folder: str | Path | None, batch_size: int = 64,
+                 device: str = "cpu") -> tuple[np.ndarray, dict]:
+    """Embeddings of ``texts`` (computed on ``device``), read from or written to ``folder``
+    (None: not cached).
 
     Returns ``(embeddings, info)`` with info = {"key", "cached", "embed_s"}: embed_s is
     the recorded compute time of the embedding (measured now, or read from the sidecar).
@@ -110,7 +112,7 @@ def embed_cached(texts: list[str], folder: str | Path | None, batch_size: int = 
                 meta = {}
             return arr, {"key": key, "cached": True, "embed_s": float(meta.get("embed_s", 0.0))}
     t0 = time.perf_counter()
-    arr = embed_texts(texts, batch_size=batch_size)
+    arr = embed_texts(texts, batch_size=batch_size, device=device)
     embed_s = time.perf_counter() - t0
     if folder is not None:
         buf = io.BytesIO()
@@ -122,9 +124,10 @@ def embed_cached(texts: list[str], folder: str | Path | None, batch_size: int = 
     return arr, {"key": key, "cached": False, "embed_s": embed_s}
 
 
-def embed_pairs(pairs, folder: str | Path | None, batch_size: int = 64) -> tuple[np.ndarray, dict]:
+def embed_pairs(pairs, folder: str | Path | None, batch_size: int = 64,
+                device: str = "cpu") -> tuple[np.ndarray, dict]:
     """Embeddings of preference pairs (``pair_text``), cached by content in ``folder``."""
-    return embed_cached([pair_text(p) for p in pairs], folder, batch_size)
+    return embed_cached([pair_text(p) for p in pairs], folder, batch_size, device)
 
 
 # ------------------------------------------------------------------ clusters (SHED, selection, topic owners)

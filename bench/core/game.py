@@ -29,15 +29,21 @@ import torch
 
 from bench.core.cache import DiskCache, content_key
 from bench.core.errors import ConfigError
-from bench.core.models import ModelSpec, load_base
+from bench.core.models import ModelSpec, load_base, resolve_device
 from bench.core.partition import Partition
 from bench.core.shapley import members
 from bench.core.resources import peak_rss_bytes
 from bench.core.task import Task
 from bench.core.metering import Metered, UseLog
-from bench.core.train import METRICS, FineTuneDiverged, TrainSettings, dpo_stage, materialize, sequence_logps, utility_metrics
+from bench.core.train import (METRICS, FineTuneDiverged, ReadyExamples, TrainSettings, dpo_train, materialize,
+                              prepare_examples, sequence_logps, utility_metrics)
 
 GAMES = ("union", "sequential")
+
+# Per process: base models and prepared training pools, shared by every game on
+# them (seeds, eval sets) and by every task a pool worker runs.
+_PROCESS_BASES: dict = {}
+_PROCESS_EXAMPLES: dict = {}
 
 
 def _code_fingerprint(path: Path) -> str:
@@ -93,7 +99,7 @@ class Game(Metered):
     def __init__(self, task: Task, owners: "list[list] | Partition", model: ModelSpec, train: TrainSettings,
                  kind: str = "union", seed: int = 0, metric: str = "pref_acc",
                  cache_dir: str | Path = "results/cache", n_jobs: int = 1, progress: bool = True,
-                 eval_pairs=None):
+                 eval_pairs=None, device: str = "auto", pack: int = 1):
         if kind not in GAMES:
             raise ConfigError(f"game.kind: unknown {kind!r}; choose one of {list(GAMES)}")
         if metric not in METRICS:
@@ -106,19 +112,22 @@ class Game(Metered):
         self._task, self.model_spec, self.train = task, model, train
         self.kind, self.seed, self.metric = kind, seed, metric
         self.cache_dir, self.n_jobs, self.progress = str(cache_dir), n_jobs, progress
+        self.device, self.pack = resolve_device(device), pack   # every pass of the game runs on ``device``
         self.n = len(self.owners)
         self.owner_sizes = [len(o) for o in self.owners]
         self._owner_fps = [_owner_fp(o) for o in self.owners]
         self._static = {"code": code_version(), "task": task.fingerprint(),
                         "eval": _owner_fp(self.eval), "model": asdict(model), "train": train.key(),
-                        "game": kind, "seed": seed}
+                        "game": kind, "seed": seed, "device": torch.device(self.device).type}
         self._base = None   # (model, tokenizer), loaded lazily in each process
+        self._trained = {}  # id(stage) -> the model a fresh stage trained, until it is scored
         self._init_meters()
 
     # -- pickling: never ship the loaded model to workers
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_base"] = None
+        d["_trained"] = {}
         d["log"] = UseLog()
         d["_meters"] = []
         return d
@@ -135,7 +144,7 @@ class Game(Metered):
 
     @property
     def device_kind(self) -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(self.device).type
 
     @property
     def cache(self) -> DiskCache:
@@ -145,9 +154,14 @@ class Game(Metered):
         """Every training example in the canonical order of point values (owner by owner)."""
         return [p for o in self.owners for p in o]
 
+    def _like(self, **changes) -> "Game":
+        kw = dict(task=self._task, owners=self.owners, model=self.model_spec, train=self.train, kind=self.kind,
+                  seed=self.seed, metric=self.metric, cache_dir=self.cache_dir, n_jobs=self.n_jobs,
+                  progress=self.progress, eval_pairs=self.eval, device=self.device, pack=self.pack)
+        return Game(**{**kw, **changes})
+
     def with_seed(self, seed: int) -> "Game":
-        return Game(self._task, self.owners, self.model_spec, self.train, self.kind, seed, self.metric,
-                    self.cache_dir, self.n_jobs, self.progress, self.eval)
+        return self._like(seed=seed)
 
     def with_eval(self, pairs) -> "Game":
         """The same game scored on other eval pairs (e.g. a held-out test split, so a
@@ -155,8 +169,7 @@ class Game(Metered):
         tuned on). Fine-tunes are retrained: utilities are cached per eval set."""
         if not pairs:
             raise ConfigError("eval pairs: empty; give the held-out split at least one pair")
-        return Game(self._task, self.owners, self.model_spec, self.train, self.kind, self.seed, self.metric,
-                    self.cache_dir, self.n_jobs, self.progress, pairs)
+        return self._like(eval_pairs=pairs)
 
     # ----------------------------------------------------------- keys
     def ordered(self, mask: int) -> list[int]:
@@ -227,12 +240,13 @@ class Game(Metered):
         try:
             for level in filter(None, levels):
                 if self.n_jobs > 1 and len(level) > 1:
-                    from joblib import Parallel, delayed
-                    jobs = (delayed(_compute_in_worker)(self, m, self.n_jobs) for m in level)
-                    for m, rec in Parallel(n_jobs=self.n_jobs, backend="loky",
-                                           return_as="generator_unordered")(jobs):
-                        self._note(m, rec, True)
-                        bar.update(1)
+                    t0 = time.perf_counter()
+                    try:
+                        for m, rec in _in_pool(self, level):
+                            self._note(m, rec, True)
+                            bar.update(1)
+                    finally:
+                        self._add_busy(time.perf_counter() - t0)
                 else:
                     for m in level:
                         rec, fresh = self._get_or_compute(m)
@@ -243,9 +257,33 @@ class Game(Metered):
 
     # ----------------------------------------------------------- internals
     def base(self):
+        """(model, tokenizer), loaded once per process: every game of this process on the
+        same base (other seeds, eval sets, worker tasks) shares it, and nothing trains it."""
         if self._base is None:
-            self._base = load_base(self.model_spec, self._task, self.cache_dir)
+            key = (str(Path(self.cache_dir).resolve()), content_key(asdict(self.model_spec)), self._static["task"])
+            key += (self.device,)
+            if key not in _PROCESS_BASES:
+                model, tok = load_base(self.model_spec, self._task, self.cache_dir)
+                _PROCESS_BASES[key] = (model.to(self.device), tok)
+            self._base = _PROCESS_BASES[key]
         return self._base
+
+    def examples(self, pairs) -> ReadyExamples:
+        """The game's training pairs as TRL prepares them, once per process: tokenised,
+        with their reference log-probs under the base (``train.prepare_examples``).
+        Every coalition, seed and subset of this pool reads its rows from it; pairs
+        outside the pool (rare) get a preparation of their own."""
+        key = content_key({k: self._static[k] for k in ("code", "task", "model")}
+                          | {"train": {k: self.train.key()[k] for k in ("max_length", "batch_size")},
+                             "pool": _owner_fp(self.flat_pairs())})
+        ready = _PROCESS_EXAMPLES.get(key)
+        if ready is None:
+            model, tok = self.base()
+            ready = _PROCESS_EXAMPLES[key] = prepare_examples(model, tok, self.model_spec, self.flat_pairs(), self.train)
+        if ready.covers(pairs):
+            return ready
+        model, tok = self.base()
+        return prepare_examples(model, tok, self.model_spec, pairs, self.train)
 
     def _base_logps(self):
         key = content_key({**self._static, "data": "base-eval", "seed": None})
@@ -279,12 +317,16 @@ class Game(Metered):
             rec = self.cache.get_json("utility", key)
             if rec is not None:
                 return rec, False
-            if isinstance(item, Subset) and item.pairs:
-                rec = self._score(lambda: [self._train_stage(key, [], list(item.pairs), keep=False)],
-                                  n_train=len(item.pairs), info={"subset": True})
-            else:
-                rec = self._compute(0 if isinstance(item, Subset) else item)
-            self.cache.put_json("utility", key, rec)
+            t0 = time.perf_counter()
+            try:
+                if isinstance(item, Subset) and item.pairs:
+                    rec = self._score(lambda: [self._train_stage(key, [], list(item.pairs), keep=False)],
+                                      n_train=len(item.pairs), info={"subset": True})
+                else:
+                    rec = self._compute(0 if isinstance(item, Subset) else item)
+                self.cache.put_json("utility", key, rec)
+            finally:
+                self._add_busy(time.perf_counter() - t0)
         return rec, True
 
     def stages(self, mask: int) -> list[dict]:
@@ -322,7 +364,7 @@ class Game(Metered):
 
     def trained_model(self, mask: int):
         """A fresh copy of coalition ``mask``'s fine-tuned model (every stage merged),
-        in eval mode, on the CPU."""
+        in eval mode, on the game's device."""
         return materialize(self.base()[0], self._kept_stages(mask))
 
     def coalition_meta(self, mask: int) -> dict | None:
@@ -330,8 +372,10 @@ class Game(Metered):
         tokenizer; see ``stage_meta``), or None for weights from before it was recorded."""
         return self._kept_stages(mask)[-1].get("meta")
 
-    def finetuned(self, mask: int, dtype=torch.float32, device="cpu") -> Finetuned:
-        """Coalition ``mask``'s model with its last stage live (see ``Finetuned``)."""
+    def finetuned(self, mask: int, dtype=torch.float32, device=None) -> Finetuned:
+        """Coalition ``mask``'s model with its last stage live (see ``Finetuned``), on
+        ``device`` (default: the game's)."""
+        device = self.device if device is None else device
         from bench.core.train import clone_model
         chain = self._kept_stages(mask)
         base, tok = self.base()
@@ -353,7 +397,7 @@ class Game(Metered):
         else:
             raise ValueError(f"coalition {mask}: unknown stage kind {last['kind']!r} (expected lora or full)")
         model.to(device=device, dtype=dtype).eval()
-        if ref is not None and (dtype != torch.float32 or str(device) != "cpu"):
+        if ref is not None and (dtype != torch.float32 or torch.device(device) != torch.device(self.device)):
             ref = clone_model(ref).to(device=device, dtype=dtype).eval()
         return Finetuned(model, ref, tok, last["kind"], self.key(mask))
 
@@ -377,11 +421,14 @@ class Game(Metered):
         model, tok = self.base()
         start = materialize(model, start_stages) if start_stages else model
         t0 = time.perf_counter()
-        stage, stats = dpo_stage(start, tok, self.model_spec, pairs, self.train, seed=self.seed)
+        # the pool's reference log-probs are the base's: valid for stages that start from it
+        stage, stats, trained = dpo_train(start, tok, self.model_spec, pairs, self.train, seed=self.seed,
+                                          examples=self.examples(pairs), reference_given=not start_stages)
         stage["train_s"], stage["stats"] = time.perf_counter() - t0, stats
         stage["meta"] = self.stage_meta()
         if keep:
             self.cache.put_tensors("stage", key, stage)
+        self._trained = {id(stage): trained}    # scored next, without rebuilding it from the base
         return stage
 
     def _compute(self, mask: int) -> dict:
@@ -398,7 +445,10 @@ class Game(Metered):
             lc, lr, eval_s = base_lc, base_lr, 0.0
         else:
             train_s, stats = chain[-1]["train_s"], chain[-1]["stats"]
-            policy = materialize(model, chain)
+            policy = self._trained.pop(id(chain[-1]), None)     # just trained: score that model
+            self._trained.clear()
+            if policy is None:                                   # stage from the cache: rebuild it
+                policy = materialize(model, chain)
             t0 = time.perf_counter()
             lc, lr = sequence_logps(policy, tok, self.model_spec, self.eval, self.train.score_batch_size)
             eval_s = time.perf_counter() - t0
@@ -408,12 +458,57 @@ class Game(Metered):
                 "metrics": utility_metrics(lc, lr, base_lc, base_lr, self.train.beta),
                 "logp_chosen": np.asarray(lc).tolist(), "logp_rejected": np.asarray(lr).tolist(),
                 "n_train": n_train, "train_s": train_s, "eval_s": eval_s, "stats": stats,
-                "peak_rss": peak_rss_bytes(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+                "peak_rss": peak_rss_bytes(), "device": self.device_kind}
 
 
-def _compute_in_worker(game: Game, item, n_jobs: int):
+# ------------------------------------------------------------------ worker pool
+
+def _in_pool(game: Game, items):
+    """Compute ``items`` of ``game`` in the job's worker pool; yields ``(item, record)``
+    as they finish. One pool per process (loky's reusable executor, kept while a job
+    runs): its workers import the stack and load the base once (``Game.base``, per
+    process) and serve every phase (ground truth, noise seed, LDS, proxies, curves).
+
+    A worker that dies (killed, out of memory) breaks the pool, and the coalitions
+    the other workers were training with it; those are resubmitted once to a fresh
+    pool (finished ones are in the cache and are not retrained). If the pool breaks
+    again the error propagates: a coalition that kills every worker it runs on is not
+    retried forever, and a rerun resumes from the cache."""
+    from concurrent.futures import as_completed
+
+    from joblib.externals.loky import get_reusable_executor
+    from joblib.externals.loky.process_executor import BrokenProcessPool
+
+    pending = list(items)
+    for attempt in (0, 1):
+        pool = get_reusable_executor(max_workers=game.n_jobs, timeout=POOL_IDLE_S, initializer=_init_worker,
+                                     initargs=(game.n_jobs,))
+        futures = {pool.submit(_compute_in_worker, game, it): it for it in pending}
+        try:
+            for f in as_completed(futures):
+                item, rec = f.result()
+                pending.remove(item)
+                yield item, rec
+            return
+        except BrokenProcessPool as e:
+            if attempt:
+                raise RuntimeError(f"a fine-tune worker died twice (killed, or out of memory; {len(pending)} "
+                                   f"coalition(s) unfinished); finished ones are cached: rerun to resume, or "
+                                   f"lower n_jobs") from e
+        finally:
+            for f in futures:
+                f.cancel()
+
+
+POOL_IDLE_S = 1800     # a pool worker left idle this long exits (the next call starts a new one)
+
+
+def _init_worker(n_jobs: int) -> None:
     from bench.core.env import quiet_libraries
     quiet_libraries()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+
+
+def _compute_in_worker(game: Game, item):
     rec, _ = game._get_or_compute(item)
     return item, rec

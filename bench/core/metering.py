@@ -21,6 +21,7 @@ class UseLog:
     entries: dict = field(default_factory=dict)   # mask or cache key -> {"fresh", "compute_s", "peak_rss", "trained"}
     budget: Budget = field(default_factory=Budget)
     t0: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0      # wall seconds spent producing fresh utilities (in this process or its workers)
 
     def add(self, key, rec: dict, fresh: bool) -> None:
         if key not in self.entries or fresh:
@@ -44,7 +45,8 @@ class UseLog:
 
 
 def fresh_compute_s(log: UseLog) -> float:
-    """Train + eval seconds of the utilities a game computed (not read from the cache)."""
+    """Train + eval seconds of the utilities a game computed (not read from the cache),
+    summed over the processes that computed them (worker seconds, not wall time)."""
     return sum(e["compute_s"] for e in log.entries.values() if e["fresh"])
 
 
@@ -84,6 +86,11 @@ class Metered:
     def _admit_keys(self, keys_trained: dict) -> None:
         for m in self._meters:
             m.admit(keys_trained)
+
+    def _add_busy(self, seconds: float) -> None:
+        """Wall seconds this object spent producing fresh utilities (``UseLog.busy_s``)."""
+        for m in [self.log, *self._meters]:
+            m.busy_s += seconds
 
     def _note_key(self, key, rec: dict, fresh: bool) -> None:
         self.log.add(key, rec, fresh)

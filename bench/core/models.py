@@ -71,6 +71,16 @@ class ModelSpec(Settings):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``auto`` = cuda if available, else cpu; anything else as given."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def render_prompt(tokenizer, spec: ModelSpec, prompt: str) -> str:
     """The exact prompt string a model sees (the response follows it directly)."""
     if spec.chat_template:

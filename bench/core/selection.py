@@ -220,7 +220,8 @@ def selection_curve(game, point_values_or_valuation, clusters=None, sizes=(0.05,
             "cluster_scores": raw.tolist(), "cluster_sizes": np.bincount(labels, minlength=len(raw)).tolist(),
             "qwcs_weights": softmax_weights(scores, beta).tolist(),
             "rows": rows, "summary": summary, "paired": paired,
-            "fresh_compute_s": sum(fresh_compute_s(g.log) for g in used.values())}
+            "fresh_compute_s": sum(fresh_compute_s(g.log) for g in used.values()),
+            "fresh_wall_s": sum(g.log.busy_s for g in used.values())}
 
 
 def format_curve(curve: dict) -> str:

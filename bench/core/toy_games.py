@@ -123,6 +123,7 @@ class TableGame(Metered):
     model_spec = None
     train = None
     device_kind = "cpu"
+    device = "cpu"
 
     def __init__(self, table, owner_sizes=None, seed: int = 0, compute_s: float = 1.0, cache_dir=None):
         from collections import Counter

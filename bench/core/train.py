@@ -48,8 +48,8 @@ class TrainSettings(Settings):
     lora_dropout: float = setting(0.0, "LoRA dropout, in [0, 1)", min=0, max=1, max_exclusive=True)
     lora_targets: str = setting("all-linear", "modules LoRA adapts (peft target_modules)")
     score_batch_size: int = setting(64, "pairs per scoring batch (does not change results)", min=1)
-    gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (TRL's default: "
-                                                 "saves memory, costs a forward pass per step)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (saves activation "
+                                                  "memory, costs a forward pass per step; TRL's default is on)")
 
     def check(self) -> None:
         if self.scheduler != "linear":
@@ -73,8 +73,10 @@ def _lora_config(s: TrainSettings):
 
 
 def clone_model(model):
-    """A fresh copy with the same weights (``deepcopy`` would keep patched forwards)."""
-    new = type(model)(model.config)
+    """A fresh copy with the same weights on the same device (``deepcopy`` would keep
+    patched forwards)."""
+    with torch.device(next(model.parameters()).device):
+        new = type(model)(model.config)
     new.load_state_dict(model.state_dict())
     new.eval()
     return new
@@ -135,30 +137,151 @@ def _quiet():
             os.environ["TQDM_DISABLE"] = prev
 
 
-def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: int) -> tuple[dict, dict]:
+class ReadyExamples:
+    """Training pairs prepared by TRL once per game: tokenised (``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids``, TRL's own ``_prepare_dataset``, including its
+    drop of pairs whose prompt fills ``max_length``) and, when ``reference`` is true,
+    with TRL's precomputed reference log-probs (``ref_chosen_logps``,
+    ``ref_rejected_logps``: TRL's ``compute_ref_log_probs`` on the start model, in
+    batches of ``batch_size`` in pool order). A coalition's trainer gets its rows
+    (``rows_for``) and neither re-tokenises nor runs a reference forward pass."""
+
+    def __init__(self, dataset, contents: list[tuple]):
+        self.dataset = dataset
+        self.row_of = {contents[r]: i for i, r in enumerate(dataset["pool_row"])}
+        self.has_reference = "ref_chosen_logps" in dataset.column_names
+        self._seen = set(contents)
+
+    def rows_for(self, pairs, reference: bool = True):
+        """The prepared rows of ``pairs`` in their order (pairs TRL dropped are left out);
+        without the reference columns when ``reference`` is false (another start model)."""
+        rows = [self.row_of[k] for k in map(_content, pairs) if k in self.row_of]
+        ds = self.dataset.select(rows)
+        if not reference and self.has_reference:
+            ds = ds.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+        return ds
+
+    def covers(self, pairs) -> bool:
+        """Whether every pair of ``pairs`` went through this preparation (kept or dropped)."""
+        return all(k in self._seen for k in map(_content, pairs))
+
+
+def _content(pair) -> tuple:
+    return (pair.prompt, pair.chosen, pair.rejected)
+
+
+def prepare_examples(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings) -> ReadyExamples:
+    """Tokenise ``pairs`` and compute their reference log-probs under ``start_model``
+    once, through TRL (a throw-away trainer on a copy of the model: TRL patches the
+    forward of the model it is given)."""
+    unique = list({_content(p): p for p in pairs}.values())
+    contents = [_content(p) for p in unique]
+    dataset = to_dataset(unique, tok, spec).add_column("pool_row", list(range(len(unique))))
+    with tempfile.TemporaryDirectory() as out, _quiet():
+        trainer = _trainer_class()(model=clone_model(start_model), ref_model=None,
+                                   args=_dpo_config(out, s, 0, _device(start_model)), processing_class=tok,
+                                   train_dataset=dataset,
+                                   peft_config=None)
+        ready = ReadyExamples(trainer.train_dataset.flatten_indices(), contents)
+        del trainer
+    return ready
+
+
+def _dpo_config(out: str, s: TrainSettings, seed: int, device: torch.device | None = None):
+    """TRL's settings for one fine-tune on ``device`` (the start model's; None = cuda
+    if there is one)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from trl import DPOConfig
+    return DPOConfig(
+        output_dir=out, beta=s.beta, learning_rate=s.lr, num_train_epochs=s.epochs,
+        per_device_train_batch_size=s.batch_size, max_length=s.max_length,
+        weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        seed=seed, data_seed=seed, use_cpu=device.type == "cpu", bf16=False,
+        report_to="none", save_strategy="no", gradient_checkpointing=s.gradient_checkpointing,
+        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        # reference log-probs once before training (one pass), not once per step
+        # (epochs passes); the game hands them in ready-made (``ReadyExamples``)
+        precompute_ref_log_probs=True, precompute_ref_batch_size=s.batch_size,
+    )
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+_TRAINER = None
+
+
+def _trainer_class():
+    """``DPOTrainer`` that takes examples TRL already prepared (``ReadyExamples``) as
+    they are: no second tokenisation, no second reference pass. Everything else,
+    the loss included, is TRL's."""
+    global _TRAINER
+    if _TRAINER is not None:
+        return _TRAINER
+    import trl.trainer.dpo_trainer as dpo
+
+    class ReadyDPOTrainer(dpo.DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            ds = kwargs["train_dataset"]
+            if "ref_chosen_logps" not in ds.column_names:
+                super().__init__(*args, **kwargs)
+                return
+            # TRL hashes every weight to name the cache file of the reference pass it
+            # would run; the reference log-probs are given, so that pass (and the hash:
+            # ~1 s for 135M weights) never happens.
+            original, dpo.hash_module = dpo.hash_module, lambda module: "given"
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                dpo.hash_module = original
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if "ref_chosen_logps" in dataset.column_names:
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    _TRAINER = ReadyDPOTrainer
+    return _TRAINER
+
+
+def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: int,
+              examples: ReadyExamples | None = None) -> tuple[dict, dict]:
     """DPO-train from ``start_model`` (which is also the reference) on ``pairs``.
 
     Returns ``(stage, stats)``: the weights the stage changed and training stats.
-    ``start_model`` is not modified.
+    ``start_model`` is not modified. See ``dpo_train``.
     """
-    from trl import DPOConfig, DPOTrainer
+    stage, stats, _ = dpo_train(start_model, tok, spec, pairs, s, seed, examples)
+    return stage, stats
 
+
+def dpo_train(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: int,
+              examples: ReadyExamples | None = None, reference_given: bool = True):
+    """DPO-train a copy of ``start_model`` (also the reference) on ``pairs`` with TRL.
+
+    ``examples``: the pairs already prepared (``prepare_examples``); their reference
+    log-probs are used when ``reference_given`` (they were computed under this
+    ``start_model``), otherwise TRL computes them once before training. Without
+    ``examples`` TRL tokenises and computes them itself. Returns ``(stage, stats,
+    model)``: the weights the stage changed, training stats, and the trained model
+    in eval mode (the adapter merged in), ready to score: the one copy of the weights
+    this fine-tune makes. ``start_model`` is not modified.
+    """
     policy = clone_model(start_model)
-    ref = None
-    if s.lora_r is None:
-        ref = clone_model(start_model)
+    if examples is None:
+        dataset = to_dataset(pairs, tok, spec)
+    else:
+        dataset = examples.rows_for(pairs, reference=reference_given)
     with tempfile.TemporaryDirectory() as out, _quiet():
-        args = DPOConfig(
-            output_dir=out, beta=s.beta, learning_rate=s.lr, num_train_epochs=s.epochs,
-            per_device_train_batch_size=s.batch_size, max_length=s.max_length,
-            weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-            seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False,
-            report_to="none", save_strategy="no", gradient_checkpointing=s.gradient_checkpointing,
-            logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-        )
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
-                             train_dataset=to_dataset(pairs, tok, spec),
-                             peft_config=_lora_config(s) if s.lora_r is not None else None)
+        trainer = _trainer_class()(model=policy, ref_model=None, args=_dpo_config(out, s, seed, _device(policy)),
+                                   processing_class=tok, train_dataset=dataset,
+                                   peft_config=_lora_config(s) if s.lora_r is not None else None)
         result = trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         trained = trainer.model
@@ -166,10 +289,14 @@ def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: 
             from peft import get_peft_model_state_dict
             state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trained).items()}
             stage = {"kind": "lora", "config": _lora_config_dict(s), "state": state}
+            model = trained.merge_and_unload()
         else:
             state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
             stage = {"kind": "full", "state": state}
-        del trainer, trained, policy, ref
+            model = trained
+        del trainer, trained, policy
+    model.requires_grad_(False)
+    model.eval()
     bad = [x for x in losses if not math.isfinite(x)]
     if bad or not all(torch.isfinite(v).all() for v in stage["state"].values()):
         what = "loss" if bad else "weights"
@@ -177,7 +304,7 @@ def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: 
                                f"lower train.lr")
     stats = {"steps": result.global_step, "final_loss": losses[-1] if losses else None,
              "first_loss": losses[0] if losses else None}
-    return stage, stats
+    return stage, stats, model
 
 
 def _lora_config_dict(s: TrainSettings) -> dict:
@@ -262,8 +389,10 @@ def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64) -> 
             ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
             mask[row, :len(seqs[i])] = 1
             targets[row, spans[i][0]:spans[i][1]] = True
-        sums = response_logps(model, ids, mask, targets, logits_dtype=torch.float32, sum_dtype=torch.float64)
-        out[idx] = sums.numpy()
+        dev = _device(model)
+        sums = response_logps(model, ids.to(dev), mask.to(dev), targets.to(dev), logits_dtype=torch.float32,
+                              sum_dtype=torch.float64)
+        out[idx] = sums.cpu().numpy()
     return out[0::2], out[1::2]
 
 

@@ -172,6 +172,7 @@ class GameView(Protocol):
     train: Any                  # ``bench.core.train.TrainSettings`` (beta, max_length, ...)
     usage: Any                  # the open use meter (read by ``CostMeter``)
     device_kind: str            # "cuda" | "cpu"
+    device: str                 # where the game runs its passes ("cpu", "cuda", "cuda:1"); valuers default to it
 
     def flat_pairs(self) -> list: ...
     def utility(self, mask: int) -> float: ...

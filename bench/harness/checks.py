@@ -82,10 +82,18 @@ class GameSettings(Settings):
     metric: str = setting("pref_acc", "the utility: " + " | ".join(METRICS), choices=METRICS)
     shard: str | int | None = setting(None, "i/k: train only slice i of k of the ground truth; assemble: check "
                                             "every slice is cached, then run")
+    device: str = setting("auto", "where every pass runs (training, scoring, valuers' models): auto (cuda if "
+                                  "available, else cpu) | cpu | cuda | cuda:N")
+    pack: int = setting(1, "coalitions trained at once as LoRA adapters on one base (1 = one by one)", min=1)
 
     def check(self) -> None:
+        import re
+
+        from bench.core.models import DEVICE_PATTERN
         from bench.core.shard import parse_shard
         parse_shard(self.shard)
+        if not re.fullmatch(DEVICE_PATTERN, str(self.device)):
+            raise self.error("device", f"unknown {self.device!r}; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)

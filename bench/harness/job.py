@@ -93,14 +93,17 @@ def process_age_s() -> float | None:
         return None
 
 
-def overhead_line(t_start: float, fine_tune_s: float, valuer_own_s: float) -> str:
-    """Where the job's wall time went: fine-tunes + evals this job computed, valuers'
-    own work, and the rest (imports, model loading, bookkeeping, metrics, logging) =
-    harness overhead."""
+def overhead_line(t_start: float, fine_tune_s: float, valuer_own_s: float, worker_s: float | None = None,
+                  n_jobs: int = 1) -> str:
+    """Where the job's wall time went: the wall seconds spent producing fresh
+    fine-tunes + evals (in this process or its workers), valuers' own work, and the
+    rest (imports, model loading, bookkeeping, metrics, logging) = harness overhead.
+    ``worker_s``: the compute seconds of those fine-tunes summed over workers."""
     age = process_age_s()
     wall = age if age is not None else time.time() - t_start
     rest = max(wall - fine_tune_s - valuer_own_s, 0.0)
-    return (f"[dvbench] wall {wall:.1f} s = fine-tunes+evals {fine_tune_s:.1f} s + valuers' own work "
+    workers = f" ({worker_s:.1f} s of compute on {n_jobs} workers)" if n_jobs > 1 and worker_s is not None else ""
+    return (f"[dvbench] wall {wall:.1f} s = fine-tunes+evals {fine_tune_s:.1f} s{workers} + valuers' own work "
             f"{valuer_own_s:.1f} s + harness overhead {rest:.1f} s ({100 * rest / max(wall, 1e-9):.1f}%)")
 
 
@@ -170,7 +173,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         except FineTuneDiverged as e:
             exact_error = f"exact reference: {e}"
         exact_s = time.perf_counter() - t0
-        selection_s = 0.0
+        selection_s = selection_worker_s = 0.0
         valuer_own_s = 0.0     # valuers' work outside fine-tunes (gradients, embeddings, scoring)
 
         wandb_run = lambda: WandbLogger(  # noqa: E731
@@ -187,7 +190,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                     tv = time.time()
                     with game.metered(budget) as use:
                         val = valuer.value(game, budget)
-                    valuer_own_s += max(time.time() - tv - fresh_compute_s(use), 0.0)
+                    valuer_own_s += max(time.time() - tv - use.busy_s, 0.0)
                     val.check(game.n, len(example_ids))
                     with game.metered():            # LDS retrains subsets: the harness's work, not the valuer's
                         metrics = evaluate(val, exact, exact2, part.planted, example_ids, game, lds_cfg)
@@ -197,7 +200,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         rec["point_values"] = val.point_values
                     if name in sel["valuers"]:
                         rec["metrics"]["selection"] = run_selection(game, val, task, sel, built, cfg, name)
-                        selection_s += rec["metrics"]["selection"]["fresh_compute_s"]
+                        selection_s += rec["metrics"]["selection"]["fresh_wall_s"]
+                        selection_worker_s += rec["metrics"]["selection"]["fresh_compute_s"]
                 except BudgetExhausted as e:
                     rec.update(status="over_budget", error=f"{name}: {e}", owner_values=[], metrics={}, cost={})
                 except FineTuneDiverged as e:
@@ -217,8 +221,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                 records.append(rec)
             wb.log_tables(records)
             log_point_values(wb, records)
-    fine_tune_s = fresh_compute_s(job_use) + fresh_compute_s(job_use2) + selection_s
-    print(overhead_line(t_start, fine_tune_s, valuer_own_s))
+    fine_tune_s = job_use.busy_s + job_use2.busy_s + selection_s
+    worker_s = fresh_compute_s(job_use) + fresh_compute_s(job_use2) + selection_worker_s
+    print(overhead_line(t_start, fine_tune_s, valuer_own_s, worker_s, game.n_jobs))
     return records
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from bench.core.errors import ConfigError
+from bench.core.models import resolve_device
 from valuers.influence.data import batches, collate, encode_pairs, row_logps
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -67,20 +68,13 @@ class Subject:
         return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
 
 
-def resolve_device(device: str | None) -> str:
-    """``None``/``auto`` = cuda if available, else cpu."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def load_subject(game, dtype: str = "float32", device: str | None = None) -> Subject:
     """The grand-coalition model of ``game`` (a ``GameView``), its weights live, in
     ``dtype`` (a key of ``DTYPES``) on ``device`` (see ``resolve_device``). Trains it
     through the game if it is not cached (counted and budgeted like any utility)."""
     if game.n == 0:
         raise ConfigError("game: the grand coalition has no training stage (no owners); nothing to value")
-    ft = game.finetuned((1 << game.n) - 1, DTYPES[dtype], resolve_device(device))
+    ft = game.finetuned((1 << game.n) - 1, DTYPES[dtype], resolve_device(device or game.device))
     return Subject(ft.model, ft.tokenizer, game.model_spec, game.train.beta, game.train.max_length, ft.reference,
                    key=ft.key, kind=ft.kind, budget_check=game.check_budget)
 

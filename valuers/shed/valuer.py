@@ -186,7 +186,8 @@ class SHED:
         pairs = game.flat_pairs()
         ph = meter.phase if meter else (lambda *a, **k: nullcontext())
         with ph("embed", own_compute=True):
-            emb, info = embed_pairs(pairs, game.artefacts_dir("embeddings"), self.embed_batch_size)
+            emb, info = embed_pairs(pairs, game.artefacts_dir("embeddings"), self.embed_batch_size,
+                                    game.device)
         with ph("cluster", own_compute=True):
             cl = cluster(emb, self.n_clusters, self.seed, self.n_init)
         return cl, info
