@@ -87,3 +87,6 @@ def test_overhead_accounting(monkeypatch):
     assert overhead_line(time.time() - 10.0, 4.0, 1.0).startswith("[dvbench] wall 10.0 s = ")
     assert "harness overhead 5.0 s (50.0%)" in overhead_line(time.time() - 10.0, 4.0, 1.0)
     assert "harness overhead 0.0 s" in overhead_line(time.time() - 1.0, 4.0, 1.0)   # never negative
+    # with workers: the wall seconds of the fine-tunes are split off, their summed compute is shown beside
+    line = overhead_line(time.time() - 10.0, 6.0, 1.0, worker_s=11.5, n_jobs=2)
+    assert "fine-tunes+evals 6.0 s (11.5 s of compute on 2 workers)" in line and "overhead 3.0 s (30.0%)" in line

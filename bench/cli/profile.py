@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         game.examples(game.flat_pairs())                  # tokenisation + reference log-probs, once per game
         prepare_s = time.perf_counter() - t0
         masks = [1 << i for i in range(min(args.coalitions, game.n))]
+        from bench.core.resources import PeakRSS
         prof = cProfile.Profile()
-        with timing_reference_passes() as reference_s:
+        with timing_reference_passes() as reference_s, PeakRSS(every_s=0.01) as mem:
             t0 = time.perf_counter()
             prof.enable()
             for m in masks:
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(game.flat_pairs())} pairs tokenised + reference log-probs) {prepare_s:.1f} s (once per game "
           f"and process); profiled under cProfile (adds overhead to Python-heavy phases)")
     print(format_breakdown(res, f"{len(masks)} fine-tunes, per fine-tune {wall / len(masks):.2f} s"))
+    print(f"memory: resident {mem.start / 2**20:.0f} MiB before the fine-tunes, peak {mem.peak / 2**20:.0f} MiB "
+          f"(+{mem.delta / 2**20:.0f} MiB; sampled every 10 ms)")
     return 0
 
 
