@@ -86,6 +86,13 @@ CASES = {
                                 "task.n_eval_per_source: the eval set has 1 usable pair", 2),
     "noise ceiling under the same seed": (["noise_seed_offset=0"], "noise_seed_offset: 0 retrains the reference", 2),
     "malformed shard": (["game.shard=4/4"], "game.shard: '4/4' needs 0 <= i < k", 2),
+    "pack below 1": (["game.pack=0"], "game.pack: 0; use a value >= 1", 2),
+    "pack above the coalitions": (["game.pack=8", "train.lora_r=8"], "game.pack: 8 is more than the 7 coalitions", 2),
+    "pack with a full fine-tune": (["game.pack=2"], "game.pack: 2 packs LoRA adapters on one base, and train.lora_r "
+                                                    "is null", 2),
+    "pack in the sequential game": (["game.pack=2", "train.lora_r=8", "game=sequential"],
+                                    "the sequential game starts each stage from its own prefix model", 2),
+    "unknown device": (["game.device=tpu"], "game.device: unknown 'tpu'; use auto, cpu, cuda or cuda:N", 2),
     "unknown W&B mode": (["logger=wandb", "logger.mode=bogus"], "logger.mode: unknown 'bogus'", 2),
     "SHED with more clusters than examples": (["valuer=[shed]", "valuer.shed.n_clusters=500"],
                                               "valuer.shed.n_clusters: 500 exceeds the 18 training", 2),
