@@ -559,3 +559,18 @@ def test_one_worker_pool_per_job_loads_the_base_once(make_game, fresh_cache):
     assert game.log.busy_s <= wall
     assert fresh_compute_s(game.log) > 0
     assert game.with_seed(5).table([0b001])[0b001] == game.with_seed(5).utility(0b001)
+
+
+def test_clone_model_is_an_equal_independent_tied_copy(tiny_base):
+    """clone_model skips the random init it would overwrite: same weights, same tying
+    (GPT-2 ties its output head to the embedding), same outputs, no shared storage."""
+    model, _ = tiny_base
+    new = clone_model(model)
+    assert _state_equal(new.state_dict(), model.state_dict())
+    tied = lambda m: m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()
+    assert tied(new) == tied(model) and model.config.tie_word_embeddings
+    ids = torch.arange(12).reshape(2, 6) % model.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(new(ids).logits, model(ids).logits)
+        next(new.parameters()).add_(1.0)
+    assert not _state_equal(new.state_dict(), model.state_dict())

@@ -74,10 +74,14 @@ def _lora_config(s: TrainSettings):
 
 def clone_model(model):
     """A fresh copy with the same weights on the same device (``deepcopy`` would keep
-    patched forwards)."""
-    with torch.device(next(model.parameters()).device):
+    patched forwards). Built without initialising the weights it is about to
+    overwrite (random init of 135M weights costs more than copying them), then tied
+    as the config says."""
+    from transformers.initialization import no_init_weights
+    with torch.device(next(model.parameters()).device), no_init_weights():
         new = type(model)(model.config)
     new.load_state_dict(model.state_dict())
+    new.tie_weights()
     new.eval()
     return new
 
