@@ -574,3 +574,48 @@ def test_clone_model_is_an_equal_independent_tied_copy(tiny_base):
         assert torch.equal(new(ids).logits, model(ids).logits)
         next(new.parameters()).add_(1.0)
     assert not _state_equal(new.state_dict(), model.state_dict())
+
+
+# ------------------------------------------------------------------ packed coalitions (game.pack)
+
+LORA = dataclasses.replace(TRAIN, lora_r=4, lora_alpha=8, lr=1e-2)
+
+
+def test_packed_game_matches_one_by_one(make_game, fresh_cache, tiny_task, tiny_partition):
+    """game.pack = 3: coalitions trained as adapters packed on one base give the
+    utilities of the one-by-one game (eval log-probs to fp tolerance), under keys of
+    their own (packing rounds differently, so the two never mix in the cache)."""
+    from bench.core.game import Game
+    solo = make_game(fresh_cache, train=LORA)
+    packed = Game(tiny_task, tiny_partition, SPEC, LORA, seed=0, cache_dir=fresh_cache, progress=False, pack=3)
+    masks = [0b001, 0b010, 0b011, 0b110, 0b111]
+    assert all(solo.key(m) != packed.key(m) for m in masks)
+    a, b = solo.table(masks), packed.table(masks)
+    for m in masks:
+        ra, rb = solo.record(m), packed.record(m)
+        assert rb["packed"] in (2, 3) and rb["n_train"] == ra["n_train"]
+        np.testing.assert_allclose(rb["logp_chosen"], ra["logp_chosen"], atol=2e-4, rtol=0)
+        np.testing.assert_allclose(rb["logp_rejected"], ra["logp_rejected"], atol=2e-4, rtol=0)
+    np.testing.assert_allclose(a[masks], b[masks], atol=1.0 / len(tiny_task.eval) + 1e-9)
+    # the kept stages (singletons, grand coalition) rebuild the model that was scored
+    lc, _ = sequence_logps(packed.trained_model(0b111), *[packed.base()[1]], SPEC, tiny_task.eval)
+    assert lc.tolist() == packed.record(0b111)["logp_chosen"]
+
+
+def test_a_diverging_packed_coalition_fails_alone(make_game, fresh_cache, tiny_task, tiny_partition, monkeypatch):
+    """One adapter of a pack diverges: its coalition is raised as FineTuneDiverged,
+    the others of the pack are cached and not retrained."""
+    import bench.core.packed as P
+    from bench.core.game import Game
+    real = P.dpo_train_packed
+
+    def one_diverges(start, tok, spec, coalitions, s, seed, examples):
+        out = real(start, tok, spec, coalitions, s, seed, examples)
+        out[1] = FineTuneDiverged("non-finite loss after 2 steps (lr=0.01); lower train.lr")
+        return out
+    monkeypatch.setattr(P, "dpo_train_packed", one_diverges)
+    game = Game(tiny_task, tiny_partition, SPEC, LORA, seed=0, cache_dir=fresh_cache, progress=False, pack=3)
+    with pytest.raises(FineTuneDiverged, match="packed with 2 others"):
+        game.prefetch([0b001, 0b010, 0b100])
+    cached = [m for m in (0b001, 0b010, 0b100) if game.cache.get_json("utility", game.key(m)) is not None]
+    assert cached == [0b001, 0b100]

@@ -112,16 +112,35 @@ class Game(Metered):
         self._task, self.model_spec, self.train = task, model, train
         self.kind, self.seed, self.metric = kind, seed, metric
         self.cache_dir, self.n_jobs, self.progress = str(cache_dir), n_jobs, progress
-        self.device, self.pack = resolve_device(device), pack   # every pass of the game runs on ``device``
+        self.device, self.pack = resolve_device(device), int(pack)   # every pass of the game runs on ``device``
         self.n = len(self.owners)
+        self._check_pack()
         self.owner_sizes = [len(o) for o in self.owners]
         self._owner_fps = [_owner_fp(o) for o in self.owners]
         self._static = {"code": code_version(), "task": task.fingerprint(),
                         "eval": _owner_fp(self.eval), "model": asdict(model), "train": train.key(),
                         "game": kind, "seed": seed, "device": torch.device(self.device).type}
+        if self.pack > 1:     # packed adapters equal solo ones to fp rounding, not bit for bit: kept apart
+            self._static["pack"] = self.pack
         self._base = None   # (model, tokenizer), loaded lazily in each process
         self._trained = {}  # id(stage) -> the model a fresh stage trained, until it is scored
         self._init_meters()
+
+    def _check_pack(self) -> None:
+        if self.pack < 1:
+            raise ConfigError(f"game.pack: {self.pack}; use a value >= 1")
+        if self.pack == 1:
+            return
+        coalitions = 2 ** self.n - 1
+        if self.pack > coalitions:
+            raise ConfigError(f"game.pack: {self.pack} is more than the {coalitions} coalitions of {self.n} owners; "
+                              f"use game.pack <= {coalitions}")
+        if self.train.lora_r is None:
+            raise ConfigError(f"game.pack: {self.pack} packs LoRA adapters on one base, and train.lora_r is null "
+                              f"(a full fine-tune); set train.lora_r (e.g. 8) or game.pack=1")
+        if self.kind == "sequential":
+            raise ConfigError(f"game.pack: {self.pack} trains adapters on one base, and the sequential game starts "
+                              f"each stage from its own prefix model; use game=union or game.pack=1")
 
     # -- pickling: never ship the loaded model to workers
     def __getstate__(self):
@@ -239,19 +258,21 @@ class Game(Metered):
                    disable=not self.progress, unit="fit")
         try:
             for level in filter(None, levels):
-                if self.n_jobs > 1 and len(level) > 1:
+                # the unit of work: one item, or ``pack`` items trained together
+                batches = [tuple(level[i:i + self.pack]) for i in range(0, len(level), self.pack)]
+                if self.n_jobs > 1 and len(batches) > 1:
                     t0 = time.perf_counter()
                     try:
-                        for m, rec in _in_pool(self, level):
+                        for m, rec in _in_pool(self, batches):
                             self._note(m, rec, True)
                             bar.update(1)
                     finally:
                         self._add_busy(time.perf_counter() - t0)
                 else:
-                    for m in level:
-                        rec, fresh = self._get_or_compute(m)
-                        self._note(m, rec, fresh)
-                        bar.update(1)
+                    for batch in batches:
+                        for m, rec, fresh in self._get_or_compute_batch(batch):
+                            self._note(m, rec, fresh)
+                            bar.update(1)
         finally:
             bar.close()
 
@@ -305,6 +326,64 @@ class Game(Metered):
                 return self.key(0)
             return content_key({**self._static, "game": "union", "data": ["pairs", _owner_fp(item.pairs)]})
         return self.key(item)
+
+    def _get_or_compute_batch(self, batch: tuple) -> list[tuple]:
+        """``[(item, record, fresh)]`` for a batch of items: one by one, or (``pack`` > 1)
+        the ones to train as LoRA adapters packed on one base (``core.packed``). A packed
+        coalition that diverges is raised after the others are cached."""
+        if len(batch) == 1:
+            return [(batch[0], *self._get_or_compute(batch[0]))]
+        from contextlib import ExitStack
+        out, todo = [], []
+        with ExitStack() as locks:
+            for it in batch:
+                key = self._item_key(it)
+                rec = self.cache.get_json("utility", key)
+                if rec is None:           # one writer per entry, as in _get_or_compute
+                    locks.enter_context(self.cache.lock("utility", key))
+                    rec = self.cache.get_json("utility", key)
+                if rec is not None:
+                    out.append((it, rec, False))
+                elif self._trains(it):
+                    todo.append(it)
+                else:
+                    out.append((it, *self._get_or_compute(it)))
+            if todo:
+                t0 = time.perf_counter()
+                try:
+                    out += self._train_packed(todo)
+                finally:
+                    self._add_busy(time.perf_counter() - t0)
+        return out
+
+    def _train_packed(self, items: list) -> list[tuple]:
+        from bench.core.packed import dpo_train_packed
+        model, tok = self.base()
+        pairs = [list(it.pairs) if isinstance(it, Subset) else self._pairs(it) for it in items]
+        t0 = time.perf_counter()
+        results = dpo_train_packed(model, tok, self.model_spec, pairs, self.train, self.seed,
+                                   self.examples([p for ps in pairs for p in ps]))
+        train_s = (time.perf_counter() - t0) / len(items)     # the pack's wall time, shared equally
+        out, failed = [], []
+        for it, ps, res in zip(items, pairs, results):
+            if isinstance(res, Exception):
+                failed.append((it, res))
+                continue
+            stage, stats, trained = res
+            key = self._item_key(it)
+            stage["train_s"], stage["stats"], stage["meta"] = train_s, stats, self.stage_meta()
+            if isinstance(it, int) and self.kept(it):
+                self.cache.put_tensors("stage", key, stage)
+            self._trained = {id(stage): trained}
+            info = {"subset": True} if isinstance(it, Subset) else {"mask": it, "members": list(members(it, self.n))}
+            rec = self._score(lambda: [stage], n_train=len(ps), info={**info, "packed": len(items)})
+            self.cache.put_json("utility", key, rec)
+            out.append((it, rec, True))
+        if failed:
+            it, err = failed[0]
+            raise FineTuneDiverged(f"{self._log_id(it)} (packed with {len(items) - 1} others, which are cached): "
+                                   f"{err}")
+        return out
 
     def _get_or_compute(self, item) -> tuple[dict, bool]:
         key = self._item_key(item)
@@ -463,9 +542,9 @@ class Game(Metered):
 
 # ------------------------------------------------------------------ worker pool
 
-def _in_pool(game: Game, items):
-    """Compute ``items`` of ``game`` in the job's worker pool; yields ``(item, record)``
-    as they finish. One pool per process (loky's reusable executor, kept while a job
+def _in_pool(game: Game, batches: list[tuple]):
+    """Compute the ``batches`` of items of ``game`` (one item each, or ``game.pack``)
+    in the job's worker pool; yields ``(item, record)`` as they finish. One pool per process (loky's reusable executor, kept while a job
     runs): its workers import the stack and load the base once (``Game.base``, per
     process) and serve every phase (ground truth, noise seed, LDS, proxies, curves).
 
@@ -479,16 +558,16 @@ def _in_pool(game: Game, items):
     from joblib.externals.loky import get_reusable_executor
     from joblib.externals.loky.process_executor import BrokenProcessPool
 
-    pending = list(items)
+    pending = list(batches)
     for attempt in (0, 1):
         pool = get_reusable_executor(max_workers=game.n_jobs, timeout=POOL_IDLE_S, initializer=_init_worker,
                                      initargs=(game.n_jobs,))
-        futures = {pool.submit(_compute_in_worker, game, it): it for it in pending}
+        futures = {pool.submit(_compute_in_worker, game, b): b for b in pending}
         try:
             for f in as_completed(futures):
-                item, rec = f.result()
-                pending.remove(item)
-                yield item, rec
+                done = f.result()
+                pending.remove(futures[f])
+                yield from done
             return
         except BrokenProcessPool as e:
             if attempt:
@@ -509,6 +588,5 @@ def _init_worker(n_jobs: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
 
 
-def _compute_in_worker(game: Game, item):
-    rec, _ = game._get_or_compute(item)
-    return item, rec
+def _compute_in_worker(game: Game, batch: tuple):
+    return [(item, rec) for item, rec, _ in game._get_or_compute_batch(batch)]

@@ -89,19 +89,6 @@ def check_inputs(cfg: DictConfig | dict, task: Task, partition: Partition) -> No
                 key = "task.eval_path"
             raise ConfigError(f"{key}: the {split} set has {len(pairs)} usable pair(s); a utility is a mean over "
                               f"its pairs, so 1 pair makes every metric 0, 0.5 or 1; give the {split} set >= 2 pairs")
-    game = c.get("game") or {}
-    pack = int(game.get("pack") or 1)
-    if pack > 1:
-        coalitions = 2 ** partition.n_owners - 1
-        if pack > coalitions:
-            raise ConfigError(f"game.pack: {pack} is more than the {coalitions} coalitions of {partition.n_owners} "
-                              f"owners; use game.pack <= {coalitions}")
-        if (c.get("train") or {}).get("lora_r") is None:
-            raise ConfigError(f"game.pack: {pack} packs LoRA adapters on one base, and train.lora_r is null (a full "
-                              f"fine-tune); set train.lora_r (e.g. 8) or game.pack=1")
-        if game.get("kind") == "sequential":
-            raise ConfigError(f"game.pack: {pack} trains adapters on one base, and the sequential game starts each "
-                              f"stage from its own prefix model; use game=union or game.pack=1")
     n = sum(partition.sizes())
     lds = c.get("lds") or {}
     if lds.get("n_subsets"):
