@@ -23,6 +23,7 @@ COMMANDS = {
     "hardware": ("bench.cli.hardware", "fingerprint, preset, make bench and make bench-micro"),
     "logra-bench": ("bench.cli.logra_bench", "LoGra vs naive per-example gradients: speed, memory, accuracy"),
     "profile": ("bench.cli.profile", "where a coalition fine-tune's wall time goes, and its fine-tune efficiency"),
+    "pack-bench": ("bench.cli.pack_bench", "K LoRA fine-tunes in one pass vs one by one: speed-up, difference"),
 }
 
 
