@@ -66,7 +66,7 @@ def code_version() -> str:
     import trl
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in ("game.py", "train.py", "models.py"):
+    for name in ("game.py", "train.py", "models.py", "packed.py"):
         h.update(_code_fingerprint(here / name).encode())
     h.update(f"{torch.__version__}/{transformers.__version__}/{trl.__version__}/{peft.__version__}".encode())
     return h.hexdigest()[:12]

@@ -191,12 +191,9 @@ def _setup(k: int, name: str, pairs, start_model, tok, s: T.TrainSettings, seed:
     if not examples.covers(pairs):
         raise ValueError(f"coalition {k}: pairs outside the prepared examples; prepare every coalition's pairs "
                          f"(prepare_examples) before packed training")
-    dataset = examples.rows_for(pairs)
-    if len(dataset) == 0:
+    if len(examples.rows_for(pairs)) == 0:
         raise ValueError(f"coalition {k}: no training pair (empty, or every prompt fills train.max_length)")
-    policy = T.clone_model(start_model)
-    trainer = T._trainer_class()(model=policy, ref_model=None, args=T._dpo_config(out, s, seed, T._device(policy)),
-                                 processing_class=tok, train_dataset=dataset, peft_config=T._lora_config(s))
+    trainer = T.coalition_trainer(start_model, tok, None, pairs, s, seed, out, examples)
     args = trainer.args
     if args.gradient_accumulation_steps != 1:
         raise ValueError("packed training: gradient accumulation is not supported (one batch per step)")
@@ -225,7 +222,7 @@ def _setup(k: int, name: str, pairs, start_model, tok, s: T.TrainSettings, seed:
     # the trainer's model is now the view of its rows; its own copy of the base goes
     trainer.model = trainer.model_wrapped = run.view
     trainer.callback_handler.model = run.view
-    del policy, init, loaded
+    del init, loaded
     return run
 
 

@@ -265,6 +265,22 @@ def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: 
     return stage, stats
 
 
+def coalition_trainer(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: int, out: str,
+                      examples: ReadyExamples | None = None, reference_given: bool = True):
+    """TRL's trainer for one fine-tune on ``pairs``: a copy of ``start_model`` (LoRA
+    adapter added by TRL when ``s.lora_r`` is set), the prepared rows of ``pairs`` (or
+    TRL's own preparation without ``examples``), output under ``out``. ``dpo_train``
+    runs it; ``core.packed`` takes its initial adapter, data order and optimizer."""
+    policy = clone_model(start_model)
+    if examples is None:
+        dataset = to_dataset(pairs, tok, spec)
+    else:
+        dataset = examples.rows_for(pairs, reference=reference_given)
+    return _trainer_class()(model=policy, ref_model=None, args=_dpo_config(out, s, seed, _device(policy)),
+                            processing_class=tok, train_dataset=dataset,
+                            peft_config=_lora_config(s) if s.lora_r is not None else None)
+
+
 def dpo_train(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: int,
               examples: ReadyExamples | None = None, reference_given: bool = True):
     """DPO-train a copy of ``start_model`` (also the reference) on ``pairs`` with TRL.
@@ -277,15 +293,8 @@ def dpo_train(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: 
     in eval mode (the adapter merged in), ready to score: the one copy of the weights
     this fine-tune makes. ``start_model`` is not modified.
     """
-    policy = clone_model(start_model)
-    if examples is None:
-        dataset = to_dataset(pairs, tok, spec)
-    else:
-        dataset = examples.rows_for(pairs, reference=reference_given)
     with tempfile.TemporaryDirectory() as out, _quiet():
-        trainer = _trainer_class()(model=policy, ref_model=None, args=_dpo_config(out, s, seed, _device(policy)),
-                                   processing_class=tok, train_dataset=dataset,
-                                   peft_config=_lora_config(s) if s.lora_r is not None else None)
+        trainer = coalition_trainer(start_model, tok, spec, pairs, s, seed, out, examples, reference_given)
         result = trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         trained = trainer.model
@@ -298,7 +307,7 @@ def dpo_train(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: 
             state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
             stage = {"kind": "full", "state": state}
             model = trained
-        del trainer, trained, policy
+        del trainer, trained
     model.requires_grad_(False)
     model.eval()
     bad = [x for x in losses if not math.isfinite(x)]
