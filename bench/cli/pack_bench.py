@@ -30,11 +30,8 @@ tier's) is run with ``train.lora_r=8``, and the output says so.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,6 +62,52 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def compare(game, args):
+    """Train the same random coalitions one by one and packed ``args.k`` at a time
+    (after an untimed warm-up of both paths): (solo results, packed results, solo
+    seconds, packed seconds, masks)."""
+    from bench.core.packed import dpo_train_packed
+    from bench.core.train import FineTuneDiverged, dpo_train
+    model, tok = game.base()
+    masks = draw_coalitions(game.n, args.coalitions, args.seed)
+    coalitions = [[p for i in game.ordered(m) for p in game.owners[i]] for m in masks]
+    examples = game.examples(game.flat_pairs())
+    spec, s, seed = game.model_spec, game.train, game.seed
+
+    def one_by_one(cs):
+        out = []
+        for c in cs:
+            try:
+                stage, stats, trained = dpo_train(model, tok, spec, c, s, seed, examples=examples)
+            except FineTuneDiverged as e:
+                out.append(e)
+                continue
+            del trained
+            out.append((stage, stats))
+        return out
+
+    def packed(cs):
+        out = []
+        for i in range(0, len(cs), args.k):
+            for r in dpo_train_packed(model, tok, spec, cs[i:i + args.k], s, seed, examples):
+                out.append(r if isinstance(r, Exception) else r[:2])
+        return out
+
+    warm = [coalitions[0][:s.batch_size]]            # untimed warm-up of both paths: one batch per epoch
+    one_by_one(warm)
+    packed(warm)
+    _sync()
+    t0 = time.perf_counter()
+    solo = one_by_one(coalitions)
+    _sync()
+    solo_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pack = packed(coalitions)
+    _sync()
+    pack_s = time.perf_counter() - t0
+    return solo, pack, solo_s, pack_s, masks
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)      # options and overrides in any order
     from bench.core.errors import ConfigError, fail
@@ -73,66 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.coalitions < 1:
         fail("--coalitions: use >= 1")
     from bench.core.env import quiet_libraries
-    from bench.core.packed import dpo_train_packed
-    from bench.core.train import FineTuneDiverged, dpo_train
-    from bench.harness.build import build_game, build_task, compose_config
+    from bench.harness.build import compose_config, scratch_game
     quiet_libraries()
     cfg = compose_config(args.overrides)
     note = ""
     if cfg.train.lora_r is None:
         cfg.train.lora_r = 8
         note = " (the preset fine-tunes in full; packed training trains LoRA adapters)"
-    tmp = Path(tempfile.mkdtemp(prefix="dvbench-pack-bench-"))
     try:
-        models = Path(cfg.cache_dir) / "models"          # the base is built (or read) once, in the configured cache
-        models.mkdir(parents=True, exist_ok=True)
-        (tmp / "models").symlink_to(models.resolve(), target_is_directory=True)
-        cfg.cache_dir = str(tmp)
-        cfg.n_jobs = 1
-        cfg.progress = False
-        try:
-            game, _ = build_game(cfg, build_task(cfg))
-        except ConfigError as e:
-            fail(e)
-        model, tok = game.base()
-        masks = draw_coalitions(game.n, args.coalitions, args.seed)
-        coalitions = [[p for i in game.ordered(m) for p in game.owners[i]] for m in masks]
-        examples = game.examples(game.flat_pairs())
-        spec, s, seed = game.model_spec, game.train, game.seed
-
-        def one_by_one(cs):
-            out = []
-            for c in cs:
-                try:
-                    stage, stats, trained = dpo_train(model, tok, spec, c, s, seed, examples=examples)
-                except FineTuneDiverged as e:
-                    out.append(e)
-                    continue
-                del trained
-                out.append((stage, stats))
-            return out
-
-        def packed(cs):
-            out = []
-            for i in range(0, len(cs), args.k):
-                for r in dpo_train_packed(model, tok, spec, cs[i:i + args.k], s, seed, examples):
-                    out.append(r if isinstance(r, Exception) else r[:2])
-            return out
-
-        warm = [coalitions[0][:s.batch_size]]            # untimed warm-up of both paths: one batch per epoch
-        one_by_one(warm)
-        packed(warm)
-        _sync()
-        t0 = time.perf_counter()
-        solo = one_by_one(coalitions)
-        _sync()
-        solo_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pack = packed(coalitions)
-        _sync()
-        pack_s = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with scratch_game(cfg) as game:
+            solo, pack, solo_s, pack_s, masks = compare(game, args)
+    except ConfigError as e:
+        fail(e)
+    model, s = game.base()[0], game.train
     diff, steps, diverged = 0.0, 0, 0
     for a, b in zip(solo, pack):
         if isinstance(a, Exception) or isinstance(b, Exception):

@@ -29,11 +29,8 @@ import contextlib
 import cProfile
 import os
 import pstats
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 # (phase, file suffix, function name): the outermost calls that make up each phase
 PHASES = (
@@ -111,6 +108,28 @@ def format_breakdown(res: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def measure(game, coalitions: int):
+    """Time the once-per-game work, then profile ``coalitions`` single-owner fine-tunes."""
+    from bench.core.resources import PeakRSS
+    t0 = time.perf_counter()
+    game.base()
+    game.utility(0)                                   # the base's eval log-probs, once per game
+    base_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    game.examples(game.flat_pairs())                  # tokenisation + reference log-probs, once per game
+    prepare_s = time.perf_counter() - t0
+    masks = [1 << i for i in range(min(coalitions, game.n))]
+    prof = cProfile.Profile()
+    with timing_reference_passes() as reference_s, PeakRSS(every_s=0.01) as mem:
+        t0 = time.perf_counter()
+        prof.enable()
+        for m in masks:
+            game.utility(m)
+        prof.disable()
+        wall = time.perf_counter() - t0
+    return prof, wall, reference_s[0], base_s, prepare_s, mem, masks
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -122,40 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         fail("--coalitions: use >= 1")
     t_start = time.perf_counter()
     from bench.core.env import quiet_libraries
-    from bench.harness.build import build_game, build_task, compose_config
+    from bench.harness.build import compose_config, scratch_game
     quiet_libraries()
     cfg = compose_config(args.overrides)
-    tmp = Path(tempfile.mkdtemp(prefix="dvbench-profile-"))
     try:
-        models = Path(cfg.cache_dir) / "models"          # the base is built (or read) once, outside the profile
-        models.mkdir(parents=True, exist_ok=True)
-        (tmp / "models").symlink_to(models.resolve(), target_is_directory=True)
-        cfg.cache_dir = str(tmp)
-        cfg.n_jobs = 1
-        cfg.progress = False
-        try:
-            game, _ = build_game(cfg, build_task(cfg))
-        except ConfigError as e:
-            fail(e)
-        game.base()
-        game.utility(0)                                   # the base's eval log-probs, once per game
-        setup_s = time.perf_counter() - t_start
-        t0 = time.perf_counter()
-        game.examples(game.flat_pairs())                  # tokenisation + reference log-probs, once per game
-        prepare_s = time.perf_counter() - t0
-        masks = [1 << i for i in range(min(args.coalitions, game.n))]
-        from bench.core.resources import PeakRSS
-        prof = cProfile.Profile()
-        with timing_reference_passes() as reference_s, PeakRSS(every_s=0.01) as mem:
-            t0 = time.perf_counter()
-            prof.enable()
-            for m in masks:
-                game.utility(m)
-            prof.disable()
-            wall = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    res = breakdown(pstats.Stats(prof), wall, reference_s[0])
+        with scratch_game(cfg) as game:
+            imports_s = time.perf_counter() - t_start
+            prof, wall, reference_s, base_s, prepare_s, mem, masks = measure(game, args.coalitions)
+            setup_s = imports_s + base_s
+    except ConfigError as e:
+        fail(e)
+    res = breakdown(pstats.Stats(prof), wall, reference_s)
     print(f"[dvbench] profile: {cfg.experiment_name}, model={cfg.model.name}, {len(masks)} coalition(s), "
           f"imports + model load + base eval {setup_s:.1f} s (once per process), training pool prepared "
           f"({len(game.flat_pairs())} pairs tokenised + reference log-probs) {prepare_s:.1f} s (once per game "

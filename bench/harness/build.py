@@ -10,6 +10,7 @@ and only classes in ``valuers/`` may be named as ``_target_``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -72,6 +73,26 @@ def build_game(cfg: DictConfig, task=None, partition=None) -> tuple[Game, Partit
                 cache_dir=cfg.cache_dir, n_jobs=int(cfg.n_jobs), progress=bool(cfg.progress),
                 device=str(cfg.game.get("device", "auto")), pack=int(cfg.game.get("pack", 1)))
     return game, part
+
+
+@contextmanager
+def scratch_game(cfg: DictConfig):
+    """The game of ``cfg`` on a temporary utility cache (deleted on exit) that shares
+    the configured cache's base models, one process, no progress bars: for programs
+    that measure fine-tunes afresh (profile, pack-bench). Raises ConfigError on bad
+    settings before anything is trained."""
+    import shutil
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix="dvbench-scratch-"))
+    try:
+        models = Path(cfg.cache_dir) / "models"          # the base is built (or read) once, in the configured cache
+        models.mkdir(parents=True, exist_ok=True)
+        (tmp / "models").symlink_to(models.resolve(), target_is_directory=True)
+        cfg.cache_dir, cfg.n_jobs, cfg.progress = str(tmp), 1, False
+        game, _ = build_game(cfg, build_task(cfg))
+        yield game
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_inputs(cfg: DictConfig | dict, task: Task, partition: Partition) -> None:
