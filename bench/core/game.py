@@ -46,6 +46,18 @@ _PROCESS_BASES: dict = {}
 _PROCESS_EXAMPLES: dict = {}
 
 
+def _freeze_long_lived() -> None:
+    """Move every object alive now (the imported stack, the base, the prepared pool)
+    out of reach of Python's cyclic garbage collector. Each ``Trainer.train`` starts
+    with accelerate's ``gc.collect()``, which otherwise scans the ~0.5M objects of
+    the stack every fine-tune (0.25 s on the tiny tier here, ~15 % of its fine-tune);
+    afterwards it scans what the fine-tunes create. Frozen objects are still freed by
+    reference counting."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 def _code_fingerprint(path: Path) -> str:
     """The syntax tree of a source file without docstrings: comment, formatting and
     docstring edits keep the cache, any change to what the code does drops it."""
@@ -286,6 +298,7 @@ class Game(Metered):
             if key not in _PROCESS_BASES:
                 model, tok = load_base(self.model_spec, self._task, self.cache_dir)
                 _PROCESS_BASES[key] = (model.to(self.device), tok)
+                _freeze_long_lived()
             self._base = _PROCESS_BASES[key]
         return self._base
 
@@ -301,6 +314,7 @@ class Game(Metered):
         if ready is None:
             model, tok = self.base()
             ready = _PROCESS_EXAMPLES[key] = prepare_examples(model, tok, self.model_spec, self.flat_pairs(), self.train)
+            _freeze_long_lived()
         if ready.covers(pairs):
             return ready
         model, tok = self.base()

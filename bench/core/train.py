@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -327,10 +328,22 @@ def _lora_config_dict(s: TrainSettings) -> dict:
 
 # ----------------------------------------------------------------- scoring
 
+_TOKENIZED = weakref.WeakKeyDictionary()   # tokenizer -> {(template?, pair content): ids}: eval pairs are scored every coalition
+
+
 def tokenize_pair(tok, spec: ModelSpec, pair) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, chosen completion ids, rejected completion ids) as TRL builds them:
     the response gets the EOS token and the completion starts where the tokenised
-    prompt and prompt+response diverge."""
+    prompt and prompt+response diverge. Memoised per process."""
+    memo = _TOKENIZED.setdefault(tok, {})
+    key = (spec.chat_template, pair.prompt, pair.chosen, pair.rejected)
+    if key not in memo:
+        memo[key] = _tokenize_pair(tok, spec, pair)
+    p, c, r = memo[key]
+    return list(p), list(c), list(r)
+
+
+def _tokenize_pair(tok, spec: ModelSpec, pair) -> tuple[list[int], list[int], list[int]]:
     prompt = render_prompt(tok, spec, pair.prompt)
     p_ids = tok(prompt)["input_ids"]
     outs = []
