@@ -170,8 +170,8 @@ def test_default_gpu_preset_composes():
     finally:
         GlobalHydra.instance().clear()
     assert gpu["experiment_name"] == "default_gpu" and gpu["model"]["kind"] == "smollm2"
-    assert gpu["train"]["lora_r"] is None and cpu["train"]["lora_r"] is not None
-    assert 5e-6 <= gpu["train"]["lr"] <= 1e-5 < cpu["train"]["lr"]
+    assert gpu["train"] == cpu["train"] and gpu["train"]["lora_r"] is not None    # the same LoRA trainer
+    assert gpu["game"]["pack"] == 8 > cpu["game"]["pack"] == 1                     # ... packed on the GPU
     part = gpu["partition"]
     n_owners = len(part["owner_sources"]) + len(part["duplicate_pairs"])
     assert n_owners == 6 > len(cpu["partition"]["owner_sources"])

@@ -37,8 +37,9 @@ from bench.tracking.system import cuda_devices, detect_device, hardware_fingerpr
 
 CONF = REPO_DIR / "conf"
 GIB = 2**30
-# default_gpu fully fine-tunes SmolLM2-135M: policy, reference, gradients and AdamW
-# state are ~2.7 GB in fp32, plus activations; 8 GiB leaves room for both.
+# default_gpu trains 8 LoRA adapters at once on SmolLM2-135M (game.pack=8): the base,
+# 8 merged copies to score (~0.5 GB each in fp32) and the packed batch's activations;
+# 8 GiB leaves room for them.
 GPU_PRESET_MIN_BYTES = 8 * GIB
 CPU_PRESET, GPU_PRESET = "default", "default_gpu"
 MICRO_TOLERANCE = 25       # whole percent (pytest-benchmark takes no fractions); BENCH_TOL=...
@@ -90,10 +91,10 @@ def check_preset(name: str) -> str:
 def choose_preset() -> tuple[str, str]:
     """``(preset, why)`` for this machine.
 
-    CUDA with >= 8 GiB on every visible GPU: ``default_gpu`` (6 owners, full fine-tune).
+    CUDA with >= 8 GiB on every visible GPU: ``default_gpu`` (6 owners, packed LoRA).
     A smaller CUDA GPU, Apple MPS or a CPU: ``default`` (4 owners, LoRA), the preset the
     README's numbers come from. MPS gets ``default`` because its memory is shared with
-    the CPU and the full fine-tune preset is sized and meant for CUDA; ``PRESET=default_gpu``
+    the CPU and the packed preset is sized and meant for CUDA; ``PRESET=default_gpu``
     tries it anyway.
     """
     device = detect_device()
