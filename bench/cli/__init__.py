@@ -2,7 +2,7 @@
 
     dvbench [run] <hydra overrides>      one experiment job (the default sub-command)
     dvbench assemble <hydra overrides>   check a sharded ground truth is complete, then run
-    dvbench report | compare | budget | selection | scaling | hardware | logra-bench | profile  [--help]
+    dvbench report | compare | budget | selection | scaling | hardware | logra-bench | profile | pack-bench  [--help]
 
 Sub-command modules are imported only when chosen, so ``--help`` of one never
 imports the training stack of another.
@@ -19,7 +19,7 @@ COMMANDS = {
     "compare": ("bench.cli.compare", "a commit's records vs a baseline; non-zero exit past tolerance"),
     "budget": ("bench.cli.budget", "fidelity at equal fine-tune budget from recorded runs"),
     "selection": ("bench.cli.selection", "a data-selection curve outside a job"),
-    "scaling": ("bench.cli.scaling", "cost of DPO arithmetic vs exact retraining as n grows"),
+    "scaling": ("bench.cli.scaling", "cost of exact retraining, permutation sampling and DPO arithmetic as n grows"),
     "hardware": ("bench.cli.hardware", "fingerprint, preset, make bench and make bench-micro"),
     "logra-bench": ("bench.cli.logra_bench", "LoGra vs naive per-example gradients: speed, memory, accuracy"),
     "profile": ("bench.cli.profile", "where a coalition fine-tune's wall time goes, and its fine-tune efficiency"),
