@@ -597,8 +597,15 @@ POOL_IDLE_S = 1800     # a pool worker left idle this long exits (the next call 
 
 
 def _init_worker(n_jobs: int) -> None:
+    import joblib.externals.loky.process_executor as loky_worker
+
     from bench.core.env import quiet_libraries
     quiet_libraries()
+    # loky restarts a worker whose memory grew 300 MB past its size after its first
+    # task, taking it for a leak; a worker here keeps what it loaded on purpose (the
+    # base, the prepared pool, tokenisations) and the allocator keeps freed pages, so
+    # it was restarted mid-job (and reloaded everything). Restart only past 4 GB.
+    loky_worker._MAX_MEMORY_LEAK_SIZE = 4 * 2**30
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
 
 
