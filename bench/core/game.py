@@ -351,6 +351,9 @@ class Game(Metered):
         out, todo = [], []
         with ExitStack() as locks:
             for it in batch:
+                if not self._trains(it):      # the base: nothing to pack
+                    out.append((it, *self._get_or_compute(it)))
+                    continue
                 key = self._item_key(it)
                 rec = self.cache.get_json("utility", key)
                 if rec is None:           # one writer per entry, as in _get_or_compute
@@ -358,10 +361,8 @@ class Game(Metered):
                     rec = self.cache.get_json("utility", key)
                 if rec is not None:
                     out.append((it, rec, False))
-                elif self._trains(it):
-                    todo.append(it)
                 else:
-                    out.append((it, *self._get_or_compute(it)))
+                    todo.append(it)
             if todo:
                 t0 = time.perf_counter()
                 try:
