@@ -309,7 +309,7 @@ class Game(Metered):
         outside the pool (rare) get a preparation of their own."""
         key = content_key({k: self._static[k] for k in ("code", "task", "model")}
                           | {"train": {k: self.train.key()[k] for k in ("max_length", "batch_size")},
-                             "pool": _owner_fp(self.flat_pairs())})
+                             "pool": _owner_fp(self.flat_pairs()), "device": self.device})
         ready = _PROCESS_EXAMPLES.get(key)
         if ready is None:
             model, tok = self.base()
