@@ -389,9 +389,8 @@ class Game(Metered):
             stage["train_s"], stage["stats"], stage["meta"] = train_s, stats, self.stage_meta()
             if isinstance(it, int) and self.kept(it):
                 self.cache.put_tensors("stage", key, stage)
-            self._trained = {id(stage): trained}
-            info = {"subset": True} if isinstance(it, Subset) else {"mask": it, "members": list(members(it, self.n))}
-            rec = self._score(lambda: [stage], n_train=len(ps), info={**info, "packed": len(items)})
+            rec = self._score(lambda: [stage], n_train=len(ps), info={**self._info(it), "packed": len(items)},
+                              trained=trained)
             self.cache.put_json("utility", key, rec)
             out.append((it, rec, True))
         if failed:
@@ -415,7 +414,7 @@ class Game(Metered):
             try:
                 if isinstance(item, Subset) and item.pairs:
                     rec = self._score(lambda: [self._train_stage(key, [], list(item.pairs), keep=False)],
-                                      n_train=len(item.pairs), info={"subset": True})
+                                      n_train=len(item.pairs), info=self._info(item))
                 else:
                     rec = self._compute(0 if isinstance(item, Subset) else item)
                 self.cache.put_json("utility", key, rec)
@@ -527,10 +526,16 @@ class Game(Metered):
 
     def _compute(self, mask: int) -> dict:
         return self._score(lambda: self.stages(mask), n_train=len(self._pairs(mask)) if mask else 0,
-                           info={"mask": mask, "members": list(members(mask, self.n))})
+                           info=self._info(mask))
 
-    def _score(self, make_chain, n_train: int, info: dict) -> dict:
-        """Train (``make_chain`` returns the stages; none = the base) and score on the eval pairs."""
+    def _info(self, item) -> dict:
+        """What a utility record says it is: a coalition (mask, members) or a training set."""
+        return {"subset": True} if isinstance(item, Subset) else {"mask": item, "members": list(members(item, self.n))}
+
+    def _score(self, make_chain, n_train: int, info: dict, trained=None) -> dict:
+        """Train (``make_chain`` returns the stages; none = the base) and score on the eval
+        pairs: ``trained`` (the model the last stage trained), else the model a stage just
+        trained inside ``make_chain``, else the chain rebuilt from the base."""
         model, tok = self.base()
         base_lc, base_lr = self._base_logps()
         train_s, stats = 0.0, {}
@@ -539,7 +544,7 @@ class Game(Metered):
             lc, lr, eval_s = base_lc, base_lr, 0.0
         else:
             train_s, stats = chain[-1]["train_s"], chain[-1]["stats"]
-            policy = self._trained.pop(id(chain[-1]), None)     # just trained: score that model
+            policy = trained if trained is not None else self._trained.pop(id(chain[-1]), None)
             self._trained.clear()
             if policy is None:                                   # stage from the cache: rebuild it
                 policy = materialize(model, chain)

@@ -404,6 +404,7 @@ def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64) -> 
             spans.append((len(p_ids), len(p_ids) + len(comp)))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = np.zeros(len(seqs))
+    dev = _device(model)
     order = np.argsort([len(s) for s in seqs])          # length-bucketed batches
     for b in range(0, len(seqs), batch_size):
         idx = order[b:b + batch_size]
@@ -415,7 +416,6 @@ def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64) -> 
             ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
             mask[row, :len(seqs[i])] = 1
             targets[row, spans[i][0]:spans[i][1]] = True
-        dev = _device(model)
         sums = response_logps(model, ids.to(dev), mask.to(dev), targets.to(dev), logits_dtype=torch.float32,
                               sum_dtype=torch.float64)
         out[idx] = sums.cpu().numpy()
