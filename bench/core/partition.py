@@ -3,6 +3,21 @@
 A partition never sees the evaluation set. Corrupted examples are *copies*
 with their content changed; the task's pairs are never mutated. What was
 planted (``Planted``) is kept by the harness and never handed to a valuer.
+
+Noise comes in two flavours (``make_partition``):
+
+* uniform: ``noisy_owners`` each get ``flip_frac`` of their examples flipped
+  (chosen / rejected swapped) and ``garble_frac`` garbled (both responses'
+  characters shuffled);
+* graded: ``flip_fracs[i]`` is owner i's own flipped share (0 = clean), and each
+  of ``garbled_owners`` has *all* its examples garbled (but those no shuffle can
+  change, such as one-digit answers).
+
+Copies are appended after the base owners: ``duplicate_pairs`` (exact copies,
+same example ids) first, then ``near_duplicate_pairs`` (the same pairs with each
+prompt reworded by a seeded generic wrapper, under new example ids). A copy
+inherits its original's corruption. ``Planted.corruption`` is every owner's
+corrupted share; the noisy owners are those with a share > 0.
 """
 from __future__ import annotations
 
@@ -25,6 +40,10 @@ class Planted:
     noisy_owners: list[int] = field(default_factory=list)
     corrupted_ids: list[int] = field(default_factory=list)      # example ids (train pool ids)
     duplicate_pairs: list[list[int]] = field(default_factory=list)  # [copy, original]
+    # per owner (appended copies included): the share of its examples corrupted
+    # (flipped or garbled); empty in records written before graded noise existed
+    corruption: list[float] = field(default_factory=list)
+    near_duplicate_pairs: list[list[int]] = field(default_factory=list)  # [copy, original], reworded prompts
 
 
 @dataclass
@@ -66,6 +85,21 @@ def _garble_pair(chosen: str, rejected: str, rng: np.random.Generator) -> tuple[
     return c, r
 
 
+# Generic rewordings of a prompt for near-duplicate owners (any text task): the
+# request is unchanged, its wording is not.
+REWORDINGS = ("Please answer this: {p}", "{p} Keep it short.", "Question: {p}",
+              "Here is a request. {p}", "{p} Answer briefly.")
+
+
+def _shuffles_to_itself(text: str) -> bool:
+    """Every permutation of ``text``'s characters is ``text`` (at most one distinct character)."""
+    return len(set(text)) <= 1
+
+
+def _reword(prompt: str, rng: np.random.Generator) -> str:
+    return REWORDINGS[int(rng.integers(len(REWORDINGS)))].format(p=prompt)
+
+
 @dataclass(frozen=True)
 class PartitionSettings(Settings):
     """The ``partition`` config node (see ``make_partition``)."""
@@ -84,9 +118,23 @@ class PartitionSettings(Settings):
                                       "shuffled", min=0, max=1)
     duplicate_pairs: list[list[int]] = setting([], "[copy, original]: append owner `copy` holding an exact "
                                                    "copy of owner `original`'s data")
+    flip_fracs: list[float] | None = setting(None, "graded noise: per base owner, the share of its examples with "
+                                                   "chosen / rejected swapped (0 = clean); null = use "
+                                                   "noisy_owners / flip_frac", min=0, max=1)
+    garbled_owners: list[int] = setting([], "owners whose examples are all garbled (both responses' characters "
+                                            "shuffled)", min=0)
+    near_duplicate_pairs: list[list[int]] = setting([], "[copy, original]: append owner `copy` (after the "
+                                                        "duplicate_pairs) holding owner `original`'s pairs with "
+                                                        "each prompt reworded, under new example ids")
     seed: int = setting(0, "seed of the split and of the noise", min=0)
 
     def check(self) -> None:
+        uniform = self.noisy_owners or self.flip_frac != 1.0 or self.garble_frac != 0.0
+        if self.flip_fracs is not None and uniform:
+            raise self.error("flip_fracs", f"{self.flip_fracs} cannot be combined with partition.noisy_owners="
+                                           f"{self.noisy_owners}, flip_frac={self.flip_frac}, garble_frac="
+                                           f"{self.garble_frac}; with flip_fracs leave noisy_owners=[], "
+                                           f"flip_frac=1.0, garble_frac=0.0 (garble with garbled_owners)")
         if self.flip_frac + self.garble_frac > 1:
             raise self.error("flip_frac", f"{self.flip_frac} + garble_frac {self.garble_frac} > 1; their sum "
                                           f"is a share of a noisy owner's examples, keep it <= 1")
@@ -101,6 +149,20 @@ class PartitionSettings(Settings):
         for pair in self.duplicate_pairs:
             if len(pair) != 2:
                 raise self.error("duplicate_pairs", f"entry {pair} must be [copy, original]")
+        for pair in self.near_duplicate_pairs:
+            if len(pair) != 2:
+                raise self.error("near_duplicate_pairs", f"entry {pair} must be [copy, original]")
+        twice = sorted({i for i in self.garbled_owners if self.garbled_owners.count(i) > 1})
+        if twice:
+            raise self.error("garbled_owners", f"owner(s) {twice} listed twice; name each owner once")
+        both = sorted(i for i in self.garbled_owners
+                      if i in self.noisy_owners
+                      or (self.flip_fracs is not None and i < len(self.flip_fracs) and self.flip_fracs[i] > 0))
+        if both:
+            raise self.error("garbled_owners", f"owner(s) {both} are garbled and also flipped (flip_fracs > 0 or "
+                                               f"noisy_owners); an owner is either garbled or flipped: set its "
+                                               f"flip_fracs entry to 0 (or drop it from noisy_owners), or drop it "
+                                               f"from garbled_owners")
 
 
 def _as_list(x):
@@ -111,7 +173,8 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
                    owner_sources: list[str] | None = None, sizes: list[int] | None = None,
                    alpha: float = 1.0, noisy_owners: list[int] | tuple = (), flip_frac: float = 1.0,
                    garble_frac: float = 0.0, duplicate_pairs: list[list[int]] | tuple = (),
-                   seed: int = 0) -> Partition:
+                   seed: int = 0, flip_fracs: list[float] | None = None, garbled_owners: list[int] | tuple = (),
+                   near_duplicate_pairs: list[list[int]] | tuple = ()) -> Partition:
     """Build owners from ``task.train``.
 
     kind:
@@ -119,15 +182,33 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
       ``by_source``  owner i gets examples of ``owner_sources[i]``; a source named by
                      several owners is split among them (``sizes`` caps each owner).
       ``dirichlet``  shuffled pool cut into ``n_owners`` chunks with Dirichlet(alpha) shares.
-    Then: ``noisy_owners`` get ``flip_frac`` of their examples with chosen/rejected swapped
-    and ``garble_frac`` with both responses' characters shuffled; each
-    ``duplicate_pairs`` entry ``[copy, original]`` *appends* owner ``copy`` holding an
-    exact copy of ``original``'s data (so ``copy`` = the next index).
+    Then the noise, on the owners so far (the *base* owners):
+      uniform  ``noisy_owners`` get ``flip_frac`` of their examples with chosen/rejected
+               swapped and ``garble_frac`` with both responses' characters shuffled;
+      graded   ``flip_fracs`` (one per base owner, each in [0, 1]; not with
+               ``noisy_owners`` / ``flip_frac``): owner i gets round(flip_fracs[i] * size)
+               examples flipped (a positive share that rounds to none is refused);
+      ``garbled_owners`` (with either) get *all* their examples garbled, each re-shuffled
+               until the pair differs from the task's; a pair that no shuffle can change
+               (every response one repeated character, e.g. one-digit sums) stays clean
+               and is not counted as corrupted.
+    Then the copies: each ``duplicate_pairs`` entry ``[copy, original]`` *appends* owner
+    ``copy`` holding an exact copy of ``original``'s data (same example ids; so ``copy`` =
+    the next index); then each ``near_duplicate_pairs`` entry ``[copy, original]`` appends
+    owner ``copy`` holding ``original``'s pairs (same responses, same corruption) with
+    every prompt reworded by a seeded generic wrapper (``REWORDINGS``) and a new example
+    id (above every id of ``task.train``). ``Planted.corruption`` gives each owner's
+    corrupted share (a copy inherits its original's); ``Planted.noisy_owners`` the owners
+    with a share > 0; ``Planted.corrupted_ids`` every corrupted example's id, reworded
+    copies' new ids included.
     """
     noisy_owners, duplicate_pairs = _as_list(noisy_owners), _as_list(duplicate_pairs)
+    flip_fracs, garbled_owners = _as_list(flip_fracs), _as_list(garbled_owners)
+    near_duplicate_pairs = _as_list(near_duplicate_pairs)
     PartitionSettings(kind=kind, n_owners=n_owners, owner_sources=_as_list(owner_sources), sizes=_as_list(sizes),
                       alpha=alpha, noisy_owners=noisy_owners, flip_frac=flip_frac, garble_frac=garble_frac,
-                      duplicate_pairs=duplicate_pairs, seed=seed)
+                      duplicate_pairs=duplicate_pairs, seed=seed, flip_fracs=flip_fracs,
+                      garbled_owners=garbled_owners, near_duplicate_pairs=near_duplicate_pairs)
     rng = np.random.default_rng(seed)
     pool = list(task.train)
     if kind == "by_source":
@@ -157,6 +238,15 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
                               f"or use fewer owners")
 
     # -- noise: copies with changed content; ids kept so ``Planted`` can name them
+    n_base = len(owners)
+    if flip_fracs is not None and len(flip_fracs) != n_base:
+        raise ConfigError(f"partition.flip_fracs: {len(flip_fracs)} shares for {n_base} owners; give one per "
+                          f"owner (the owners before duplicate_pairs / near_duplicate_pairs are appended)")
+    for i in garbled_owners:
+        if not 0 <= i < n_base:
+            raise ConfigError(f"partition.garbled_owners: owner {i} does not exist (have {n_base} before the "
+                              f"copies are appended)")
+    n_bad = [0] * n_base
     corrupted = []
     for i in noisy_owners:
         if not 0 <= i < len(owners):
@@ -174,7 +264,36 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
             c, r = _garble_pair(o[j].chosen, o[j].rejected, rng)
             o[j] = replace(o[j], chosen=c, rejected=r)
         corrupted += [o[j].id for j in idx[:n_flip + n_garble]]
+        n_bad[i] = n_flip + n_garble
 
+    for i, frac in enumerate(flip_fracs or []):
+        if frac <= 0:
+            continue
+        o = owners[i]
+        idx = rng.permutation(len(o))
+        n_flip = round(frac * len(o))
+        if n_flip == 0:
+            raise ConfigError(f"partition.flip_fracs: owner {i}'s share {frac} of its {len(o)} examples rounds to "
+                              f"none flipped; raise it to >= {1 / len(o):.3g} (one example) or set it to 0")
+        for j in idx[:n_flip]:
+            o[j] = replace(o[j], chosen=o[j].rejected, rejected=o[j].chosen)
+        corrupted += [o[j].id for j in idx[:n_flip]]
+        n_bad[i] = n_flip
+
+    for i in sorted(garbled_owners):
+        o = owners[i]
+        for j, p in enumerate(o):
+            if _shuffles_to_itself(p.chosen) and _shuffles_to_itself(p.rejected):
+                continue        # e.g. one-digit answers: no shuffle changes the pair, it stays clean
+            for _ in range(32):
+                c, r = _garble_pair(p.chosen, p.rejected, rng)
+                if (c, r) != (p.chosen, p.rejected):
+                    o[j] = replace(p, chosen=c, rejected=r)
+                    corrupted.append(p.id)
+                    n_bad[i] += 1
+                    break
+
+    corruption = [n / len(o) for n, o in zip(n_bad, owners)]
     dups = []
     for pair in duplicate_pairs:
         copy, orig = int(pair[0]), int(pair[1])
@@ -182,10 +301,32 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
             raise ConfigError(f"partition.duplicate_pairs: entry {list(pair)} must be [next owner index "
                               f"({len(owners)}), an existing owner]")
         owners.append(list(owners[orig]))
+        corruption.append(corruption[orig])
         dups.append([copy, orig])
 
-    noisy_all = sorted(set(noisy_owners) | {c for c, o in dups if o in noisy_owners})
-    planted = Planted(noisy_owners=noisy_all, corrupted_ids=sorted(corrupted), duplicate_pairs=dups)
+    near = []
+    bad_ids = set(corrupted)
+    next_id = max((p.id for p in pool), default=-1) + 1
+    for pair in near_duplicate_pairs:
+        copy, orig = int(pair[0]), int(pair[1])
+        if copy != len(owners) or not 0 <= orig < len(owners):
+            raise ConfigError(f"partition.near_duplicate_pairs: entry {list(pair)} must be [next owner index "
+                              f"({len(owners)}, after the duplicate_pairs), an existing owner]")
+        reworded = []
+        for p in owners[orig]:
+            q = replace(p, id=next_id, prompt=_reword(p.prompt, rng))
+            if p.id in bad_ids:
+                bad_ids.add(q.id)
+                corrupted.append(q.id)
+            reworded.append(q)
+            next_id += 1
+        owners.append(reworded)
+        corruption.append(corruption[orig])
+        near.append([copy, orig])
+
+    noisy_all = [i for i, c in enumerate(corruption) if c > 0]
+    planted = Planted(noisy_owners=noisy_all, corrupted_ids=sorted(corrupted), duplicate_pairs=dups,
+                      corruption=corruption, near_duplicate_pairs=near)
     return Partition(owners=owners, planted=planted, description=f"{kind}:{[len(o) for o in owners]}")
 
 
