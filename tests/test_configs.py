@@ -66,8 +66,8 @@ def test_experiment_composes_and_builds(compose, name, tmp_path):
     want = c["partition"]
     if want["sizes"]:
         assert part.sizes()[:len(want["sizes"])] == want["sizes"]
-    n_base = len(want["owner_sources"] or task.sources)
-    assert part.n_owners == n_base + len(want["duplicate_pairs"])
+    n_base = want["n_owners"] if want["kind"] != "by_source" else len(want["owner_sources"] or task.sources)
+    assert part.n_owners == n_base + len(want["duplicate_pairs"]) + len(want.get("near_duplicate_pairs") or [])
     assert set(want["noisy_owners"]) <= set(part.planted.noisy_owners)
     for i, src in enumerate(want["owner_sources"] or []):
         assert {p.source for p in part.owners[i]} == {src}
@@ -88,6 +88,10 @@ def test_experiment_comments_match_configs(compose):
     _, part = build_game(default)
     assert part.planted.noisy_owners == [3] and {p.source for p in part.owners[3]} == {"arithmetic"}
     assert part.n_owners == 4
+    graded = compose(["experiment=graded"])
+    _, part = build_game(graded)
+    assert part.planted.corruption == [0, 0, 0.25, 0.5, 1.0, 1.0, 0, 0]
+    assert part.planted.duplicate_pairs == [[6, 0]] and part.planted.near_duplicate_pairs == [[7, 1]]
 
 
 def test_valuer_group_all_lists_options_of_the_group():

@@ -6,12 +6,12 @@ import numpy as np
 
 from bench.core import metrics as M
 from bench.core.errors import ConfigError
-from bench.tracking.schema import corrupted_mask
+from bench.tracking.schema import corrupted_mask, reference_values
 
 
 def curve_points(record: dict, bad: np.ndarray | None) -> list[dict]:
     """(fine-tunes, owner ρ, point AUROC) along a record's anytime trajectory."""
-    exact = np.asarray(record["exact_values"], float)
+    exact = np.asarray(reference_values(record), float)
     gain = float(record["utility_table"][-1] - record["utility_table"][0])
     trajectory = (record.get("valuation") or {}).get("trajectory") or []
     steps = []
@@ -35,7 +35,7 @@ def budget_table(records: list[dict]) -> dict:
     if not records:
         raise ConfigError("--experiment: no records; run it first (see the module docstring)")
     bad = corrupted_mask(records[0])       # None for a v1 record: no point-level AUROC
-    ceiling = M.fidelity(records[0]["exact_values_seed2"], records[0]["exact_values"])["spearman"]
+    ceiling = ((records[0].get("metrics") or {}).get("noise_ceiling") or {}).get("spearman")
     curves = {r["valuer"]: curve_points(r, bad) for r in records if r["status"] == "ok"}
     if "retrain_shapley" not in curves:      # the owner-level reference itself: 2^n - 1 fine-tunes, rho 1
         n = len(records[0]["exact_values"])

@@ -15,22 +15,24 @@ COLUMNS = [
     ("fidelity ρ", "fidelity", "spearman", ".3f", True),
     ("pearson", "fidelity", "pearson", ".3f", True),
     ("rel-L2", "fidelity", "rel_l2", ".3f", True),
-    ("ceiling ρ", "noise_ceiling", "spearman", ".3f", False),
-    ("ceiling rel-L2", "noise_ceiling", "rel_l2", ".3f", False),
+    ("ceiling ρ", "noise_ceiling", "spearman", ".3f", True),
+    ("ceiling rel-L2", "noise_ceiling", "rel_l2", ".3f", True),
     ("R² v(S)", "utilities", "r2", ".3f", True),
-    ("ceiling R²", "utilities", "r2_seed2", ".3f", False),
+    ("ceiling R²", "utilities", "r2_ceiling", ".3f", True),
     ("detection AUROC", "detection", "auroc", ".3f", True),
-    ("P@k", "detection", "precision_at_k", ".2f", False),
-    ("point AUROC", "detection_points", "auroc", ".3f", False),
-    ("LDS", "lds", "lds", ".3f", False),
+    ("noise τ", "detection_graded", "kendall_tau", ".3f", True),
+    ("P@k", "detection", "precision_at_k", ".2f", True),
+    ("point AUROC", "detection_points", "auroc", ".3f", True),
+    ("point AUPRC", "detection_points", "auprc", ".3f", True),
+    ("aggregate LDS", "lds", "lds", ".3f", True),
     ("fine-tunes", "cost", "fine_tunes", ".0f", False),
     ("compute s", "cost", "device_s", ".1f", False),
     ("wall s", "cost", "wall_s", ".1f", False),
     ("GPU-h", "cost", "gpu_hours", ".3g", False),
 ]
 
-BRIEF = ("fidelity ρ", "pearson", "rel-L2", "ceiling ρ", "ceiling rel-L2", "R² v(S)", "ceiling R²",
-         "detection AUROC", "fine-tunes", "compute s")
+BRIEF = ("fidelity ρ", "pearson", "rel-L2", "ceiling ρ", "R² v(S)", "ceiling R²", "detection AUROC", "noise τ",
+         "aggregate LDS", "fine-tunes", "compute s")
 
 
 def _cell(records: list[dict], section: str, key: str, spec: str, ci: bool) -> str:
@@ -53,7 +55,7 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown
 
 
 # config keys that never make two records different games (seeds are aggregated over)
-_NOT_A_VARIANT = ("seed", "valuer", "valuers", "valuer_args", "selection", "results_dir", "cache_dir", "logger", "progress",
+_NOT_A_VARIANT = ("seed", "seeds", "valuer", "valuers", "valuer_args", "selection", "results_dir", "cache_dir", "logger", "progress",
                   "n_jobs", "hydra", "experiment_name", "budget", "lds", "noise_seed_offset", "slurm")
 
 
@@ -94,12 +96,25 @@ def tag_variants(records: list[dict]) -> list[dict]:
     return [{**r, "game": str(r.get("game")) + (f" · {var[id(r)]}" if var.get(id(r)) else "")} for r in records]
 
 
+def newest_jobs(records: list[dict]) -> list[dict]:
+    """Only the newest job's records of every (experiment, game): a job's seeds are scored
+    against each other's consensus, so seeds of different jobs are never mixed. Records
+    written before jobs held seeds (no ``job`` key) are kept as they are."""
+    newest: dict = {}
+    for r in records:
+        if r.get("job"):
+            k = (r.get("experiment"), r.get("game"))
+            t = (str(r.get("timestamp") or ""), r["job"])
+            newest[k] = max(newest.get(k, t), t)
+    return [r for r in records if not r.get("job") or newest[(r.get("experiment"), r.get("game"))][1] == r["job"]]
+
+
 def summarize(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
     """{(experiment, game[, variant]): {valuer: [newest record per seed]}}, sorted. Records of
     one experiment with different settings (a sweep over models or partitions) are
     separate groups, named by the settings that differ."""
     groups: dict = defaultdict(lambda: defaultdict(list))
-    for r in latest(tag_variants(records)):
+    for r in latest(newest_jobs(tag_variants(records))):
         groups[(str(r.get("experiment")), str(r.get("game")))][str(r.get("valuer"))].append(r)
     return {k: dict(sorted(v.items())) for k, v in sorted(groups.items())}
 

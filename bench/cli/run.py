@@ -1,8 +1,8 @@
 """``python -m bench <hydra overrides>`` runs one experiment job.
 
     python -m bench experiment=quick
-    python -m bench experiment=smoke game=sequential seed=1
-    python -m bench -m experiment=quick seed=0,1,2          # a sweep
+    python -m bench experiment=smoke game=sequential seeds=[1,2]
+    python -m bench -m experiment=quick model.n_layer=1,2   # a sweep (one job per game; seeds inside each)
     python -m bench experiment=quick game.shard=0/4          # one slice of the ground truth
     python -m bench assemble experiment=quick                # check all slices cached, then run
     python -m bench compare --help | python -m bench report --help
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from bench.analysis.tables import format_table
+from bench.analysis.verdicts import format_lds, format_leaderboard
 from bench.core.env import use_environment
 from bench.core.errors import ConfigError, fail
 
@@ -179,16 +180,17 @@ def compose(argv: list[str]):
 def summary(records: list[dict], results_dir: str) -> str:
     if not records:
         return "no records (a shard job writes only cache entries)"
-    lines = [format_table(records)]
+    lines = [format_leaderboard(records), format_table(records, brief=True), format_lds(records)]
+    lines = [x for x in lines if x]
     ok = [r for r in records if r["status"] == "ok"]
     if ok:
         r = ok[0]
-        lines.append(f"exact retraining Shapley (seed {r['seed']}): "
-                     + ", ".join(f"{v:+.3f}" for v in r["exact_values"]))
-        lines.append("second seed (noise ceiling):        "
-                     + ", ".join(f"{v:+.3f}" for v in r["exact_values_seed2"]))
-        lines.append(f"planted: noisy owners {r['planted']['noisy_owners']}, "
-                     f"duplicate pairs {r['planted']['duplicate_pairs']}")
+        c = r["consensus"]
+        lines.append(f"consensus exact retraining Shapley over seeds {c['seeds']} (± SE): "
+                     + ", ".join(f"{v:+.3f}±{e:.3f}" for v, e in zip(c["values"], c["se"])))
+        lines.append(f"planted: noisy owners {r['planted']['noisy_owners']}, corrupted share per owner "
+                     f"{[round(x, 2) for x in r['planted']['corruption']]}, duplicate pairs "
+                     f"{r['planted']['duplicate_pairs']}")
     for r in records:
         if r["status"] != "ok":
             lines.append(f"FAILED {r['valuer']}: {r['error']}")

@@ -118,3 +118,16 @@ def mean_ci(xs, level: float = 0.95) -> tuple[float, float, float]:
         return mean, NAN, NAN
     half = float(stats.t.ppf((1 + level) / 2, df=x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
     return mean, mean - half, mean + half
+
+
+def detection_graded(values, corruption) -> dict:
+    """Owner-level detection by noise level: ``kendall_tau`` between −value and each
+    owner's corrupted share (1 = values fall exactly as corruption rises), and the
+    ``detection`` scores of "any corruption" (``auroc_any``, ``auprc_any``). None where
+    undefined (no corruption planted, or every owner corrupted)."""
+    values, corruption = np.asarray(values, float), np.asarray(corruption, float)
+    if values.shape != corruption.shape:
+        raise ValueError(f"values and corruption must have equal shapes, got {values.shape} and {corruption.shape}")
+    tau = _corr(stats.kendalltau, -values, corruption)
+    det = detection(values, corruption > 0)
+    return {"kendall_tau": None if np.isnan(tau) else tau, "auroc_any": det["auroc"], "auprc_any": det["auprc"]}

@@ -440,3 +440,14 @@ def utility_metrics(lc, lr, base_lc, base_lr, beta: float) -> dict:
     }
 
 METRICS = ("pref_acc", "reward_acc", "margin", "bt_loglik")
+
+
+def pair_metrics(lc, lr, base_lc, base_lr, beta: float) -> dict[str, np.ndarray]:
+    """Per eval pair, the continuous utilities whose means are ``utility_metrics``'
+    ``margin`` and ``bt_loglik``: the implicit reward margin β·d and log σ(β·d) (the
+    targets of the per-pair LDS)."""
+    d = (np.asarray(lc) - np.asarray(base_lc)) - (np.asarray(lr) - np.asarray(base_lr))
+    return {"margin": beta * d, "bt_loglik": -np.logaddexp(0.0, -beta * d)}
+
+
+PAIR_METRICS = ("margin", "bt_loglik")

@@ -69,7 +69,7 @@ def build_game(cfg: DictConfig, task=None, partition=None) -> tuple[Game, Partit
     model = ModelSpec.of(_kwargs(cfg.model, drop=()), prefix="model")
     train = TrainSettings.of(_kwargs(cfg.train, drop=()), prefix="train")
     check_inputs(cfg, task, part)
-    game = Game(task, part, model, train, kind=cfg.game.kind, seed=int(cfg.seed), metric=cfg.game.metric,
+    game = Game(task, part, model, train, kind=cfg.game.kind, seed=int(cfg.seeds[0]), metric=cfg.game.metric,
                 cache_dir=cfg.cache_dir, n_jobs=int(cfg.n_jobs), progress=bool(cfg.progress),
                 device=str(cfg.game.get("device", "auto")), pack=int(cfg.game.get("pack", 1)))
     return game, part

@@ -41,8 +41,9 @@ class JobSettings(Settings):
     """The top level of ``conf/config.yaml``: every key required (the YAML gives the defaults)."""
     prefix = ""
     experiment_name: str = setting(REQUIRED, "names the records file <results_dir>/runs/<experiment_name>.jsonl")
-    seed: int = setting(REQUIRED, "training seed of the game (and of the valuers' sampling)", min=0)
-    noise_seed_offset: int = setting(REQUIRED, "the noise ceiling retrains the exact game with seed + offset")
+    seeds: list[int] = setting(REQUIRED, "training seeds of the game (>= 2; >= 3 for a consensus reference and "
+                                         "intervals): every seed's game is trained, each valuer runs on each",
+                               min=0)
     valuer: dict = setting(REQUIRED, "the selected valuers' configs (group conf/valuer): valuer=[loo,shed], "
                                      "valuer.<name>.<key>=<value>")
     budget: dict = setting(REQUIRED, "max_fine_tunes, max_seconds of every valuer")
@@ -65,13 +66,14 @@ class JobSettings(Settings):
         if not name.strip() or "/" in name or name.startswith("."):
             raise self.error("experiment_name", f"{name!r}; use a non-empty name without '/' (it names the "
                                                 f"records file), e.g. experiment_name=my_run")
-        if self.noise_seed_offset == 0:
-            raise self.error("noise_seed_offset", "0 retrains the reference under the same seed, so the noise "
-                                                  "ceiling would be perfect by construction; use a non-zero "
-                                                  "offset (default 1000)")
-        if self.seed + self.noise_seed_offset < 0:
-            raise self.error("noise_seed_offset", f"{self.noise_seed_offset} makes the second seed "
-                                                  f"{self.seed + self.noise_seed_offset} < 0; use a positive offset")
+        if len(self.seeds) < 2:
+            raise self.error("seeds", f"{self.seeds}: a valuation is scored against the exact values of the other "
+                                      f"seeds, so one seed has no reference; give >= 2 (>= 3 for intervals), "
+                                      f"e.g. seeds=[0,1,2]")
+        twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if twice:
+            raise self.error("seeds", f"{twice} listed twice (a seed repeated is the same fine-tunes, no new "
+                                      f"information); name each seed once, e.g. seeds=[0,1,2]")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class LdsSettings(Settings):
     frac: float = setting(REQUIRED, "each subset's share of the training examples, in (0, 1)", min=0,
                           min_exclusive=True, max=1, max_exclusive=True)
     seed: int = setting(REQUIRED, "seed of the subsets", min=0)
+    n_seeds: int = setting(REQUIRED, "every subset is retrained under the job's first n_seeds seeds (>= 2 for "
+                                     "the LDS noise ceiling)", min=1)
 
     def check(self) -> None:
         if 0 < self.n_subsets < 3:
@@ -195,7 +199,10 @@ def check_config(cfg: DictConfig) -> tuple[dict, dict]:
     """Every setting of a composed config (see the module docstring); returns it as plain
     data and the valuers it selects, built (``build.check_valuers``)."""
     c = _container(cfg)
-    JobSettings.of(c, prefix="")
+    job = JobSettings.of(c, prefix="")
+    if c["lds"]["n_subsets"] and c["lds"]["n_seeds"] > len(job.seeds):
+        raise ConfigError(f"lds.n_seeds: {c['lds']['n_seeds']} but the job has {len(job.seeds)} seeds "
+                          f"{job.seeds}; use lds.n_seeds <= {len(job.seeds)}")
     for node, cls in NODES.items():
         cls.of(c[node], prefix=node)
     task_settings(c["task"])

@@ -1,7 +1,14 @@
-"""One experiment job: build the game, compute the exact reference, run every
-valuer under its budget, measure it, record it.
+"""One experiment job: build the game, train it under every seed of ``seeds``,
+compute the consensus ground truth, run every valuer on every seed's game under its
+budget, measure it against the consensus of the other seeds, record it.
 
-    config ─► Task ─► Partition ─► Game ─► Valuer ─► Valuation ─► metrics ─► records
+    config ─► Task ─► Partition ─► Game × seeds ─► Valuer ─► Valuation ─► metrics ─► records
+
+One job holds every seed (rather than one Hydra job per ``seed=``) because the
+reference of each seed is the consensus of the others, the noise ceiling and the
+paired comparisons need every seed's valuation of the same game, and one worker
+pool then trains every seed's coalitions; Hydra's sweeps are left for what makes
+another game (models, partitions, presets). A record is one (valuer, seed).
 
 Every setting is checked (``check_job``) before anything is trained. Each valuer
 runs inside ``game.metered(budget)``: the game counts what the valuer used and
@@ -14,7 +21,9 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +33,13 @@ from bench.core import metrics as M
 from bench.core import shapley
 from bench.core.errors import ConfigError
 from bench.core.game import Game
+from bench.core.lds import LdsTargets, aggregate_lds, pair_lds
+from bench.core.lds import lds_targets as lds_targets_of
 from bench.core.metering import fresh_compute_s
 from bench.core.partition import Planted
 from bench.core.shard import ASSEMBLE, missing, missing_message, parse_shard, run_shard
 from bench.core.train import FineTuneDiverged
+from bench.core.uncertainty import Consensus
 from bench.core.valuation import Budget, BudgetExhausted, Valuation
 from bench.harness.build import build_game, build_task, build_valuer
 from bench.harness.checks import check_config
@@ -55,29 +67,61 @@ def exact_shapley(game: Game) -> Exact:
     return Exact(table, phi)
 
 
-def evaluate(val: Valuation, exact: Exact, exact2: Exact, planted: Planted, example_ids: list,
-             game: Game | None = None, lds_cfg: dict | None = None) -> dict:
-    """Every metric of one valuation; computed here, never by a valuer."""
-    noisy = np.zeros(len(exact.phi), bool)
-    noisy[planted.noisy_owners] = True
+def consensus_of(exacts: dict[int, Exact]) -> Consensus:
+    """The consensus ground truth of the game under every seed (``{seed: Exact}``)."""
+    seeds = list(exacts)
+    return Consensus.of(seeds, [exacts[s].phi for s in seeds], [exacts[s].gain for s in seeds])
+
+
+def owner_corruption(owners: list[list], corrupted_ids) -> list[float]:
+    """Each owner's share of planted-corrupted examples (copies inherit their original's)."""
+    bad = set(corrupted_ids)
+    return [float(np.mean([p.id in bad for p in o])) if o else 0.0 for o in owners]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What one job scores every valuation against: each seed's exact values, their
+    consensus, the planted noise, and the LDS targets (None when no valuer needs them)."""
+    exacts: dict[int, Exact]
+    consensus: Consensus
+    planted: Planted
+    corruption: list[float]
+    example_ids: list
+    lds: LdsTargets | None = None
+
+    def held_out_table(self, seed: int) -> np.ndarray:
+        return np.mean([e.table for s, e in self.exacts.items() if s != seed], axis=0)
+
+
+def evaluate(val: Valuation, seed: int, ref: Reference) -> dict:
+    """Every metric of the valuation of seed ``seed``'s game; computed here, never by a
+    valuer. Fidelity is against the consensus of the *other* seeds (``Consensus``), beside
+    the noise ceiling: this seed's exact values scored the same way."""
+    cons = ref.consensus
+    noisy = np.zeros(len(cons.values), bool)
+    noisy[ref.planted.noisy_owners] = True
     out = {
-        "fidelity": M.fidelity(val.owner_values, exact.phi, exact.gain),
-        "noise_ceiling": M.fidelity(exact2.phi, exact.phi, exact.gain),
+        "fidelity": M.fidelity(val.owner_values, cons.held_out(seed), cons.held_out_gain(seed)),
+        "noise_ceiling": cons.ceiling(seed),
         "detection": M.detection(val.owner_values, noisy),
+        "detection_graded": M.detection_graded(val.owner_values, ref.corruption),
     }
     if val.table is not None:                    # a method with its own v(S) for all S
-        t = np.asarray(val.table, float)
-        out["utilities"] = {"r2": M.r2(t, exact.table), "r2_seed2": M.r2(exact2.table, exact.table),
-                            "pearson": M.fidelity(t, exact.table)["pearson"],
-                            "max_abs_err": float(np.max(np.abs(t - exact.table)))}
+        t, target = np.asarray(val.table, float), ref.held_out_table(seed)
+        out["utilities"] = {"r2": M.r2(t, target), "r2_ceiling": M.r2(ref.exacts[seed].table, target),
+                            "pearson": M.fidelity(t, target)["pearson"],
+                            "max_abs_err": float(np.max(np.abs(t - target)))}
     if val.point_values is not None:
-        bad = np.isin(example_ids, planted.corrupted_ids)
+        bad = np.isin(ref.example_ids, ref.planted.corrupted_ids)
         out["detection_points"] = M.detection(val.point_values, bad)
-        if game is not None and lds_cfg and lds_cfg.get("n_subsets", 0) > 0:
-            from bench.core.lds import lds
-            r = lds(game, val.point_values, m_subsets=lds_cfg["n_subsets"], frac=lds_cfg["frac"],
-                    seed=lds_cfg["seed"])
-            out["lds"] = {"lds": r["lds"], "pearson": r.get("pearson"), "n_subsets": r["n_subsets"]}
+        if ref.lds is not None:
+            out["lds"] = aggregate_lds(val.point_values, ref.lds)    # the aggregate LDS, its own column
+    pair_scores = getattr(val, "pair_scores", None)
+    if pair_scores is not None and ref.lds is not None:
+        by_target = pair_lds(pair_scores, ref.lds)
+        out["lds_pair"] = {**by_target["margin"], "target": "margin"}
+        out["lds_pair_bt"] = {**by_target["bt_loglik"], "target": "bt_loglik"}
     return out
 
 
@@ -131,100 +175,135 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     shard = parse_shard(cfg.game.get("shard"))    # a malformed shard spec fails now
     built, sel = check_job(cfg)
     budget = Budget(**OmegaConf.to_container(cfg.budget))
+    seeds = [int(s) for s in cfg.seeds]
 
     task = build_task(cfg)
     game, part = build_game(cfg, task)
+    games = {s: game if s == game.seed else game.with_seed(s) for s in seeds}
     example_ids = [p.id for p in game.flat_pairs()]
     config = OmegaConf.to_container(cfg, resolve=True)
-    base = {"schema": VERSION, "experiment": cfg.experiment_name, "game": game.kind, "seed": int(cfg.seed),
-            "n_owners": part.n_owners, "metric": game.metric, **provenance(config),
+    job_id = uuid.uuid4().hex[:12]
+    base = {"schema": VERSION, "experiment": cfg.experiment_name, "game": game.kind, "seeds": seeds,
+            "job": job_id, "n_owners": part.n_owners, "metric": game.metric, **provenance(config),
             "planted": {"noisy_owners": part.planted.noisy_owners,
                         "duplicate_pairs": part.planted.duplicate_pairs,
+                        "near_duplicate_pairs": part.planted.near_duplicate_pairs,
                         "corrupted_ids": part.planted.corrupted_ids,
-                        "n_corrupted": len(part.planted.corrupted_ids)},
+                        "n_corrupted": len(part.planted.corrupted_ids),
+                        "corruption": owner_corruption(game.owners, part.planted.corrupted_ids)},
             "example_ids": example_ids, "owner_sizes": part.sizes(), "task_dropped": dict(task.dropped),
             "config": config}
     print(f"[dvbench] {cfg.experiment_name}: {part.n_owners} owners {part.sizes()}, game={game.kind}, "
-          f"metric={game.metric}, seed={cfg.seed}, model={cfg.model.name}, n_jobs={cfg.n_jobs}")
+          f"metric={game.metric}, seeds={seeds}, model={cfg.model.name}, n_jobs={cfg.n_jobs}")
 
     for valuer, _ in built.values():          # game-dependent valuer settings, before any training
         if hasattr(valuer, "check"):
             valuer.check(game)
-    game2 = game.with_seed(int(cfg.seed) + int(cfg.noise_seed_offset))
     if isinstance(shard, tuple):             # train one slice of the exact reference, then stop
-        info = run_shard([game, game2], *shard)
+        info = run_shard(list(games.values()), *shard)
         print(f"[dvbench] shard {info['shard']}: {info['coalitions']} of {info['of']} ground-truth coalitions "
               f"({info['trained']} trained, {info['cached']} cached) in {cfg.cache_dir}")
         return []
     if shard == ASSEMBLE:
-        miss = missing([game, game2])
+        miss = missing(list(games.values()))
         if miss:
-            raise ConfigError(missing_message(miss, 2 * 2 ** game.n))
-        print(f"[dvbench] assemble: all {2 * 2 ** game.n} ground-truth coalitions are cached")
+            raise ConfigError(missing_message(miss, len(seeds) * 2 ** game.n))
+        print(f"[dvbench] assemble: all {len(seeds) * 2 ** game.n} ground-truth coalitions are cached")
 
     records: list[dict] = []
-    exact = exact2 = None
-    exact_error = None
+    ref, exact_error = None, None
+    lds_cfg = OmegaConf.to_container(cfg.lds, resolve=True)
     t0 = time.perf_counter()
-    with game.metered() as job_use, game2.metered() as job_use2:
+    with ExitStack() as job_meters:
+        job_uses = [job_meters.enter_context(g.metered()) for g in games.values()]
         try:
-            exact = exact_shapley(game)
-            exact2 = exact_shapley(game2)
+            exacts = {s: exact_shapley(g) for s, g in games.items()}
+            ref = Reference(exacts, consensus_of(exacts), part.planted, base["planted"]["corruption"],
+                            example_ids)
         except FineTuneDiverged as e:
             exact_error = f"exact reference: {e}"
         exact_s = time.perf_counter() - t0
         selection_s = selection_worker_s = 0.0
         valuer_own_s = 0.0     # valuers' work outside fine-tunes (gradients, embeddings, scoring)
+        if ref is not None:
+            print(consensus_line(ref.consensus))
 
         wandb_run = lambda: WandbLogger(  # noqa: E731
             mode=cfg.logger.mode, project=cfg.logger.project, dir=cfg.logger.dir,
-            run_name=f"{cfg.experiment_name}-{game.kind}-s{cfg.seed}", config=config,
+            run_name=f"{cfg.experiment_name}-{game.kind}-s{'_'.join(map(str, seeds))}", config=config,
             tags=[cfg.experiment_name, game.kind], group=sweep_group(str(cfg.experiment_name)))
-        lds_cfg = OmegaConf.to_container(cfg.lds, resolve=True)
         with SafeLogger(wandb_run) as wb:
             for name, (valuer, vcfg) in built.items():
-                rec = {**base, "valuer": name, "valuer_config": vcfg, "status": "ok", "error": None}
-                try:
-                    if exact_error:
-                        raise FineTuneDiverged(exact_error)
-                    tv = time.time()
-                    with game.metered(budget) as use:
-                        val = valuer.value(game, budget)
-                    valuer_own_s += max(time.time() - tv - use.busy_s, 0.0)
-                    val.check(game.n, len(example_ids))
-                    with game.metered():            # LDS retrains subsets: the harness's work, not the valuer's
-                        metrics = evaluate(val, exact, exact2, part.planted, example_ids, game, lds_cfg)
-                    rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
-                               metrics=metrics, valuation=valuation_fields(val), extras=val.extras)
-                    if val.point_values is not None:
-                        rec["point_values"] = val.point_values
-                    if name in sel["valuers"]:
-                        rec["metrics"]["selection"] = run_selection(game, val, task, sel, built, cfg, name)
-                        selection_s += rec["metrics"]["selection"]["fresh_wall_s"]
-                        selection_worker_s += rec["metrics"]["selection"]["fresh_compute_s"]
-                except BudgetExhausted as e:
-                    rec.update(status="over_budget", error=f"{name}: {e}", owner_values=[], metrics={}, cost={})
-                except FineTuneDiverged as e:
-                    rec.update(status="failed", error=str(e), owner_values=[], metrics={}, cost={})
-                except ConfigError:
-                    raise
-                except Exception as e:   # a valuer crash is a failed record, with its traceback
-                    rec.update(status="failed", error=f"{type(e).__name__}: {e}", owner_values=[], metrics={},
-                               cost={}, traceback=traceback.format_exc(limit=5))
-                rec["exact_values"] = exact.phi if exact else None
-                rec["exact_values_seed2"] = exact2.phi if exact2 else None
-                rec["utility_table"] = exact.table if exact else None
-                rec["exact_wall_s"] = exact_s
-                rec = to_jsonable(rec)
-                store.append(rec)
-                wb.log_record(rec, prefix=f"{name}/")
-                records.append(rec)
+                mine = []
+                for seed, g in games.items():
+                    rec = {**base, "seed": seed, "valuer": name, "valuer_config": vcfg, "status": "ok",
+                           "error": None}
+                    try:
+                        if exact_error:
+                            raise FineTuneDiverged(exact_error)
+                        tv = time.time()
+                        with g.metered(budget) as use:
+                            val = valuer.value(g, budget)
+                        valuer_own_s += max(time.time() - tv - use.busy_s, 0.0)
+                        val.check(g.n, len(example_ids))
+                        if val.point_values is not None and ref.lds is None and lds_cfg["n_subsets"] > 0:
+                            # the first point-valued valuation: retrain the LDS subsets (the harness's
+                            # work, on the job's meters) under the first lds.n_seeds seeds
+                            ref = replace(ref, lds=lds_targets_of([games[s] for s in seeds[:lds_cfg["n_seeds"]]],
+                                                                  lds_cfg["n_subsets"], lds_cfg["frac"],
+                                                                  lds_cfg["seed"]))
+                        metrics = evaluate(val, seed, ref)
+                        rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
+                                   metrics=metrics, valuation=valuation_fields(val), extras=val.extras)
+                        if val.point_values is not None:
+                            rec["point_values"] = val.point_values
+                        if name in sel["valuers"] and seed == seeds[0]:    # its own seeds: one curve
+                            rec["metrics"]["selection"] = run_selection(g, val, task, sel, built, cfg, name)
+                            selection_s += rec["metrics"]["selection"]["fresh_wall_s"]
+                            selection_worker_s += rec["metrics"]["selection"]["fresh_compute_s"]
+                    except BudgetExhausted as e:
+                        rec.update(status="over_budget", error=f"{name}: {e}", owner_values=[], metrics={}, cost={})
+                    except FineTuneDiverged as e:
+                        rec.update(status="failed", error=str(e), owner_values=[], metrics={}, cost={})
+                    except ConfigError:
+                        raise
+                    except Exception as e:   # a valuer crash is a failed record, with its traceback
+                        rec.update(status="failed", error=f"{type(e).__name__}: {e}", owner_values=[], metrics={},
+                                   cost={}, traceback=traceback.format_exc(limit=5))
+                    if ref is not None:
+                        rec.update(exact_values=ref.exacts[seed].phi, reference_values=ref.consensus.held_out(seed),
+                                   consensus=ref.consensus.summary(), utility_table=ref.exacts[seed].table,
+                                   lds_targets=None if ref.lds is None else ref.lds.summary())
+                    rec["exact_wall_s"] = exact_s
+                    rec = to_jsonable(rec)
+                    store.append(rec)
+                    wb.log_record(rec, prefix=f"{name}/s{seed}/")
+                    records.append(rec)
+                    mine.append(rec)
+                print(valuer_line(name, mine))
             wb.log_tables(records)
             log_point_values(wb, records)
-    fine_tune_s = job_use.busy_s + job_use2.busy_s + selection_s
-    worker_s = fresh_compute_s(job_use) + fresh_compute_s(job_use2) + selection_worker_s
+    fine_tune_s = sum(u.busy_s for u in job_uses) + selection_s
+    worker_s = sum(fresh_compute_s(u) for u in job_uses) + selection_worker_s
     print(overhead_line(t_start, fine_tune_s, valuer_own_s, worker_s, game.n_jobs))
     return records
+
+
+def consensus_line(cons: Consensus) -> str:
+    s2s = cons.seed_to_seed
+    vals = ", ".join(f"{v:+.3f}±{e:.3f}" for v, e in zip(cons.values, cons.se))
+    return (f"[dvbench] consensus exact Shapley over {cons.n_seeds} seeds (± SE): {vals}; seed-to-seed ρ "
+            f"{s2s[0]:.3f}, split-half ρ {cons.split_half:.3f}")
+
+
+def valuer_line(name: str, recs: list[dict]) -> str:
+    good = [r for r in recs if r["status"] == "ok"]
+    if not good:
+        return f"[dvbench] {name}: {recs[0]['status']} ({recs[0]['error']})"
+    m, lo, hi = M.mean_ci([r["metrics"]["fidelity"]["spearman"] for r in good])
+    ci = "" if np.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
+    return (f"[dvbench] {name}: fidelity ρ {m:.3f}{ci} over {len(good)}/{len(recs)} seeds, "
+            f"{sum(r['cost'].get('wall_s', 0) for r in good):.1f} s")
 
 
 def valuation_fields(val: Valuation) -> dict:
@@ -263,7 +342,7 @@ def run_selection(game, val, task, sel: dict, built: dict, cfg, name: str) -> di
     clusters = selection_clusters(game, val, built["shed"][0] if "shed" in built else None)
     curve = curve_for_valuation(game, val, task.test, clusters, sizes=sel["sizes"],
                                 seeds=sel["seeds"], methods=sel["methods"], beta=sel["beta"])
-    png = Path(cfg.results_dir) / "plots" / f"selection_{cfg.experiment_name}_{name}_s{cfg.seed}.png"
+    png = Path(cfg.results_dir) / "plots" / f"selection_{cfg.experiment_name}_{name}_s{game.seed}.png"
     plot_selection(curve, png, title=f"{cfg.experiment_name}: {name} selection, {len(sel['seeds'])} seeds, "
                                      f"95% CI" + ("" if curve["held_out_eval"] else " (not held out)"))
     print(format_curve(curve))

@@ -1,13 +1,17 @@
 """The run record: one JSON line per (experiment, game, seed, valuer), versioned.
 
-Version 2 (written now):
+Version 3 (written now): one job trains the game under every seed of ``seeds``
+and writes a record per (valuer, seed):
 
-    schema              2
-    experiment, game, seed, n_owners, metric, owner_sizes, config
+    schema              3
+    experiment, game, seed, seeds, job, n_owners, metric, owner_sizes, config
+    job                 the job's id: its records (every seed) share it, and a
+                        report reads one job per (experiment, game)
     commit, dirty, config_hash, hardware, timestamp       (provenance)
-    planted             {noisy_owners, duplicate_pairs, corrupted_ids, n_corrupted}
+    planted             {noisy_owners, duplicate_pairs, corrupted_ids, n_corrupted, corruption}
                         what the partition planted (never shown to a valuer);
-                        corrupted_ids are example ids, in the task's id space
+                        corrupted_ids are example ids, in the task's id space;
+                        corruption = each owner's corrupted share
     example_ids         the training examples' ids in point-value order
     task_dropped        rows dropped from each dataset file ({"task.path": k, ...}),
                         chosen == rejected (nothing to prefer)
@@ -16,9 +20,20 @@ Version 2 (written now):
     valuation           {table, clusters, cluster_scores, trajectory}: the typed
                         fields of ``Valuation`` (None / [] when the method has none)
     cost, metrics, extras (diagnostics only)
-    exact_values        exact retraining Shapley of the game (the reference)
-    exact_values_seed2  the same game under a second training seed (noise ceiling)
-    utility_table, exact_wall_s
+    exact_values        exact retraining Shapley of this seed's game
+    reference_values    the consensus of the other seeds' exact values: what
+                        ``metrics.fidelity`` is against (``metrics.noise_ceiling``:
+                        exact_values scored the same way)
+    consensus           {seeds, values, se, per_seed, split_half_spearman,
+                        seed_to_seed_spearman}: the exact Shapley of the
+                        seed-averaged table and its own uncertainty
+    lds_targets         {n_subsets, subset_size, seeds, metric} of the LDS subsets
+    utility_table       this seed's 2^n utilities; exact_wall_s
+
+Version 2: one seed per record and job; ``exact_values_seed2`` (the same game
+under seed + 1000) was the noise ceiling and fidelity was against the record's
+own ``exact_values``. ``upgrade`` sets ``seeds = [seed]`` and
+``reference_values = exact_values``.
 
 Version 1 (before): no ``schema`` key; ``truth`` for ``planted`` (without the ids),
 ``truth_values*`` for ``exact_values*``, the typed fields inside ``extras``.
@@ -31,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-VERSION = 2
+VERSION = 3
 STATUSES = ("ok", "failed", "over_budget")
 _RENAMED = {"truth_values": "exact_values", "truth_values_seed2": "exact_values_seed2",
             "truth_wall_s": "exact_wall_s"}
@@ -42,6 +57,9 @@ def upgrade(rec: dict[str, Any]) -> dict[str, Any]:
     version = rec.get("schema", 1)
     if version == VERSION:
         return rec
+    if version == 2:
+        return {**rec, "schema": VERSION, "seeds": [rec.get("seed")], "job": None,
+                "reference_values": rec.get("exact_values"), "consensus": None, "lds_targets": None}
     if version != 1:
         raise ValueError(f"record schema {version!r}: this dvbench reads versions 1..{VERSION}; upgrade dvbench")
     out = {_RENAMED.get(k, k): v for k, v in rec.items() if k != "truth"}
@@ -57,8 +75,8 @@ def upgrade(rec: dict[str, Any]) -> dict[str, Any]:
                         "trajectory": _v1_trajectory(ex, rec.get("owner_sizes") or [])}
     ex.pop("trajectory", None)
     out["extras"] = ex
-    out["schema"] = VERSION
-    return out
+    out["schema"] = 2
+    return upgrade(out)
 
 
 def _v1_trajectory(ex: dict, sizes: list[int]) -> list[dict]:
@@ -85,3 +103,9 @@ def corrupted_mask(rec: dict) -> np.ndarray | None:
     if ids is None or bad is None:
         return None
     return np.isin(np.asarray(ids), np.asarray(bad))
+
+
+def reference_values(rec: dict):
+    """What a record's fidelity is measured against (v3: the held-out consensus; older
+    records: their own exact values)."""
+    return rec.get("reference_values") if rec.get("reference_values") is not None else rec.get("exact_values")
