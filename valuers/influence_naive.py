@@ -16,21 +16,28 @@ gradient is multiplied by a dense seeded Gaussian matrix [proj_dim, numel]/√pr
 one Fisher block over all layers (concatenated) instead of one per layer. Nothing
 is cached: it recomputes every gradient on every call, as the naive route does.
 The game's ``check_budget`` runs between gradient batches (``Budget.max_seconds``).
+
+Per eval pair: ``Valuation.pair_scores`` [N, E] holds the same score with each eval
+pair's own loss gradient as the query (the eval pairs' per-example gradients come
+from the same pass as their mean; one solve per block serves all E queries and the
+mean); the point values are its row means. A matrix over 256 MB is a read-only
+memmap under ``game.artefacts_dir("pair_scores")``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from bench.core.cache import content_key
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.layers import watched_layers
 from valuers.influence.per_example import per_example_gradients
 from valuers.influence.projection import dense_projections
 from valuers.influence.settings import InfluenceSettings
-from valuers.influence.solve import influence_scores
+from valuers.influence.solve import pair_and_mean_scores
 from valuers.influence.subject import load_subject, loss_inputs
 
 HESSIANS = ("layer", "full")
@@ -52,25 +59,27 @@ class NaiveInfluence:
         self.where = f"valuer.{name}"
         self.settings = NaiveInfluenceSettings.of(settings, prefix=self.where)
 
-    def gradients(self, subject, layers, pairs, proj: dict, mean: bool = False):
-        """Per-example (projected) gradients [N, D_l] per layer, or their mean [D_l]."""
+    def gradients(self, subject, layers, pairs, proj: dict, mean: bool = False, both: bool = False):
+        """Per-example (projected) gradients [N, D_l] per layer, or (``mean``) their mean
+        [D_l], or (``both``) the pair (per-example, mean) from one pass."""
         s = self.settings
         ex, ref = loss_inputs(subject, pairs, s.train_loss)
+        rows, means = not mean or both, mean or both
         out, sums = {}, {}
         for idx, g in per_example_gradients(subject, layers, ex, ref, s.train_loss, s.batch_size, s.chunk_size):
             for n, v in g.items():
                 v = v if proj[n] is None else v @ proj[n].T
-                if mean:
+                if means:
                     t = v.double().sum(0).cpu()
                     sums[n] = t if n not in sums else sums[n] + t
-                else:
+                if rows:
                     v = v.detach().cpu().numpy()
                     if n not in out:
                         out[n] = np.zeros((len(ex), v.shape[1]), dtype=v.dtype)
                     out[n][idx] = v
-        if mean:
-            return [(sums[n] / len(ex)).numpy() for n, _ in layers]
-        return [out[n] for n, _ in layers]
+        per_example = [out[n] for n, _ in layers] if rows else None
+        avg = [(sums[n] / len(ex)).numpy() for n, _ in layers] if means else None
+        return (per_example, avg) if both else (avg if mean else per_example)
 
     def value(self, game, budget: Budget) -> Valuation:
         s = self.settings
@@ -87,14 +96,20 @@ class NaiveInfluence:
             train = self.gradients(subject, layers, pairs, proj)
             train_s = time.perf_counter() - t0
         with meter.phase("query_gradient", own_compute=True):
-            query = self.gradients(subject, layers, game.eval, proj, mean=True)
+            rows, query = self.gradients(subject, layers, game.eval, proj, both=True)
         with meter.phase("influence", own_compute=True):
             if s.hessian == "full":
-                train, query = [np.concatenate(train, 1)], [np.concatenate(query)]
-            scores, info = influence_scores(train, query, s.damping_scale, check=subject.check_budget)
+                train, rows, query = [np.concatenate(train, 1)], [np.concatenate(rows, 1)], [np.concatenate(query)]
+            key = content_key({"model": subject.key, "settings": asdict(s),
+                               "data": content_key([asdict(p) for p in pairs]),
+                               "eval": content_key([asdict(p) for p in game.eval])})[:24]
+            pair, scores, info = pair_and_mean_scores(
+                train, rows, query, s.damping_scale,
+                path=game.artefacts_dir("pair_scores") / f"{self.name}-{key}.npy", check=subject.check_budget)
         if not np.all(np.isfinite(scores)):
             raise FloatingPointError("influence_naive: non-finite influence scores")
-        return Valuation(owner_sums(scores, game.owner_sizes), point_values=scores, cost=meter.cost(), extras={
+        return Valuation(owner_sums(scores, game.owner_sizes), point_values=scores, pair_scores=pair,
+                         cost=meter.cost(), extras={
             "proj_dim": s.proj_dim, "seed": s.seed, "train_loss": s.train_loss,
             "damping_scale": s.damping_scale, "hessian": s.hessian, "model_kind": subject.kind,
             "n_layers": len(layers), "grad_dim": int(sum(a.shape[1] for a in train)),

@@ -10,6 +10,11 @@ F the per-layer empirical Fisher of the projected train gradients and λ =
 (whose docstring holds the terms and the **sign convention: value = −influence on
 the eval loss, > 0 helps**). Owner value = the sum of its examples' values.
 
+Per eval pair: ``Valuation.pair_scores`` [N, E] holds the same score with the
+gradient of each eval pair's loss as the query (one solve per layer serves all E
+queries and the mean one); the point values are its row means. A matrix over
+256 MB is a read-only memmap under ``game.artefacts_dir("pair_scores")``.
+
 How (LoGra)
     Per watched layer (``influence.layers``: the LoRA A/B maps of a LoRA stage,
     else every trainable linear layer but the head), the projected gradient
@@ -25,7 +30,9 @@ Logs
     (``influence.logs``), under ``game.artefacts_dir("logra")/<key>/`` — key = the
     grand-coalition model's cache key (task, data, model, trainer, game, seed,
     code), the projection (kind, seed, k), the loss and the dtype — or
-    ``logs_dir``. Reruns and other queries (e.g. another damping) reuse them; logs
+    ``logs_dir``. The query (mean and per-eval-pair projected eval gradients) is
+    cached beside them; logs cached without the per-pair rows get them computed
+    once and saved. Reruns and other queries (e.g. another damping) reuse them; logs
     for another model or projection are refused. The solve (``influence.solve``)
     runs in float64.
 
@@ -47,12 +54,12 @@ from bench.core.cache import content_key
 from bench.core.errors import ConfigError
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
-from valuers.influence.hooks import GradientLogger, estimate_covariances, query_vectors
+from valuers.influence.hooks import GradientLogger, estimate_covariances, pair_query_vectors
 from valuers.influence.layers import watched_layers
 from valuers.influence.logs import LOG_FORMAT, GradientLogs, write_logs
 from valuers.influence.projection import eigen_projections, projection_shapes, random_projections
 from valuers.influence.settings import InfluenceSettings
-from valuers.influence.solve import influence_scores
+from valuers.influence.solve import pair_and_mean_scores
 from valuers.influence.subject import load_subject, loss_inputs
 
 PROJECTIONS = ("random", "eigen")
@@ -121,22 +128,30 @@ class LoGra:
         if missing:
             raise ConfigError(f"{where}.logs_dir: logs in {path} watch layers this model does not have "
                               f"(e.g. {missing[0]}); delete them")
+        E = len(game.eval)
         q = logs.query()
-        if q is None:
+        if q is None or q["pair_vectors"] is None or q["n_eval"] != E:
             with meter.phase("log_query", own_compute=True):
                 with GradientLogger(subject.model, [(n, by_name[n]) for n in logs.meta["layers"]],
                                     logs.projections) as lg:
-                    vecs, eval_loss = query_vectors(subject, lg, game.eval, s.train_loss, s.batch_size)
-                logs.save_query(vecs, eval_loss, len(game.eval))
-                q = {"vectors": vecs, "eval_loss": eval_loss, "n_eval": len(game.eval)}
-                passes += len(game.eval)
+                    rows, vecs, eval_loss = pair_query_vectors(subject, lg, game.eval, s.train_loss, s.batch_size)
+                if q is not None and q["n_eval"] == E:      # logs from before the per-pair rows: keep their mean
+                    vecs, eval_loss = q["vectors"], q["eval_loss"]
+                logs.save_query(vecs, eval_loss, E, rows)
+                q = {"vectors": vecs, "pair_vectors": rows, "eval_loss": eval_loss, "n_eval": E}
+                passes += E
         with meter.phase("influence", own_compute=True):
-            scores, info = influence_scores(logs.arrays, q["vectors"], s.damping_scale, check=subject.check_budget)
+            key = content_key({**meta, "damping_scale": s.damping_scale,
+                               "eval": content_key([asdict(p) for p in game.eval])})[:24]
+            pair, scores, info = pair_and_mean_scores(
+                logs.arrays, q["pair_vectors"], q["vectors"], s.damping_scale,
+                path=game.artefacts_dir("pair_scores") / f"{self.name}-{key}.npy", check=subject.check_budget)
         if not np.all(np.isfinite(scores)):
             raise FloatingPointError("logra: non-finite influence scores (non-finite gradients?)")
         point = scores                              # value = −influence on the eval loss (see docstring)
         lams = [i["lambda"] for i in info]
-        return Valuation(owner_sums(point, game.owner_sizes), point_values=point, cost=meter.cost(), extras={
+        return Valuation(owner_sums(point, game.owner_sizes), point_values=point, pair_scores=pair,
+                         cost=meter.cost(), extras={
             "projection": s.projection, "k_in": s.k_in, "k_out": s.k_out, "clip_k": s.clip_k,
             "seed": s.seed, "train_loss": s.train_loss, "damping_scale": s.damping_scale,
             "model_kind": subject.kind, "n_layers": len(logs.arrays),

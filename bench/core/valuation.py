@@ -57,7 +57,12 @@ class Step:
 @dataclass(frozen=True)
 class Valuation:
     """A valuer's answer. Shapes: n owners, N training examples (owner by owner,
-    ``Game.flat_pairs()`` order), C clusters."""
+    ``Game.flat_pairs()`` order), E eval pairs (``game.eval`` order), C clusters.
+
+    ``pair_scores`` [N, E] (gradient methods): each training example's score on each
+    eval pair; ``point_values`` is its mean over eval pairs. It may be a read-only
+    ``np.memmap`` when large. The harness decides what to do with it (records do not
+    store it)."""
 
     owner_values: np.ndarray                    # [n]
     point_values: np.ndarray | None = None      # [N], when the method values examples
@@ -68,9 +73,12 @@ class Valuation:
     cluster_scores: np.ndarray | None = None    # [C] score per cluster, used for selection (SHED's proxy values)
     trajectory: tuple[Step, ...] = ()           # anytime estimates by fine-tunes spent (sampling methods)
     extras: dict[str, Any] = field(default_factory=dict)   # diagnostics only
+    # [N, E] per training example × eval pair (gradient methods); point_values = its mean over eval pairs
+    pair_scores: np.ndarray | None = None
 
-    def check(self, n_owners: int, n_examples: int) -> None:
-        """Shapes and finiteness of what the harness consumes; raises ValueError."""
+    def check(self, n_owners: int, n_examples: int, n_eval: int | None = None) -> None:
+        """Shapes and finiteness of what the harness consumes; raises ValueError.
+        ``pair_scores`` must be [n_examples, E] and finite; E is checked when ``n_eval`` is given."""
         ov = np.asarray(self.owner_values, dtype=float)
         if ov.shape != (n_owners,):
             raise ValueError(f"owner_values has shape {ov.shape}, expected ({n_owners},)")
@@ -84,6 +92,14 @@ class Valuation:
             raise ValueError(f"table has shape {np.asarray(self.table).shape}, expected ({2 ** n_owners},)")
         if self.clusters is not None and np.asarray(self.clusters).shape != (n_examples,):
             raise ValueError(f"clusters has shape {np.asarray(self.clusters).shape}, expected ({n_examples},)")
+        if self.pair_scores is not None:
+            ps = np.asarray(self.pair_scores)            # no copy of an ndarray or a memmap
+            if ps.ndim != 2 or ps.shape[0] != n_examples or (n_eval is not None and ps.shape[1] != n_eval):
+                raise ValueError(f"pair_scores has shape {ps.shape}, expected ({n_examples}, "
+                                 f"{'E' if n_eval is None else n_eval})")
+            for s in range(0, ps.shape[0], 4096):        # chunked: it may be a large memmap
+                if not np.all(np.isfinite(np.asarray(ps[s:s + 4096], dtype=float))):
+                    raise ValueError("pair_scores are not all finite")
 
 
 class BudgetExhausted(RuntimeError):

@@ -11,7 +11,10 @@ What an influence valuer values
             pair under the fine-tuned model with the base π0 as reference
             (β = game.train.beta), or (``train_loss: sft``) the mean NLL of the
             chosen response (``data.example_losses``);
-    g_eval  gradient of the *mean* eval loss over ``game.eval`` (same loss);
+    g_eval  gradient of the *mean* eval loss over ``game.eval`` (same loss); with
+            each eval pair's own loss gradient instead, the per-pair scores
+            ``Valuation.pair_scores`` [N, E], whose row means are the values
+            (``hooks.pair_query_vectors``, ``solve.pair_and_mean_scores``);
     F       the empirical Fisher of the train gradients, one block per layer:
             F = (1/N) Σ_z g_z g_zᵀ;
     λ       ``damping_scale`` × the mean eigenvalue of F (= trace(F) / dim)

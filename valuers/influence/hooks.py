@@ -14,6 +14,7 @@ covariances the eigen projections are read from).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from valuers.influence.data import Batch, batches, collate, example_losses, row_logps, unwrap
@@ -176,12 +177,31 @@ def estimate_covariances(subject: Subject, layers, examples, ref, loss, batch_si
 def query_vectors(subject: Subject, logger: GradientLogger, pairs, loss: str, batch_size: int):
     """Projected gradient of the mean loss over ``pairs`` (per layer, flattened,
     float64 numpy) and that mean loss: the query side of the influence."""
+    means, _, loss_mean = _query_pass(subject, logger, pairs, loss, batch_size, per_pair=False)
+    return means, loss_mean
+
+
+def pair_query_vectors(subject: Subject, logger: GradientLogger, pairs, loss: str, batch_size: int):
+    """(per layer [E, D] the projected gradient of each pair's loss, one row per pair of
+    ``pairs``; per layer [D] the mean-loss gradient exactly as ``query_vectors`` returns
+    it; the mean loss), float64 numpy, from the same single pass. The rows average to the
+    mean vector (up to summation order)."""
+    means, rows, loss_mean = _query_pass(subject, logger, pairs, loss, batch_size, per_pair=True)
+    return rows, means, loss_mean
+
+
+def _query_pass(subject, logger, pairs, loss, batch_size, per_pair: bool):
     ex, ref = loss_inputs(subject, pairs, loss, max(batch_size, 16))
-    sums, tot = {}, 0.0
+    M = len(ex)
+    sums, rows, tot = {}, {}, 0.0
     for idx, grads, losses in iter_projected(subject, logger, ex, ref, loss, batch_size):
         tot += float(losses.double().sum())
         for n, g in grads.items():
-            s = g.double().sum(0).cpu()
+            s = g.double().sum(0).cpu()                  # the mean path, as it always was
             sums[n] = s if n not in sums else sums[n] + s
-    M = len(ex)
-    return [(sums[n] / M).numpy() for n in logger.names], tot / M
+            if per_pair:
+                if n not in rows:
+                    rows[n] = np.zeros((M, g.shape[1]))
+                rows[n][idx] = g.double().cpu().numpy()
+    means = [(sums[n] / M).numpy() for n in logger.names]
+    return means, ([rows[n] for n in logger.names] if per_pair else None), tot / M

@@ -7,7 +7,10 @@ half-written logs; if another process finished first, its logs are kept). The
 folder is content-addressed by its caller (LoGra: the grand-coalition model's
 cache key, the training data, the projection, the loss and the dtype). Logs whose
 ``meta.json`` names another model, data or projection are refused (ConfigError).
-The query vectors (the eval-loss gradient) are cached beside them (``query.npz``).
+The query vectors (the eval-loss gradient) are cached beside them (``query.npz``:
+``q_<layer>`` the mean eval loss's gradient [D], ``p_<layer>`` the per-eval-pair
+gradients [E, D]; files written before the per-pair rows existed have no ``p_``
+keys and read with ``pair_vectors: None``).
 """
 from __future__ import annotations
 
@@ -72,16 +75,21 @@ class GradientLogs:
         p = self.path / "query.npz"
         if not p.exists():
             return None
+        L = len(self.arrays)
         try:
             with np.load(p) as z:
-                return {"vectors": [z[f"q_{i}"] for i in range(len(self.arrays))],
+                pair = [z[f"p_{i}"] for i in range(L)] if all(f"p_{i}" in z for i in range(L)) else None
+                return {"vectors": [z[f"q_{i}"] for i in range(L)], "pair_vectors": pair,
                         "eval_loss": float(z["eval_loss"]), "n_eval": int(z["n_eval"])}
         except Exception:        # a torn file from another tool reads as missing
             return None
 
-    def save_query(self, vectors, eval_loss: float, n_eval: int) -> None:
+    def save_query(self, vectors, eval_loss: float, n_eval: int, pair_vectors=None) -> None:
+        """The mean query ``vectors`` ([D] per layer) and, when given, the per-eval-pair
+        ``pair_vectors`` ([n_eval, D] per layer)."""
         buf = io.BytesIO()
-        np.savez(buf, eval_loss=eval_loss, n_eval=n_eval, **{f"q_{i}": v for i, v in enumerate(vectors)})
+        extra = {} if pair_vectors is None else {f"p_{i}": v for i, v in enumerate(pair_vectors)}
+        np.savez(buf, eval_loss=eval_loss, n_eval=n_eval, **{f"q_{i}": v for i, v in enumerate(vectors)}, **extra)
         atomic_write_bytes(self.path / "query.npz", buf.getvalue())
 
 
