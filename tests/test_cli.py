@@ -46,11 +46,12 @@ def _get(rec, dotted):
     return cur
 
 
-CONTRACT = ["experiment", "valuer", "game", "seed", "n_owners", "commit", "dirty", "config_hash", "hardware",
+CONTRACT = ["experiment", "valuer", "game", "seed", "seeds", "job", "reference_values", "consensus.values",
+            "consensus.se", "consensus.split_half_spearman", "planted.corruption", "n_owners", "commit", "dirty", "config_hash", "hardware",
             "status", "owner_values", "schema", "planted.noisy_owners", "planted.duplicate_pairs", "planted.corrupted_ids",
             *(f"metrics.fidelity.{k}" for k in ("spearman", "kendall", "pearson", "rel_l2", "topk",
                                                  "efficiency_gap")),
-            "metrics.noise_ceiling",
+            "metrics.noise_ceiling", "metrics.detection_graded.kendall_tau",
             *(f"metrics.detection.{k}" for k in ("auroc", "auprc", "precision_at_k", "f1")),
             *(f"cost.{k}" for k in ("wall_s", "device", "device_s", "gpu_hours", "fine_tunes",
                                     "fine_tunes_cached", "peak_mem_bytes"))]
@@ -68,18 +69,20 @@ def test_smoke_run_records(smoke, smoke_run):
     recs = smoke_run.records
     expected = expected_valuers(recs[0])
     assert VALUERS <= set(expected), expected
-    assert sorted(r["valuer"] for r in recs) == sorted(expected), "one record per valuer"
+    assert sorted((r["valuer"], r["seed"]) for r in recs) == sorted((v, s) for v in expected for s in (0, 1)), \
+        "one record per valuer and seed"
+    assert len({r["job"] for r in recs}) == 1
     for r in recs:
         for key in CONTRACT:
             _get(r, key)
         assert r["status"] == "ok" and r["error"] is None
-        assert r["experiment"] == "smoke" and r["game"] == "union" and r["seed"] == 0 and r["n_owners"] == 3
+        assert r["experiment"] == "smoke" and r["game"] == "union" and r["seeds"] == [0, 1] and r["n_owners"] == 3
         assert r["planted"]["noisy_owners"] == [2] and r["planted"]["duplicate_pairs"] == []
         assert r["owner_sizes"] == [20, 20, 20]
         assert len(r["owner_values"]) == 3 and all(np.isfinite(r["owner_values"]))
         assert r["cost"]["device"] == "cpu" and r["cost"]["gpu_hours"] == 0
         assert isinstance(r["dirty"], bool) and len(r["config_hash"]) == 12
-    by = {r["valuer"]: r for r in recs}
+    by = {r["valuer"]: r for r in recs if r["seed"] == 0}
     assert len({r["config_hash"] for r in recs}) == 1
     assert by["random"]["cost"]["fine_tunes"] == 0
     assert by["loo"]["cost"]["fine_tunes"] == 4                 # N and the three N\{i}
@@ -87,30 +90,34 @@ def test_smoke_run_records(smoke, smoke_run):
     assert 1 <= by["mc_shapley"]["cost"]["fine_tunes"] <= 7
     # what the job prints: the table, the exact values, where the records went
     out = proc[1]
-    assert "exact retraining Shapley (seed 0)" in out and str(results / "runs" / "smoke.jsonl") in out
+    assert "consensus exact retraining Shapley over seeds [0, 1]" in out and "vs random" in out
+    assert str(results / "runs" / "smoke.jsonl") in out
 
 
 def test_exact_shapley_is_efficient_and_finds_the_noisy_owner(smoke, smoke_run):
     _, proc, _ = smoke
     _ok(proc)
-    recs = {r["valuer"]: r for r in smoke_run.records}
-    r = recs["retrain_shapley"]
-    table = np.array(r["utility_table"], dtype=float)
-    phi = np.array(r["owner_values"])
-    assert len(table) == 8 and np.isfinite(table).all()
-    assert phi.sum() == pytest.approx(table[-1] - table[0], abs=1e-9), "efficiency: Σφ = v(N) − v(∅)"
-    np.testing.assert_allclose(phi, r["exact_values"], atol=1e-12)
-    assert r["metrics"]["fidelity"]["rel_l2"] == pytest.approx(0, abs=1e-9)
-    assert r["metrics"]["fidelity"]["efficiency_gap"] == pytest.approx(0, abs=1e-9)
-    # the owner holding flipped preferences is worth the least, under both training seeds
-    assert int(np.argmin(phi)) == 2, f"exact Shapley {phi.tolist()}, table {table.tolist()}"
-    assert phi[2] < 0, phi.tolist()
-    phi2 = np.array(r["exact_values_seed2"])
-    assert int(np.argmin(phi2)) == 2, f"second-seed Shapley {phi2.tolist()}"
-    assert r["metrics"]["detection"]["auroc"] == 1.0
-    # leave-one-out on the same table
-    loo = recs["loo"]["owner_values"]
-    np.testing.assert_allclose(loo, [table[7] - table[7 & ~(1 << i)] for i in range(3)], atol=1e-12)
+    by = {(r["valuer"], r["seed"]): r for r in smoke_run.records}
+    for seed, other in ((0, 1), (1, 0)):
+        r = by["retrain_shapley", seed]
+        table = np.array(r["utility_table"], dtype=float)
+        phi = np.array(r["owner_values"])
+        assert len(table) == 8 and np.isfinite(table).all()
+        assert phi.sum() == pytest.approx(table[-1] - table[0], abs=1e-9), "efficiency: Σφ = v(N) − v(∅)"
+        np.testing.assert_allclose(phi, r["exact_values"], atol=1e-12)
+        # with two seeds each seed's reference is the other seed's exact values, and the
+        # exact values of this seed scored against it are the noise ceiling
+        np.testing.assert_allclose(r["reference_values"], by["retrain_shapley", other]["exact_values"], atol=1e-12)
+        assert r["metrics"]["fidelity"] == r["metrics"]["noise_ceiling"]
+        np.testing.assert_allclose(r["consensus"]["values"], (phi + np.array(r["reference_values"])) / 2, atol=1e-12)
+        # the owner holding flipped preferences is worth the least, under both training seeds
+        assert int(np.argmin(phi)) == 2, f"exact Shapley {phi.tolist()}, table {table.tolist()}"
+        assert phi[2] < 0, phi.tolist()
+        assert r["metrics"]["detection"]["auroc"] == 1.0
+        assert r["planted"]["corruption"] == [0.0, 0.0, 1.0]
+        # leave-one-out on the same table
+        loo = by["loo", seed]["owner_values"]
+        np.testing.assert_allclose(loo, [table[7] - table[7 & ~(1 << i)] for i in range(3)], atol=1e-12)
 
 
 def test_rerun_trains_nothing(smoke, smoke_run):
@@ -124,9 +131,9 @@ def test_rerun_trains_nothing(smoke, smoke_run):
     _ok(proc2)
     skip_if_code_changed(version)
     lines = read_runs(results)["smoke.jsonl"]
-    assert len(lines) == n_before + len(expected_valuers(json.loads(lines[-1])))
-    first = {r["valuer"]: r for r in smoke_run.records}
-    second = {json.loads(x)["valuer"]: json.loads(x) for x in lines[n_before:]}
+    assert len(lines) == n_before + 2 * len(expected_valuers(json.loads(lines[-1])))    # 2 seeds
+    first = {r["valuer"]: r for r in smoke_run.records if r["seed"] == 1}
+    second = {json.loads(x)["valuer"]: json.loads(x) for x in lines[n_before:] if json.loads(x)["seed"] == 1}
     r = second["retrain_shapley"]
     assert r["status"] == "ok"
     assert r["cost"]["fine_tunes"] == 7 and r["cost"]["fine_tunes_cached"] == r["cost"]["fine_tunes"]

@@ -427,6 +427,9 @@ def test_lds_sums_values_over_random_halves():
         owners = [[Pair(i, "s", f"p{i}", "a", "b") for i in range(j * 5, j * 5 + 5)] for j in range(2)]
         calls = []
 
+        def flat_pairs(self):
+            return [p for o in self.owners for p in o]
+
         def subset_utilities(self, subsets):
             self.calls.append(subsets)
             return np.array([sum(p.id ** 2 for p in s) for s in subsets], float)

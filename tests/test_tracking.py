@@ -64,7 +64,8 @@ def test_round_trip_and_nan_is_null(tmp_path):
 
 def test_v1_records_are_upgraded_on_read(tmp_path):
     """The committed baseline results/baselines/quick.jsonl is schema v1 (``truth``,
-    ``truth_values``); read_jsonl and ResultsStore give schema-2 records."""
+    ``truth_values``); read_jsonl and ResultsStore give current (schema-3) records, whose
+    fidelity reference is the record's own exact values (one seed per job then)."""
     v1 = REPO / "results" / "baselines" / "quick.jsonl"
     raw = [json.loads(line) for line in v1.read_text().splitlines() if line.strip()]
     assert raw and all("schema" not in r and "truth" in r for r in raw)
@@ -73,8 +74,8 @@ def test_v1_records_are_upgraded_on_read(tmp_path):
     for recs in (read_jsonl(v1), ResultsStore(tmp_path).read("quick"), ResultsStore(tmp_path).read()):
         assert len(recs) == len(raw)
         for old, new in zip(raw, recs):
-            assert new["schema"] == 2
-            assert new["exact_values"] == old["truth_values"]
+            assert new["schema"] == 3 and new["seeds"] == [old["seed"]] and new["job"] is None
+            assert new["exact_values"] == old["truth_values"] == new["reference_values"]
             assert new["exact_values_seed2"] == old["truth_values_seed2"]
             assert new["planted"]["noisy_owners"] == old["truth"]["noisy_owners"]
             assert new["planted"]["duplicate_pairs"] == old["truth"]["duplicate_pairs"]

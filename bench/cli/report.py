@@ -4,6 +4,7 @@
     python -m bench report --experiment smoke --markdown
     python -m bench report --plot results/smoke.png
     python -m bench report --out results/report.md     # tables + plots (make report)
+    python -m bench report --results results/published --readme README.md   # the README's results
 
 Rows are grouped by (experiment, game, valuer); for each seed only the newest
 record counts. Cells show the mean over seeds ± the half-width of a 95 %
@@ -18,6 +19,7 @@ from typing import Sequence
 from bench.analysis.plots import plot_fidelity_cost
 from bench.analysis.report import write_report
 from bench.analysis.tables import format_table, summarize
+from bench.analysis.verdicts import format_leaderboard
 from bench.core.errors import fail
 from bench.tracking import ResultsStore
 
@@ -35,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", metavar="REPORT.md",
                     help="write a markdown report with tables and PNG plots (frontier, owner values, "
                          "detection ROC, selection curves) in a folder next to it, e.g. results/report.md")
+    ap.add_argument("--readme", metavar="README.md",
+                    help="rewrite the generated results block of this file (leaderboards, LDS, consensus) from "
+                         "the records (make report: from results/published)")
     args = ap.parse_args(argv)
 
     store = ResultsStore(args.results)
@@ -46,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         what += f" at commit {args.commit}" if args.commit else ""
         fail(f"no results in {store.runs}{what}; run `python -m bench experiment=<name>` "
              "or pass --results DIR")
+    if args.readme:
+        from bench.analysis.report import update_readme
+        print(f"wrote {update_readme(args.readme, records)}", file=sys.stderr)
+        return 0
+    print(format_leaderboard(records, markdown=args.markdown))
+    print()
     print(format_table(records, markdown=args.markdown, brief=args.brief))
     if args.out:
         print(f"wrote {write_report(records, args.out)}", file=sys.stderr)

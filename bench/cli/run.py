@@ -121,6 +121,9 @@ def hydra_message(e: BaseException, overrides: list[str]) -> str:
         if key.split(".")[0] in ("valuers", "valuer_args"):
             return (f"{key}: valuers are the config group `valuer` now: select them with valuer=[loo,shed] "
                     f"(or valuer=all) and set an option with valuer.<name>.<key>=<value>")
+        if key in ("seed", "noise_seed_offset"):
+            return (f"{key}: replaced by seeds, the list of training seeds one job trains and scores against "
+                    f"each other's consensus; write e.g. seeds=[0,1,2]")
         parent, keys = _nearest_node(overrides, key)
         if keys is None:
             return f"{key}: {parent or key} is a single value, not a group of settings; set {parent or key}=<value>"

@@ -69,7 +69,7 @@ def lds_targets(games, m_subsets: int, frac: float, seed: int) -> LdsTargets:
     and read the scalar and per-pair targets off the records."""
     if m_subsets < 3:
         raise ConfigError(f"lds.n_subsets: {m_subsets} < 3 gives no rank correlation; use >= 3 (e.g. 32)")
-    pairs = games[0].flat_pairs()
+    pairs = [p for o in games[0].owners for p in o]
     subsets = lds_subsets(len(pairs), m_subsets, frac, seed)
     sets = [[pairs[i] for i in s] for s in subsets]
     utilities, per_pair = [], {k: [] for k in PAIR_METRICS}
@@ -151,19 +151,27 @@ def aggregate_lds(point_values, targets: LdsTargets) -> dict:
 
 
 def lds(game, point_values, m_subsets: int = 32, frac: float = 0.5, seed: int = 0) -> dict:
-    """Aggregate LDS of ``point_values`` on one game (one seed), with the subsets'
-    predictions and utilities: dict(lds, pearson, n_subsets, frac, seed, subset_size,
-    metric, predicted [M], utilities [M], subsets [M][k])."""
-    pairs = game.flat_pairs()
+    """Aggregate LDS of ``point_values`` on one game (one seed; only its scalar utility),
+    with the subsets' predictions and utilities: dict(lds, pearson, n_subsets, frac,
+    seed, subset_size, metric, predicted [M], utilities [M], subsets [M][k])."""
+    pairs = [p for o in game.owners for p in o]
     v = np.asarray(point_values, dtype=np.float64)
     if v.shape != (len(pairs),):
         raise ConfigError(f"lds.point_values: shape {v.shape} but the game has {len(pairs)} training examples; "
                           f"pass Valuation.point_values of this game")
     if not np.all(np.isfinite(v)):
         raise ConfigError("lds.point_values: non-finite values; the valuer failed")
-    t = lds_targets([game], m_subsets, frac, seed)
-    r = aggregate_lds(v, t)
-    return {"lds": r["lds"], "pearson": r["pearson"], "n_subsets": m_subsets, "frac": frac, "seed": seed,
-            "subset_size": len(t.subsets[0]), "metric": game.metric,
-            "predicted": [float(v[s].sum()) for s in t.subsets], "utilities": t.utilities[0].tolist(),
-            "subsets": t.subsets}
+    if m_subsets < 3:
+        raise ConfigError(f"lds.m_subsets: {m_subsets} < 3 gives no rank correlation; use >= 3 (e.g. 32)")
+    subsets = lds_subsets(len(pairs), m_subsets, frac, seed)
+    predicted = np.array([v[s].sum() for s in subsets])
+    utilities = np.asarray(game.subset_utilities([[pairs[i] for i in s] for s in subsets]), dtype=np.float64)
+
+    def corr(fn):
+        if np.ptp(predicted) == 0 or np.ptp(utilities) == 0:
+            return float("nan")
+        return float(fn(predicted, utilities).statistic)
+
+    return {"lds": corr(stats.spearmanr), "pearson": corr(stats.pearsonr), "n_subsets": m_subsets,
+            "frac": frac, "seed": seed, "subset_size": len(subsets[0]), "metric": game.metric,
+            "predicted": predicted.tolist(), "utilities": utilities.tolist(), "subsets": subsets}

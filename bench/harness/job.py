@@ -117,9 +117,8 @@ def evaluate(val: Valuation, seed: int, ref: Reference) -> dict:
         out["detection_points"] = M.detection(val.point_values, bad)
         if ref.lds is not None:
             out["lds"] = aggregate_lds(val.point_values, ref.lds)    # the aggregate LDS, its own column
-    pair_scores = getattr(val, "pair_scores", None)
-    if pair_scores is not None and ref.lds is not None:
-        by_target = pair_lds(pair_scores, ref.lds)
+    if val.pair_scores is not None and ref.lds is not None:
+        by_target = pair_lds(val.pair_scores, ref.lds)
         out["lds_pair"] = {**by_target["margin"], "target": "margin"}
         out["lds_pair_bt"] = {**by_target["bt_loglik"], "target": "bt_loglik"}
     return out
@@ -245,7 +244,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         with g.metered(budget) as use:
                             val = valuer.value(g, budget)
                         valuer_own_s += max(time.time() - tv - use.busy_s, 0.0)
-                        val.check(g.n, len(example_ids))
+                        val.check(g.n, len(example_ids), len(g.eval))
                         if val.point_values is not None and ref.lds is None and lds_cfg["n_subsets"] > 0:
                             # the first point-valued valuation: retrain the LDS subsets (the harness's
                             # work, on the job's meters) under the first lds.n_seeds seeds
