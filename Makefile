@@ -12,7 +12,7 @@ PRESET    ?=
 ARGS      ?=
 BENCH_TOL ?= 25
 
-.PHONY: venv bench bench-quick bench-scaling bench-selection test test-slow bench-micro compare report clean-cache help
+.PHONY: venv bench bench-quick bench-graded bench-scaling bench-selection test test-slow bench-micro compare report clean-cache help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -43,6 +43,9 @@ bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, saved per hardware,
 
 bench-scaling: $(STAMP)  ## exact retraining vs permutation sampling (to SE 0.01) vs DPO arithmetic at n = 4, 6, 8, 10 (tiny tier, experiment=scale_tiny settings, n_jobs=2; <= 1,356 fine-tunes). n = 12 (4,095 exact fine-tunes), 16 and 32 (sampling only, up to 1,517 and 3,133) run long: make bench-scaling ARGS='--owners 12 16 32' (ARGS='--owners 12 16 32 --plan' lists the fine-tunes first)
 	$(BIN)/python -m bench scaling --owners 4 6 8 10 $(ARGS)
+
+bench-graded: $(STAMP)  ## tiny tier, 8 owners with graded noise, 3 seeds, per-pair LDS (32 subsets x 2 seeds)
+	$(BIN)/python -m bench experiment=graded
 
 bench-selection: $(STAMP)  ## selection curves (QOCS/QWCS vs random vs all, held-out test split, 3 seeds), tiny tier
 	$(BIN)/python -m bench experiment=selection

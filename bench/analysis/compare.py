@@ -55,9 +55,14 @@ def compare_rows(new: list[dict], old: list[dict], tol: float, cost_tol: float |
         if len(n_ok) < len(n_all) and o_ok:
             bad.append("FAILED")
         cells = []
+        # schema 3 scores fidelity against the other seeds' consensus, older records against
+        # their own seed's exact values: not comparable, so shown but never flagged
+        other_reference = {bool(r.get("consensus")) for r in n_ok} != {bool(r.get("consensus")) for r in o_ok}
         for name, sec, k, sign in QUALITY:
             nv, ov = metric_mean(n_ok, sec, k), metric_mean(o_ok, sec, k)
-            if ov is None:
+            if other_reference and sec == "fidelity" and nv is not None:
+                cells.append(f"{nv:.3f} (baseline: other reference)")
+            elif ov is None:
                 cells.append("—" if nv is None else f"{nv:.3f}")
             elif nv is None:
                 cells.append("lost")

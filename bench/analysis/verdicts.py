@@ -56,9 +56,13 @@ def pair_lds_cell(records: list[dict], section: str = "lds_pair") -> dict | None
     return {"lds": m, "lo": lo, "hi": hi, "ceiling": ceiling, "ratio": ratio, "n_seeds": len(rows)}
 
 
-def _ci(m: float, lo: float, hi: float, spec: str = ".2f") -> str:
+def _ci(m: float, lo: float, hi: float, spec: str = ".2f", bound: float | None = None) -> str:
+    """``m [lo, hi]``; ``bound``: clip the interval to [−bound, bound] (a correlation's
+    range, which a t-interval over 3 seeds can pass)."""
     if math.isnan(m):
         return "—"
+    if bound is not None and not math.isnan(lo):
+        lo, hi = max(lo, -bound), min(hi, bound)
     return f"{m:{spec}}" if math.isnan(lo) else f"{m:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
@@ -112,13 +116,14 @@ def format_leaderboard(records: list[dict], markdown: bool = False) -> str:
             lds_s = "—" if lds is None else (f"{_ci(lds['lds'], lds['lo'], lds['hi'])} / {lds['ceiling']:.2f}"
                                              if lds["ceiling"] is not None else _ci(lds["lds"], lds["lo"], lds["hi"]))
             n = str(row["n"]) if row["n"] == row["of"] else f"{row['n']}/{row['of']}"
-            cells.append([row["valuer"] + (" (best)" if row["best"] else ""), n, _ci(*row["fidelity"]),
+            cells.append([row["valuer"] + (" (best)" if row["best"] else ""), n, _ci(*row["fidelity"], bound=1),
                           _diff(row["vs_random"]), _diff(row["vs_best"]), _diff(row["vs_ceiling"]),
-                          _ci(*row["tau"]), lds_s,
+                          _ci(*row["tau"], bound=1), lds_s,
                           "—" if math.isnan(row["fine_tunes"]) else f"{row['fine_tunes']:.0f}",
                           "—" if math.isnan(row["compute_s"]) else f"{row['compute_s']:.1f}"])
-        head = (f"{exp} · game={game} · seeds {seeds} · noise ceiling ρ {_ci(*ceiling)} · marks: + / − the "
-                f"paired 95% interval over seeds excludes 0, ~ it does not")
+        head = (f"{exp} · game={game} · seeds {seeds} · noise ceiling ρ {_ci(*ceiling, bound=1)} · marks: + / − "
+                f"the paired 95% interval over seeds excludes 0, ~ it does not; intervals of ρ and τ clipped to "
+                f"[−1, 1]")
         out.append((f"**{head}**\n\n" if markdown else f"{head}\n") + render_table(HEADERS, cells, markdown))
     return "\n\n".join(out)
 

@@ -61,7 +61,7 @@ def _parse(overrides: list[str]) -> list:
             out += parser.parse_overrides([arg])
         except OverrideParseException as e:
             if "=" not in arg and not arg.startswith("~"):
-                raise ConfigError(f"{arg}: not an override; write key=value (e.g. seed=1), +key=value to add a "
+                raise ConfigError(f"{arg}: not an override; write key=value (e.g. n_jobs=2), +key=value to add a "
                                   f"key, ~key to delete one") from None
             key = arg.split("=", 1)[0].lstrip("+~")
             lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith("See ")]

@@ -314,14 +314,14 @@ def valuation_fields(val: Valuation) -> dict:
 def log_point_values(wb, records: list[dict]) -> None:
     """Per-example values as a W&B artifact (a run table is cut at 10,000 rows)."""
     import tempfile
-    rows = {r["valuer"]: r["point_values"] for r in records if r.get("point_values") is not None}
+    rows = {f"{r['valuer']}/s{r['seed']}": r["point_values"] for r in records if r.get("point_values") is not None}
     if not rows or getattr(wb, "logger", None) is None:
         return
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "point_values.json"
-        path.write_text(json.dumps({"experiment": records[0]["experiment"], "seed": records[0]["seed"],
+        path.write_text(json.dumps({"experiment": records[0]["experiment"], "seeds": records[0]["seeds"],
                                     "values": rows}))
-        wb.log_artifact(path, name=f"point_values-{records[0]['experiment']}-s{records[0]['seed']}")
+        wb.log_artifact(path, name=f"point_values-{records[0]['experiment']}-{records[0]['job']}")
 
 
 def selection_clusters(game, val, shed=None):
