@@ -1,4 +1,9 @@
-"""Random values: the floor every method must beat. No fine-tunes."""
+"""Random values: the floor every method must beat. No fine-tunes.
+
+It returns ``n_draws`` independent draws (``Valuation.draws``; ``owner_values`` is the
+first): the harness averages its owner-level metrics over them, so its fidelity per
+seed is the expected fidelity of random values on that seed's game, and a paired
+comparison with it measures the other valuer, not one lucky draw."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +17,8 @@ from valuers.base import Budget, CostMeter, Valuation
 @dataclass(frozen=True)
 class RandomSettings(Settings):
     prefix = "valuer.random"
-    seed: int = setting(0, "seed of the draw (combined with the game's seed)")
+    seed: int = setting(0, "seed of the draws (combined with the game's seed)")
+    n_draws: int = setting(256, "independent draws whose owner-level metrics are averaged", min=1)
 
 
 class RandomValuer:
@@ -24,5 +30,5 @@ class RandomValuer:
         meter = CostMeter(game)
         with meter.phase("draw", own_compute=True):
             rng = np.random.default_rng([self.settings.seed, game.seed])
-            values = rng.standard_normal(game.n)
-        return Valuation(values, cost=meter.cost())
+            draws = rng.standard_normal((self.settings.n_draws, game.n))
+        return Valuation(draws[0], cost=meter.cost(), draws=draws)

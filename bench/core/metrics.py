@@ -131,3 +131,16 @@ def detection_graded(values, corruption) -> dict:
     tau = _corr(stats.kendalltau, -values, corruption)
     det = detection(values, corruption > 0)
     return {"kendall_tau": None if np.isnan(tau) else tau, "auroc_any": det["auroc"], "auprc_any": det["auprc"]}
+
+
+def mean_of_dicts(dicts: list[dict]) -> dict:
+    """Key by key (nested), the mean of the numbers over ``dicts`` (None and NaN skipped;
+    None when no value is left)."""
+    out = {}
+    for k, v in dicts[0].items():
+        if isinstance(v, dict):
+            out[k] = mean_of_dicts([d[k] for d in dicts])
+        else:
+            xs = [d[k] for d in dicts if d[k] is not None and np.isfinite(d[k])]
+            out[k] = float(np.mean(xs)) if xs else None
+    return out

@@ -75,6 +75,10 @@ class Valuation:
     extras: dict[str, Any] = field(default_factory=dict)   # diagnostics only
     # [N, E] per training example × eval pair (gradient methods); point_values = its mean over eval pairs
     pair_scores: np.ndarray | None = None
+    # [R, n] independent draws of a randomised valuer (``owner_values`` = one of them): its
+    # owner-level metrics are averaged over the draws, i.e. their expectation under its
+    # randomness, so a comparison with it is not one lucky or unlucky draw (``random``)
+    draws: np.ndarray | None = None
 
     def check(self, n_owners: int, n_examples: int, n_eval: int | None = None) -> None:
         """Shapes and finiteness of what the harness consumes; raises ValueError.
@@ -92,6 +96,10 @@ class Valuation:
             raise ValueError(f"table has shape {np.asarray(self.table).shape}, expected ({2 ** n_owners},)")
         if self.clusters is not None and np.asarray(self.clusters).shape != (n_examples,):
             raise ValueError(f"clusters has shape {np.asarray(self.clusters).shape}, expected ({n_examples},)")
+        if self.draws is not None:
+            d = np.asarray(self.draws, dtype=float)
+            if d.ndim != 2 or d.shape[1] != n_owners or not d.shape[0] or not np.all(np.isfinite(d)):
+                raise ValueError(f"draws must be [R >= 1, {n_owners}] finite values, got shape {d.shape}")
         if self.pair_scores is not None:
             ps = np.asarray(self.pair_scores)            # no copy of an ndarray or a memmap
             if ps.ndim != 2 or ps.shape[0] != n_examples or (n_eval is not None and ps.shape[1] != n_eval):

@@ -101,12 +101,17 @@ def evaluate(val: Valuation, seed: int, ref: Reference) -> dict:
     cons = ref.consensus
     noisy = np.zeros(len(cons.values), bool)
     noisy[ref.planted.noisy_owners] = True
-    out = {
-        "fidelity": M.fidelity(val.owner_values, cons.held_out(seed), cons.held_out_gain(seed)),
-        "noise_ceiling": cons.ceiling(seed),
-        "detection": M.detection(val.owner_values, noisy),
-        "detection_graded": M.detection_graded(val.owner_values, ref.corruption),
-    }
+
+    def owner_metrics(values) -> dict:
+        return {"fidelity": M.fidelity(values, cons.held_out(seed), cons.held_out_gain(seed)),
+                "detection": M.detection(values, noisy),
+                "detection_graded": M.detection_graded(values, ref.corruption)}
+    if val.draws is None:
+        out = owner_metrics(val.owner_values)
+    else:                                        # a randomised valuer: the expectation over its draws
+        out = M.mean_of_dicts([owner_metrics(d) for d in val.draws])
+        out["draws"] = {"n": int(len(val.draws))}
+    out["noise_ceiling"] = cons.ceiling(seed)
     if val.table is not None:                    # a method with its own v(S) for all S
         t, target = np.asarray(val.table, float), ref.held_out_table(seed)
         out["utilities"] = {"r2": M.r2(t, target), "r2_ceiling": M.r2(ref.exacts[seed].table, target),
