@@ -38,7 +38,12 @@ def _files(tmp: Path) -> dict[str, Path]:
            "listed": jsonl("listed.jsonl", [ROW, {**ROW, "prompt": ["a", "b"]}] + [ROW] * 2),
            "null": jsonl("null.jsonl", [{**ROW, "rejected": None}] + [ROW] * 3),
            "degenerate": jsonl("degenerate.jsonl", [{**ROW, "rejected": " " + ROW["chosen"]}] * 4),
-           "latin1": tmp / "latin1.jsonl"}
+           "latin1": tmp / "latin1.jsonl",
+           # task=hh_rlhf: rows that are not HH dialogues, and dialogues whose prefixes never match
+           "hh_plain": jsonl("hh_plain.jsonl", [{"chosen": "Sure.", "rejected": "No."}] * 4),
+           "hh_mismatch": jsonl("hh_mismatch.jsonl", [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes",
+                                                       "rejected": f"\n\nHuman: other\n\nAssistant: no"}
+                                                      for i in range(4)])}
     out["empty"].write_text("")
     out["latin1"].write_bytes(json.dumps(ROW).replace("hi", "h\\u00e9").encode() + b'\n{"prompt": "caf\xe9"}\n')
     return out
@@ -146,6 +151,16 @@ CASES = {
     "non-UTF-8 file": (local("latin1"), "is not UTF-8 (byte 0xe9", 2),
     "missing dataset file": (["task=local_pref", "task.path=/nonexistent/x.jsonl"], "not found", 2),
     "hub dataset without opt-in": (["task=local_pref", "task.path=org/some-dataset"], "task.online=true", 2),
+    "HH-RLHF file not in the dialogue format": (["task=hh_rlhf", "task.path={hh_plain}"],
+                                                "task.path: not in the HH dialogue format", 2),
+    "HH-RLHF prefix mismatch in every row": (["task=hh_rlhf", "task.path={hh_mismatch}"],
+                                             "task.path: every row's chosen and rejected differ before", 2),
+    "HH-RLHF subset that does not exist": (["task=hh_rlhf", "task.subset=nope"],
+                                           "task.subset: unknown 'nope'; choose one of ['harmless-base'", 2),
+    "HH-RLHF subset not embedded (offline)": (["task=hh_rlhf", "task.subset=helpful-base"],
+                                              "task.subset: 'helpful-base' is not embedded", 2),
+    "HH-RLHF file not the pinned one": (["task=hh_rlhf", "task.path={hh_plain}", f"task.sha256={'0' * 64}"],
+                                        "task.sha256: ", 2),
     "results folder under a file": (["results_dir={afile}/r"], "results_dir", 2),
 }
 

@@ -18,12 +18,18 @@ same example ids) first, then ``near_duplicate_pairs`` (the same pairs with each
 prompt reworded by a seeded generic wrapper, under new example ids). A copy
 inherits its original's corruption. ``Planted.corruption`` is every owner's
 corrupted share; the noisy owners are those with a share > 0.
+
+``by_topic`` owners are K-means clusters of the prompts' sentence embeddings (SHED's
+MiniLM, ``bench.core.embed``): owners differ in what they hold, as data sources do.
+The embedding function is ``embed_prompts`` (module level) or ``make_partition``'s
+``embed_fn``, so tests can pass fake embeddings and never load the model.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 
@@ -31,7 +37,7 @@ from bench.core.errors import ConfigError
 from bench.core.settings import Settings, setting
 from bench.core.task import Pair, Task
 
-KINDS = ("iid", "by_source", "dirichlet")
+KINDS = ("iid", "by_source", "dirichlet", "by_topic")
 
 
 @dataclass(frozen=True)
@@ -104,12 +110,14 @@ def _reword(prompt: str, rng: np.random.Generator) -> str:
 class PartitionSettings(Settings):
     """The ``partition`` config node (see ``make_partition``)."""
     prefix = "partition"
-    kind: str = setting("by_source", "iid | by_source | dirichlet", choices=KINDS)
-    n_owners: int | None = setting(None, "owners (iid, dirichlet); by_source: the first n_owners task sources "
-                                         "when owner_sources is null", min=1)
+    kind: str = setting("by_source", "iid | by_source | dirichlet | by_topic (K-means clusters of the prompts' "
+                                     "MiniLM embeddings)", choices=KINDS)
+    n_owners: int | None = setting(None, "owners (iid, dirichlet; by_topic: the clusters); by_source: the first "
+                                         "n_owners task sources when owner_sources is null", min=1)
     owner_sources: list[str] | None = setting(None, "by_source: owner i's source; a source named twice is split; "
                                                     "null = one owner per task source")
-    sizes: list[int] | None = setting(None, "per-owner sizes (unequal sizes matter for some valuers)", min=0)
+    sizes: list[int] | None = setting(None, "per-owner sizes (unequal sizes matter for some valuers); by_topic: a "
+                                            "seeded sample of that many of the owner's topic", min=0)
     alpha: float = setting(1.0, "dirichlet: concentration of the owners' shares", min=0, min_exclusive=True)
     noisy_owners: list[int] = setting([], "owners whose examples are corrupted (the planted noise)", min=0)
     flip_frac: float = setting(1.0, "share of a noisy owner's examples with chosen / rejected swapped",
@@ -174,7 +182,8 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
                    alpha: float = 1.0, noisy_owners: list[int] | tuple = (), flip_frac: float = 1.0,
                    garble_frac: float = 0.0, duplicate_pairs: list[list[int]] | tuple = (),
                    seed: int = 0, flip_fracs: list[float] | None = None, garbled_owners: list[int] | tuple = (),
-                   near_duplicate_pairs: list[list[int]] | tuple = ()) -> Partition:
+                   near_duplicate_pairs: list[list[int]] | tuple = (),
+                   embed_fn: Callable[[list[str]], np.ndarray] | None = None) -> Partition:
     """Build owners from ``task.train``.
 
     kind:
@@ -182,6 +191,9 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
       ``by_source``  owner i gets examples of ``owner_sources[i]``; a source named by
                      several owners is split among them (``sizes`` caps each owner).
       ``dirichlet``  shuffled pool cut into ``n_owners`` chunks with Dirichlet(alpha) shares.
+      ``by_topic``   the prompts embedded (``embed_fn``, default ``embed_prompts``: MiniLM)
+                     and clustered by seeded K-means into ``n_owners`` topics; owner i =
+                     the i-th largest topic (``sizes``: a seeded sample of sizes[i] of it).
     Then the noise, on the owners so far (the *base* owners):
       uniform  ``noisy_owners`` get ``flip_frac`` of their examples with chosen/rejected
                swapped and ``garble_frac`` with both responses' characters shuffled;
@@ -229,8 +241,10 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
             _check_sizes(sizes, n_owners, len(pool))
             cuts = np.split(order[: sum(sizes)], np.cumsum(sizes)[:-1])
         owners = [[pool[i] for i in sorted(c)] for c in cuts]
+    elif kind == "by_topic":
+        owners = _by_topic(pool, n_owners, sizes, seed, rng, embed_fn or embed_prompts)
     else:
-        raise ConfigError(f"partition.kind: unknown {kind!r}; choose iid, by_source or dirichlet")
+        raise ConfigError(f"partition.kind: unknown {kind!r}; choose one of {list(KINDS)}")
 
     for i, o in enumerate(owners):
         if not o:
@@ -382,3 +396,44 @@ def _by_source(pool, owner_sources, sizes, rng):
                 owners.append([])
             owners[i] = sorted((items[k] for k in c), key=lambda p: p.id)
     return owners
+
+
+def embed_prompts(prompts: list[str]) -> np.ndarray:
+    """[N, 384] MiniLM embeddings of the prompts (SHED's model, ``bench.core.embed``; on
+    the CPU, not cached). The default ``embed_fn`` of ``by_topic``."""
+    from bench.core.embed import embed_texts
+    try:
+        return embed_texts(list(prompts))
+    except ConfigError as e:   # the model's wheel missing: name the setting that asked for it
+        raise ConfigError(f"partition.kind: by_topic embeds the prompts with MiniLM ({e}); install it, or "
+                          f"choose another kind (iid, dirichlet, by_source)") from None
+
+
+def _by_topic(pool, n_owners, sizes, seed, rng, embed_fn):
+    """Owners = K-means topics of the prompts, largest first (ties: the topic holding the
+    lowest example id first); every example in exactly one owner unless ``sizes`` samples."""
+    from bench.core.embed import check_n_clusters, cluster
+    if not n_owners:
+        raise ConfigError("partition.n_owners: kind=by_topic needs the number of topics (owners); set "
+                          "partition.n_owners=<k>")
+    prompts = [p.prompt for p in pool]
+    check_n_clusters(n_owners, len(pool), len(set(prompts)), key="partition.n_owners")
+    if sizes is not None and len(sizes) != n_owners:
+        raise ConfigError(f"partition.sizes: {len(sizes)} sizes for {n_owners} owners; give one per owner")
+    x = np.asarray(embed_fn(prompts), dtype=np.float64)
+    if x.ndim != 2 or len(x) != len(pool) or not np.isfinite(x).all():
+        raise ValueError(f"by_topic: embed_fn returned an array of shape {x.shape} (finite: "
+                         f"{bool(np.isfinite(x).all())}) for {len(pool)} prompts; want [n_prompts, dim], finite")
+    distinct = len(np.unique(np.round(x, 6), axis=0))
+    check_n_clusters(n_owners, len(pool), distinct, key="partition.n_owners")
+    labels = cluster(x, n_owners, seed=seed).labels
+    topics = [np.flatnonzero(labels == c) for c in range(n_owners)]
+    topics.sort(key=lambda idx: (-len(idx), min(pool[i].id for i in idx)))
+    if sizes is not None:
+        short = [i for i, (t, k) in enumerate(zip(topics, sizes)) if int(k) > len(t)]
+        if short:
+            raise ConfigError(f"partition.sizes: owner {short[0]} wants {int(sizes[short[0]])} examples but its topic "
+                              f"has {len(topics[short[0]])} (topic sizes, largest first: {[len(t) for t in topics]}); "
+                              f"lower partition.sizes or set it to null (whole topics)")
+        topics = [np.sort(rng.choice(t, size=int(k), replace=False)) for t, k in zip(topics, sizes)]
+    return [sorted((pool[i] for i in t), key=lambda p: p.id) for t in topics]

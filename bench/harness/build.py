@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.core.errors import ConfigError
 from bench.core.game import Game
+from bench.core.hh_rlhf import HHSettings, hh_rlhf
 from bench.core.models import ModelSpec
 from bench.core.partition import Partition, PartitionSettings, make_partition
 from bench.core.task import LocalSettings, SyntheticSettings, Task, local_pref, synthetic_pref
@@ -44,7 +45,8 @@ def _kwargs(cfg: DictConfig, drop=("kind",)) -> dict:
     return {k: v for k, v in d.items() if k not in drop}
 
 
-TASKS = {"synthetic_pref": (synthetic_pref, SyntheticSettings), "local_pref": (local_pref, LocalSettings)}
+TASKS = {"synthetic_pref": (synthetic_pref, SyntheticSettings), "local_pref": (local_pref, LocalSettings),
+         "hh_rlhf": (hh_rlhf, HHSettings)}
 
 
 def build_task(cfg: DictConfig) -> Task:

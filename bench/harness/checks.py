@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bench.core.errors import ConfigError
 from bench.core.game import GAMES
+from bench.core.hh_rlhf import HHSettings
 from bench.core.models import ModelSpec
 from bench.core.partition import PartitionSettings
 from bench.core.selection import METHODS as SELECTION_METHODS
@@ -32,7 +33,7 @@ from bench.core.task import LocalSettings, SyntheticSettings
 from bench.core.train import METRICS, TrainSettings
 from bench.harness.build import check_valuers
 
-TASKS = {"synthetic_pref": SyntheticSettings, "local_pref": LocalSettings}
+TASKS = {"synthetic_pref": SyntheticSettings, "local_pref": LocalSettings, "hh_rlhf": HHSettings}
 REQUIRED = MISSING
 
 
