@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from conftest import REPO, one_line
 from omegaconf import OmegaConf
@@ -133,10 +134,13 @@ def test_group_option_composes(compose, group, name, tmp_path):
         assert not unknown, unknown
         ModelSpec(**sec)
     elif group == "task":
-        assert sec["kind"] in ("synthetic_pref", "local_pref")
+        assert sec["kind"] in ("synthetic_pref", "local_pref", "hh_rlhf")
         if sec["kind"] == "synthetic_pref":
             task = build_task(compose([f"task={name}", *SMALL_TASK]))
             assert task.train and task.eval
+        elif sec["kind"] == "hh_rlhf":             # the embedded file: offline, no model
+            task = build_task(compose([f"task={name}", "task.n_train=20", "task.n_eval=10"]))
+            assert (len(task.train), len(task.eval)) == (20, 10)
         else:
             assert sec["path"] == "???"          # must be given by the user
             import inspect
@@ -146,7 +150,9 @@ def test_group_option_composes(compose, group, name, tmp_path):
     elif group == "partition":
         task = synthetic_pref(n_train_per_source=12, n_eval_per_source=2, n_warmup_per_source=0)
         kw = {k: v for k, v in sec.items()}
-        part = make_partition(task, **kw)
+        # by_topic: fake prompt embeddings (tests/test_hh_rlhf.py covers it; no MiniLM here)
+        fake = lambda ps: np.array([[len(p), p.count(" "), sum(map(ord, p)) % 97] for p in ps], dtype=float)
+        part = make_partition(task, **kw, embed_fn=fake if sec["kind"] == "by_topic" else None)
         assert part.n_owners >= 2 and min(part.sizes()) >= 1
         assert part.description.startswith(sec["kind"])
     elif group == "game":
