@@ -12,7 +12,7 @@ PRESET    ?=
 ARGS      ?=
 BENCH_TOL ?= 25
 
-.PHONY: venv bench bench-quick bench-graded bench-scaling bench-selection test test-slow bench-micro compare report clean-cache help
+.PHONY: venv bench bench-quick bench-graded bench-real bench-scaling bench-selection test test-slow bench-micro compare report clean-cache help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -46,6 +46,9 @@ bench-scaling: $(STAMP)  ## exact retraining vs permutation sampling (to SE 0.01
 
 bench-graded: $(STAMP)  ## tiny tier, 8 owners with graded noise, 3 seeds, per-pair LDS (32 subsets x 2 seeds)
 	$(BIN)/python -m bench experiment=graded
+
+bench-real: $(STAMP)  ## real data: HH-RLHF harmless-base (embedded) on SmolLM2 + LoRA, 4 topic owners, 3 seeds
+	$(BIN)/python -m bench experiment=real
 
 bench-selection: $(STAMP)  ## selection curves (QOCS/QWCS vs random vs all, held-out test split, 3 seeds), tiny tier
 	$(BIN)/python -m bench experiment=selection

@@ -325,7 +325,8 @@ class Game(Metered):
         rec = self.cache.get_json("base_eval", key)
         if rec is None:
             model, tok = self.base()
-            lc, lr = sequence_logps(model, tok, self.model_spec, self.eval, self.train.score_batch_size)
+            lc, lr = sequence_logps(model, tok, self.model_spec, self.eval, self.train.score_batch_size,
+                                    self.train.max_length)
             rec = {"logp_chosen": lc.tolist(), "logp_rejected": lr.tolist()}
             self.cache.put_json("base_eval", key, rec)
         return np.array(rec["logp_chosen"]), np.array(rec["logp_rejected"])
@@ -549,7 +550,8 @@ class Game(Metered):
             if policy is None:                                   # stage from the cache: rebuild it
                 policy = materialize(model, chain)
             t0 = time.perf_counter()
-            lc, lr = sequence_logps(policy, tok, self.model_spec, self.eval, self.train.score_batch_size)
+            lc, lr = sequence_logps(policy, tok, self.model_spec, self.eval, self.train.score_batch_size,
+                                    self.train.max_length)
             eval_s = time.perf_counter() - t0
             if not (np.isfinite(lc).all() and np.isfinite(lr).all()):
                 raise FineTuneDiverged(f"{info}: non-finite eval log-probs; lower train.lr")

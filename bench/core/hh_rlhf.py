@@ -120,6 +120,16 @@ def prompt_messages(prompt: str) -> list[dict]:
     return [{"role": r, "content": c.strip()} for r, c in turns]
 
 
+def dialogue_messages(prompt: str) -> list[dict]:
+    """The chat messages of a prompt: an HH dialogue ("Human: ...\n\nAssistant: ...") as
+    its turns, any other prompt as one user turn."""
+    if prompt.startswith("Human:"):
+        turns = split_turns("\n\n" + prompt)
+        if turns:
+            return [{"role": r, "content": c.strip()} for r, c in turns]
+    return [{"role": "user", "content": prompt}]
+
+
 @dataclass(frozen=True)
 class Example:
     """One parsed row: the shared dialogue as messages, the two final Assistant turns."""

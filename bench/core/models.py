@@ -85,7 +85,9 @@ def render_prompt(tokenizer, spec: ModelSpec, prompt: str) -> str:
     """The exact prompt string a model sees (the response follows it directly)."""
     if spec.chat_template:
         # An explicit empty system turn: SmolLM2's template otherwise adds a long default one.
-        msgs = [{"role": "system", "content": ""}, {"role": "user", "content": prompt}]
+        # A multi-turn dialogue (task=hh_rlhf) keeps its turns as the template's messages.
+        from bench.core.hh_rlhf import dialogue_messages
+        msgs = [{"role": "system", "content": ""}, *dialogue_messages(prompt)]
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return TINY_TEMPLATE.format(prompt=prompt)
 

@@ -392,16 +392,20 @@ def response_logps(model, ids: torch.Tensor, attn: torch.Tensor, targets: torch.
 
 
 @torch.no_grad()
-def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64,
+                   max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """log π(y|x) summed over response tokens (+EOS), fp32 logits summed in fp64, for
-    chosen and rejected (``response_logps`` on length-bucketed, right-padded batches)."""
+    chosen and rejected (``response_logps`` on length-bucketed, right-padded batches).
+    ``max_length``: prompt + response cut to its first ``max_length`` tokens, as TRL's
+    collator cuts training pairs (``keep_start``); a no-op for pairs that fit."""
     model.eval()
     seqs, spans = [], []
     for p in pairs:
         p_ids, c_ids, r_ids = tokenize_pair(tok, spec, p)
         for comp in (c_ids, r_ids):
-            seqs.append(p_ids + comp)
-            spans.append((len(p_ids), len(p_ids) + len(comp)))
+            seq = (p_ids + comp)[:max_length] if max_length else p_ids + comp
+            seqs.append(seq)
+            spans.append((min(len(p_ids), len(seq)), len(seq)))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = np.zeros(len(seqs))
     dev = _device(model)
