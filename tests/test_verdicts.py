@@ -56,3 +56,21 @@ def test_pair_lds_cell_averages_seeds_per_pair_then_bootstraps_pairs():
     assert cell["ratio"] == cell["lds"] / 0.5 and cell["n_seeds"] == 2
     assert "logra" in format_lds([rec("logra", 0, 0.5, 0.8, per_pair=a)])
     assert format_lds([rec("loo", 0, 0.5, 0.8)]) == ""
+
+
+def test_readme_block_is_replaced_between_its_markers_only(tmp_path):
+    import pytest
+
+    from bench.analysis.report import README_BEGIN, README_END, update_readme
+    from bench.core.errors import ConfigError
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{README_BEGIN}\nstale numbers\n{README_END}\n\ntail\n")
+    update_readme(readme, planted())
+    text = readme.read_text()
+    assert text.startswith("# title\n\n" + README_BEGIN) and text.endswith(README_END + "\n\ntail\n")
+    assert "stale numbers" not in text and "good (best)" in text
+    update_readme(readme, planted())
+    assert readme.read_text() == text, "regenerating is idempotent"
+    readme.write_text("no markers")
+    with pytest.raises(ConfigError, match="--readme"):
+        update_readme(readme, planted())

@@ -62,15 +62,18 @@ def job_summary(by_valuer: dict[str, list[dict]]) -> str:
     s2s = c["seed_to_seed_spearman"]
     planted = r.get("planted") or {}
     n = r["n_owners"]
-    exact_s = max(x.get("exact_wall_s") or 0 for x in recs)
+    exact = [x for x in by_valuer.get("retrain_shapley", []) if x.get("status") == "ok"]
+    compute = sum((x.get("cost") or {}).get("device_s") or 0 for x in exact)
+    hw = r.get("hardware") or {}
     vals = ", ".join(f"{v:+.3f} ± {e:.3f}" for v, e in zip(c["values"], c["se"]))
     return (f"Consensus exact Shapley over seeds {c['seeds']} (mean ± SE per owner): {vals}. "
             f"Seed-to-seed ρ {s2s['mean']:.2f}, split-half ρ {c['split_half_spearman']:.2f}. "
             f"Planted corrupted share per owner: {[round(x, 2) for x in planted.get('corruption') or []]}; "
             f"duplicates {planted.get('duplicate_pairs')}, near-duplicates {planted.get('near_duplicate_pairs')}. "
-            f"Ground truth: {len(c['seeds'])} × {2 ** n - 1} coalition fine-tunes, {exact_s / 60:.1f} min wall "
-            f"(with the job's n_jobs; cached coalitions are free); commit {str(r.get('commit'))[:7]}, "
-            f"hardware {(r.get('hardware') or {}).get('id', '?')}.")
+            f"Ground truth: {len(c['seeds'])} × {2 ** n - 1} coalition fine-tunes, {compute / 60:.1f} min of "
+            f"compute from scratch (train + eval, summed over fine-tunes); commit {str(r.get('commit'))[:7]}"
+            f"{' (dirty)' if r.get('dirty') else ''}, {hw.get('n_cpus', '?')} × {hw.get('cpu_name') or hw.get('cpu')}"
+            f"{', ' + str(len(hw.get('gpus') or [])) + ' GPU' if hw.get('gpus') else ''}.")
 
 
 def readme_block(records: list[dict]) -> str:
