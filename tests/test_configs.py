@@ -43,7 +43,7 @@ def test_groups_exist():
 
 
 @pytest.mark.parametrize("name", _names("experiment"))
-def test_experiment_composes_and_builds(compose, name, tmp_path):
+def test_experiment_composes_and_builds(compose, name, tmp_path, monkeypatch):
     cfg = compose([f"experiment={name}", f"results_dir={tmp_path}"])
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert c["experiment_name"] == name
@@ -59,8 +59,14 @@ def test_experiment_composes_and_builds(compose, name, tmp_path):
             assert vcfg[k] == val
     # data and partition build as declared (no model is loaded)
     task = build_task(cfg)
-    assert task.sources == c["task"]["sources"]
-    assert len(task.train) == c["task"]["n_train_per_source"] * len(task.sources)
+    if c["task"]["kind"] == "hh_rlhf":
+        assert (len(task.train), len(task.eval)) == (c["task"]["n_train"], c["task"]["n_eval"])
+    else:
+        assert task.sources == c["task"]["sources"]
+        assert len(task.train) == c["task"]["n_train_per_source"] * len(task.sources)
+    import bench.core.partition as P        # topics from fake embeddings: no MiniLM here
+    monkeypatch.setattr(P, "embed_prompts", lambda ps: np.array([[len(p), p.count(" "), sum(map(ord, p)) % 97]
+                                                                 for p in ps], dtype=float))
     game, part = build_game(cfg, task)
     assert isinstance(game, Game) and game.kind == c["game"]["kind"]
     assert part.n_owners == game.n

@@ -13,8 +13,8 @@ from conftest import run_cli
 from bench.core.hh_rlhf import dialogue_messages, hh_rlhf, render_messages
 
 HH_TINY = ["task=hh_rlhf", "model=tiny", "train=dpo_tiny", "partition=iid", "partition.n_owners=3",
-           "task.n_train=24", "task.n_eval=12", "task.n_warmup=40", "task.max_prompt_tokens=20",
-           "train.epochs=2", "model.n_embd=64", "seeds=[0,1]", "valuer=[loo]", "logger=none",
+           "task.n_train=18", "task.n_eval=8", "task.n_warmup=24", "task.max_prompt_tokens=20",
+           "train.epochs=1", "model.warmup_epochs=1", "model.n_embd=64", "seeds=[0,1]", "valuer=[loo]", "logger=none",
            "progress=false", "n_jobs=1", "lds.n_subsets=0", "experiment_name=hh_tiny"]
 
 
@@ -29,7 +29,7 @@ def test_a_tiny_hh_game_runs_offline_and_finds_nothing_it_should_not(tmp_path):
         table = np.array(r["utility_table"])
         assert np.isfinite(table).all() and len(table) == 8
         assert abs(sum(r["exact_values"]) - (table[-1] - table[0])) < 1e-9
-        assert r["task_dropped"]["prompt_too_long"] > 0 and r["owner_sizes"] == [8, 8, 8]
+        assert r["task_dropped"]["prompt_too_long"] > 0 and r["owner_sizes"] == [6, 6, 6]
 
 
 def test_dialogues_become_chat_turns():
