@@ -42,7 +42,7 @@ def _files(tmp: Path) -> dict[str, Path]:
            # task=hh_rlhf: rows that are not HH dialogues, and dialogues whose prefixes never match
            "hh_plain": jsonl("hh_plain.jsonl", [{"chosen": "Sure.", "rejected": "No."}] * 4),
            "hh_mismatch": jsonl("hh_mismatch.jsonl", [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes",
-                                                       "rejected": f"\n\nHuman: other\n\nAssistant: no"}
+                                                       "rejected": "\n\nHuman: other\n\nAssistant: no"}
                                                       for i in range(4)])}
     out["empty"].write_text("")
     out["latin1"].write_bytes(json.dumps(ROW).replace("hi", "h\\u00e9").encode() + b'\n{"prompt": "caf\xe9"}\n')

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from typing import Callable
 
 from bench.core.errors import ConfigError
 from bench.core.settings import Settings, setting
-from bench.core.task import Pair, Task
+from bench.core.task import Pair, Task, jsonl_objects
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "hh_rlhf"
 EMBEDDED_FILE = DATA_DIR / "test.jsonl.gz"
@@ -227,20 +226,7 @@ def read_jsonl(path: Path, where: str) -> list[dict]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{where}: {str(path)!r} is not UTF-8 (byte {e.object[e.start]:#x} at offset {e.start}); "
                           f"re-encode it as UTF-8") from None
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"{where}: {str(path)!r} line {line_no} is not valid JSON ({e.msg} at column "
-                              f"{e.colno}); fix the line (one JSON object per line)") from None
-        if not isinstance(r, dict):
-            raise ConfigError(f"{where}: {str(path)!r} line {line_no} is not a JSON object; every line of an "
-                              f"HH-RLHF file is {{\"chosen\": dialogue, \"rejected\": dialogue}}")
-        rows.append(r)
-    return rows
+    return jsonl_objects(text, where, path, 'an object {"chosen": dialogue, "rejected": dialogue} (HH-RLHF)')
 
 
 def embedded_rows() -> list[dict]:

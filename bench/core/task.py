@@ -319,6 +319,13 @@ def _json_rows(p: Path, field_name: str) -> list:
                     raise ConfigError(f"{field_name}: row {i} is {_short(r)}, not an object with "
                                       f"prompt / chosen / rejected; fix the row")
             return rows
+    return jsonl_objects(text, field_name, p, "an object with prompt / chosen / rejected")
+
+
+def jsonl_objects(text: str, field_name: str, path, expected: str) -> list[dict]:
+    """The JSON object of every non-blank line of ``text`` (read from ``path``); a line
+    that is not JSON, or not an object (``expected`` says what it should be), is one
+    ConfigError naming ``field_name``, the file and the line."""
     rows = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -326,11 +333,11 @@ def _json_rows(p: Path, field_name: str) -> list:
         try:
             r = json.loads(line)
         except ValueError as e:
-            raise ConfigError(f"{field_name}: {str(p)!r} line {line_no} is not valid JSON ({e.msg} at column "
+            raise ConfigError(f"{field_name}: {str(path)!r} line {line_no} is not valid JSON ({e.msg} at column "
                               f"{e.colno}); fix the line (one JSON object per line)") from None
         if not isinstance(r, dict):
-            raise ConfigError(f"{field_name}: {str(p)!r} line {line_no} is {_short(r)}, not an "
-                              f"object with prompt / chosen / rejected; fix the line")
+            raise ConfigError(f"{field_name}: {str(path)!r} line {line_no} is {_short(r)}, not "
+                              f"{expected}; fix the line")
         rows.append(r)
     return rows
 
