@@ -94,6 +94,11 @@ def _spearman_columns(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return out
 
 
+def _corr(fn, a, b) -> float:
+    """A scipy correlation statistic of two vectors; NaN when either is constant."""
+    return float(fn(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
+
+
 def _summary(per_pair: np.ndarray, ceiling: np.ndarray | None = None, seed: int = 0) -> dict:
     m, lo, hi = bootstrap_ci(per_pair, seed=seed)
     out = {"lds": m, "lo": lo, "hi": hi, "n_pairs": int(np.isfinite(per_pair).sum())}
@@ -140,12 +145,9 @@ def aggregate_lds(point_values, targets: LdsTargets) -> dict:
         raise ValueError(f"point_values: need {n}+ finite values, got shape {v.shape}")
     pred = np.array([v[s].sum() for s in targets.subsets])
     u = targets.utilities.mean(axis=0)
-
-    def corr(fn, a, b):
-        return float(fn(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
     U = targets.utilities
-    ceil = [corr(stats.spearmanr, U[a], U[b]) for a, b in itertools.combinations(range(len(U)), 2)]
-    return {"lds": corr(stats.spearmanr, pred, u), "pearson": corr(stats.pearsonr, pred, u),
+    ceil = [_corr(stats.spearmanr, U[a], U[b]) for a, b in itertools.combinations(range(len(U)), 2)]
+    return {"lds": _corr(stats.spearmanr, pred, u), "pearson": _corr(stats.pearsonr, pred, u),
             "ceiling": float(np.nanmean(ceil)) if ceil and np.isfinite(ceil).any() else float("nan"),
             "metric": targets.metric, "n_subsets": targets.n_subsets}
 
@@ -166,12 +168,7 @@ def lds(game, point_values, m_subsets: int = 32, frac: float = 0.5, seed: int = 
     subsets = lds_subsets(len(pairs), m_subsets, frac, seed)
     predicted = np.array([v[s].sum() for s in subsets])
     utilities = np.asarray(game.subset_utilities([[pairs[i] for i in s] for s in subsets]), dtype=np.float64)
-
-    def corr(fn):
-        if np.ptp(predicted) == 0 or np.ptp(utilities) == 0:
-            return float("nan")
-        return float(fn(predicted, utilities).statistic)
-
-    return {"lds": corr(stats.spearmanr), "pearson": corr(stats.pearsonr), "n_subsets": m_subsets,
+    return {"lds": _corr(stats.spearmanr, predicted, utilities), "pearson": _corr(stats.pearsonr, predicted, utilities),
+            "n_subsets": m_subsets,
             "frac": frac, "seed": seed, "subset_size": len(subsets[0]), "metric": game.metric,
             "predicted": predicted.tolist(), "utilities": utilities.tolist(), "subsets": subsets}
