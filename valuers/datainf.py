@@ -40,9 +40,8 @@ import numpy as np
 
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
-from valuers.influence.layers import watched_layers
 from valuers.influence.settings import InfluenceSettings
-from valuers.influence.subject import load_subject
+from valuers.influence.subject import grand_coalition
 from valuers.influence_naive import NaiveInfluence
 
 
@@ -98,12 +97,8 @@ class DataInf:
     def value(self, game, budget: Budget) -> Valuation:
         s = self.settings
         meter = CostMeter(game)
-        with meter.phase("fine_tune"):
-            game.record((1 << game.n) - 1)
-        with meter.phase("load_model", own_compute=True):
-            subject = load_subject(game, s.dtype, s.device)
-            layers = watched_layers(subject.model, s.layers, self.where)
-            proj = {n: None for n, _ in layers}
+        subject, layers = grand_coalition(game, meter, s, self.where)
+        proj = {n: None for n, _ in layers}
         pairs = game.flat_pairs()
         with meter.phase("train_gradients", own_compute=True):
             t0 = time.perf_counter()

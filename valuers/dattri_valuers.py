@@ -26,7 +26,9 @@ the game exposes no others)
     proponent (a step on z lowers e's loss) = ours. ``proj_dim`` = dattri's seeded random
     projection of both gradients; null = none (its identity projector). ``normalized`` =
     cosine (CosIn). dattri returns float32 and recomputes the eval gradients for every
-    train batch (cost N + ⌈N/B⌉·E gradients).
+    train batch (cost N + ⌈N/B⌉·E gradients), so the training pairs go in as one batch
+    by default (``train_batch_size: null``; measured on quick: 8 pairs a batch took
+    ~36 s of eval gradients per batch, ~11 min a seed).
 
 TRAK (``TRAKAttributor``, one model, no ensemble)
     score(z, e) = Q_z φ_zᵀ (ΦᵀΦ + λI)⁻¹ φ_e,   φ = P ∇f / √n_params,   Q_z = 1 − p_z,
@@ -46,6 +48,8 @@ Budget: every batch dattri draws from our data loaders calls the game's
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass
 
@@ -58,9 +62,8 @@ from bench.core.settings import setting
 from bench.core.train import token_logps
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.data import collate, unwrap
-from valuers.influence.layers import watched_layers
 from valuers.influence.settings import InfluenceSettings
-from valuers.influence.subject import load_subject, loss_inputs
+from valuers.influence.subject import grand_coalition, loss_inputs
 from valuers.peers import require
 
 PROJ_TYPES = ("normal", "rademacher")      # dattri's CPU projectors (its sjlt needs CUDA and the sjlt package)
@@ -138,6 +141,18 @@ def _projector_kwargs(proj_dim: int | None, proj_type: str, seed: int, device) -
             "device": str(device), "proj_type": "identity" if proj_dim is None else proj_type}
 
 
+
+@contextlib.contextmanager
+def _quiet(module):
+    """dattri draws a tqdm bar per pass (into the run's log, between the harness's lines): off."""
+    bar = getattr(module, "tqdm", None)
+    module.tqdm = lambda it=None, *a, **k: it
+    try:
+        yield
+    finally:
+        if bar is not None:
+            module.tqdm = bar
+
 class _DattriValuer:
     settings_class: type
     default_name: str
@@ -150,12 +165,9 @@ class _DattriValuer:
 
     def _prepare(self, game, meter):
         s = self.settings
-        with meter.phase("fine_tune"):
-            game.record((1 << game.n) - 1)        # v(N): logged (and trained if missing) by the game
+        subject, layers = grand_coalition(game, meter, s, self.where)
         with meter.phase("load_model", own_compute=True):
-            subject = load_subject(game, s.dtype, s.device)
             hf = unwrap(subject.model).eval()
-            layers = watched_layers(subject.model, s.layers, self.where)
             names = [f"{n}.weight" for n, _ in layers]
             dim = int(sum(m.weight.numel() for _, m in layers))
         with meter.phase("reference", own_compute=True):
@@ -186,6 +198,9 @@ class TracInSettings(InfluenceSettings):
     lr: float | None = setting(None, "learning-rate weight of the one checkpoint; null = the game's train.lr",
                                min=0, min_exclusive=True)
     normalized: bool = setting(False, "false = TracIn (dot product); true = CosIn (unit-normalised gradients)")
+    train_batch_size: int | None = setting(None, "training pairs per dattri batch; dattri recomputes every eval "
+                                                 "gradient once per training batch, so null = all in one batch "
+                                                 "(eval gradients once; memory ~ N x grad_dim)", min=1)
 
 
 class TracIn(_DattriValuer):
@@ -195,6 +210,7 @@ class TracIn(_DattriValuer):
     default_name = "tracin"
 
     def value(self, game, budget: Budget) -> Valuation:
+        import dattri.algorithm.tracin as module
         from dattri.algorithm.tracin import TracInAttributor
         s = self.settings
         meter = CostMeter(game)
@@ -206,8 +222,11 @@ class TracIn(_DattriValuer):
                                    normalized_grad=s.normalized, layer_name=names, device=str(subject.device),
                                    projector_kwargs=_projector_kwargs(s.proj_dim, s.proj_type, s.seed,
                                                                       subject.device))
-            pair = att.attribute(_loader(subject, ex, ref, s.batch_size), _loader(subject, q_ex, q_ref, s.batch_size))
-        n_batches = -(-len(ex) // s.batch_size)
+            train_bs = s.train_batch_size or len(ex)
+            with _quiet(module):
+                pair = att.attribute(_loader(subject, ex, ref, train_bs),
+                                     _loader(subject, q_ex, q_ref, s.batch_size))
+        n_batches = -(-len(ex) // train_bs)
         return self._valuation(game, pair, meter, {
             "proj_dim": s.proj_dim, "proj_type": s.proj_type if s.proj_dim else "identity", "seed": s.seed,
             "lr_weight": lr, "n_checkpoints": 1, "normalized": s.normalized, "train_loss": s.train_loss,
@@ -247,6 +266,7 @@ class TRAK(_DattriValuer):
         return self.settings.damping_scale * trace / k
 
     def value(self, game, budget: Budget) -> Valuation:
+        import dattri.algorithm.trak as module
         from dattri.algorithm.trak import TRAKAttributor
         s = self.settings
         meter = CostMeter(game)
@@ -268,10 +288,12 @@ class TRAK(_DattriValuer):
                              projector_kwargs=_projector_kwargs(s.proj_dim, s.proj_type, s.seed, subject.device))
         with meter.phase("trak_cache", own_compute=True):
             t0 = time.perf_counter()
-            att.cache(_loader(subject, ex, ref, s.batch_size))
+            with _quiet(module):
+                att.cache(_loader(subject, ex, ref, s.batch_size))
             train_s = time.perf_counter() - t0
         with meter.phase("trak_attribute", own_compute=True):
-            pair = att.attribute(_loader(subject, q_ex, q_ref, s.batch_size))
+            with _quiet(module):
+                pair = att.attribute(_loader(subject, q_ex, q_ref, s.batch_size))
         return self._valuation(game, pair, meter, {
             "proj_dim": s.proj_dim, "proj_type": s.proj_type if s.proj_dim else "identity", "seed": s.seed,
             "regularization": float(reg), "regularization_relative": s.regularization is None,

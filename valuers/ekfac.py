@@ -69,10 +69,9 @@ from bench.core.cache import content_key
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.data import Batch, collate, example_losses, row_logps, unwrap
-from valuers.influence.layers import watched_layers
 from valuers.influence.settings import InfluenceSettings
 from valuers.influence.solve import PAIR_SCORES_RAM_BYTES
-from valuers.influence.subject import load_subject, loss_inputs
+from valuers.influence.subject import grand_coalition, loss_inputs
 from valuers.peers import require
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
@@ -254,11 +253,7 @@ class EKFAC:
     def value(self, game, budget: Budget) -> Valuation:
         s, where = self.settings, self.where
         meter = CostMeter(game)
-        with meter.phase("fine_tune"):
-            game.record((1 << game.n) - 1)        # v(N): logged (and trained if missing) by the game
-        with meter.phase("load_model", own_compute=True):
-            subject = load_subject(game, s.dtype, s.device)
-            layers = watched_layers(subject.model, s.layers, where)
+        subject, layers = grand_coalition(game, meter, s, where)
         pairs, E = game.flat_pairs(), len(game.eval)
         meta = self.factor_meta(subject.key, content_key([asdict(p) for p in pairs]))
         fkey = content_key(meta)[:24]

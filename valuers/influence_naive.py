@@ -33,12 +33,11 @@ import numpy as np
 from bench.core.cache import content_key
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
-from valuers.influence.layers import watched_layers
 from valuers.influence.per_example import per_example_gradients
 from valuers.influence.projection import dense_projections
 from valuers.influence.settings import InfluenceSettings
 from valuers.influence.solve import pair_and_mean_scores
-from valuers.influence.subject import load_subject, loss_inputs
+from valuers.influence.subject import grand_coalition, loss_inputs
 
 HESSIANS = ("layer", "full")
 
@@ -84,11 +83,8 @@ class NaiveInfluence:
     def value(self, game, budget: Budget) -> Valuation:
         s = self.settings
         meter = CostMeter(game)
-        with meter.phase("fine_tune"):
-            game.record((1 << game.n) - 1)
-        with meter.phase("load_model", own_compute=True):
-            subject = load_subject(game, s.dtype, s.device)
-            layers = watched_layers(subject.model, s.layers, self.where)
+        subject, layers = grand_coalition(game, meter, s, self.where)
+        with meter.phase("projection", own_compute=True):
             proj = dense_projections(layers, s.proj_dim, s.seed)
         pairs = game.flat_pairs()
         with meter.phase("train_gradients", own_compute=True):

@@ -55,12 +55,11 @@ from bench.core.errors import ConfigError
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.hooks import GradientLogger, estimate_covariances, pair_query_vectors
-from valuers.influence.layers import watched_layers
 from valuers.influence.logs import LOG_FORMAT, GradientLogs, write_logs
 from valuers.influence.projection import eigen_projections, projection_shapes, random_projections
 from valuers.influence.settings import InfluenceSettings
 from valuers.influence.solve import pair_and_mean_scores
-from valuers.influence.subject import load_subject, loss_inputs
+from valuers.influence.subject import grand_coalition, loss_inputs
 
 PROJECTIONS = ("random", "eigen")
 
@@ -95,12 +94,8 @@ class LoGra:
     def value(self, game, budget: Budget) -> Valuation:
         s, where = self.settings, self.where
         meter = CostMeter(game)
-        with meter.phase("fine_tune"):
-            game.record((1 << game.n) - 1)        # v(N): logged (and trained if missing) by the game
-        with meter.phase("load_model", own_compute=True):
-            subject = load_subject(game, s.dtype, s.device)
-            layers = watched_layers(subject.model, s.layers, where)
-            shapes = projection_shapes(layers, s.k_in, s.k_out, s.clip_k, where)
+        subject, layers = grand_coalition(game, meter, s, where)
+        shapes = projection_shapes(layers, s.k_in, s.k_out, s.clip_k, where)
         pairs = game.flat_pairs()
         meta = self.meta(subject.key, content_key([asdict(p) for p in pairs]))
         path = Path(s.logs_dir) if s.logs_dir else game.artefacts_dir("logra") / content_key(meta)[:24]

@@ -79,6 +79,20 @@ def load_subject(game, dtype: str = "float32", device: str | None = None) -> Sub
                    key=ft.key, kind=ft.kind, budget_check=game.check_budget)
 
 
+def grand_coalition(game, meter, settings, where: str):
+    """(subject, watched layers): the prologue every influence valuer shares. v(N) is logged
+    (its fine-tune trained through the game if missing, charged to ``meter``'s "fine_tune"
+    phase), then the model is loaded in ``settings.dtype`` on ``settings.device`` and its
+    layers picked by ``settings.layers`` ("load_model", the valuer's own compute)."""
+    from valuers.influence.layers import watched_layers
+    with meter.phase("fine_tune"):
+        game.record((1 << game.n) - 1)        # v(N): logged (and trained if missing) by the game
+    with meter.phase("load_model", own_compute=True):
+        subject = load_subject(game, settings.dtype, settings.device)
+        layers = watched_layers(subject.model, settings.layers, where)
+    return subject, layers
+
+
 @torch.no_grad()
 def reference_logps(subject: Subject, examples, batch_size: int = 32) -> torch.Tensor:
     """[N, rows] Σ log π0 over response tokens (float64), for the DPO loss."""
