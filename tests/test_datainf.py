@@ -100,3 +100,28 @@ def test_bad_settings_are_one_line(kw, field):
     with pytest.raises(ConfigError) as e:
         DataInf(**kw)
     assert one_line(str(e.value)) and f"valuer.datainf.{field}" in str(e.value)
+
+
+@pytest.mark.slow
+def test_harness_runs_datainf_end_to_end(tmp_path):
+    """python -m bench experiment=smoke valuer=[retrain_shapley,datainf]: a real fine-tuned model,
+    point values summing to owner values, per-pair LDS, the flipped owner found."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+    proc = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke", "valuer=[retrain_shapley,datainf]",
+                           "logger=none", f"results_dir={tmp_path}", "progress=false", "lds.n_subsets=6"],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["valuer"] != "datainf":
+            continue
+        assert r["status"] == "ok", r.get("error")
+        pv = np.array(r["point_values"])
+        assert np.isfinite(pv).all() and r["cost"]["fine_tunes"] == 1
+        np.testing.assert_allclose(sum(r["owner_values"]), pv.sum(), rtol=1e-9)
+        assert np.isfinite(r["metrics"]["lds_pair"]["lds"])
+        assert int(np.argmin(r["owner_values"])) == 2, r["owner_values"]      # smoke: owner 2 is flipped

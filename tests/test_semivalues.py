@@ -123,3 +123,30 @@ def test_bad_settings_are_one_line(cls, kw, field):
         cls(**kw)
     assert one_line(str(e.value)) and field in str(e.value) and "valuer." in str(e.value)
 
+
+
+@pytest.mark.slow
+def test_harness_runs_the_samplers_end_to_end(tmp_path):
+    """python -m bench experiment=smoke valuer=[retrain_shapley,msr_banzhaf,owen_shapley]: every
+    coalition they ask for is a real fine-tune shared through the cache (none trained twice:
+    the job's exact reference already holds them all), the flipped owner is lowest."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+    proc = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke",
+                           "valuer=[retrain_shapley,msr_banzhaf,owen_shapley]", "logger=none",
+                           f"results_dir={tmp_path}", "progress=false"],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = set()
+    for line in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["valuer"] not in ("msr_banzhaf", "owen_shapley"):
+            continue
+        seen.add(r["valuer"])
+        assert r["status"] == "ok", r.get("error")
+        assert r["cost"]["fine_tunes"] <= 7 and r["cost"]["fine_tunes_cached"] == r["cost"]["fine_tunes"]
+        assert int(np.argmin(r["owner_values"])) == 2, r["owner_values"]      # smoke: owner 2 is flipped
+    assert seen == {"msr_banzhaf", "owen_shapley"}
