@@ -12,7 +12,7 @@ PRESET    ?=
 ARGS      ?=
 BENCH_TOL ?= 25
 
-.PHONY: venv bench bench-quick bench-graded bench-real bench-scaling bench-selection test test-slow bench-micro compare report clean-cache help
+.PHONY: venv bench bench-quick bench-graded bench-real bench-scaling bench-selection test test-slow bench-micro compare report clean-cache cluster-up cluster-down test-cluster help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -37,6 +37,15 @@ test: $(STAMP)  ## fast test suite (CPU, no network)
 
 test-slow: $(STAMP)  ## slow end-to-end tests
 	$(BIN)/python -m pytest -q -m slow
+
+cluster-up:  ## one-node SLURM on localhost (root; installs slurm-wlm, munge, slurmdbd + MariaDB for sacct): munged, slurmdbd, slurmctld, slurmd; waits for sinfo to show the node idle
+	bench/cluster/local_slurm.sh up
+
+cluster-down:  ## stop the local SLURM daemons of make cluster-up (queued jobs are cancelled)
+	bench/cluster/local_slurm.sh down
+
+test-cluster: $(STAMP)  ## the cluster tests through real sbatch (tests/test_cluster.py, minutes; skipped unless sinfo shows an idle node: make cluster-up)
+	$(BIN)/python -m pytest -q -rs -m cluster tests/test_cluster.py $(ARGS)
 
 bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, saved per hardware, vs the last run (BENCH_TOL=25 %)
 	$(BIN)/python -m bench hardware micro --tolerance $(BENCH_TOL) -- $(ARGS)

@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
     def _run(cfg: DictConfig) -> None:
+        from bench.core.env import use_job_environment
+        line = use_job_environment(argv)  # a launched job's own process (SLURM) may not inherit the shell's
+        if line:
+            print(line, flush=True)
         try:
             from bench.harness.job import run_experiment
             records = run_experiment(cfg)

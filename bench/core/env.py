@@ -80,3 +80,29 @@ def quiet_libraries() -> None:
         rest = [ln for ln in buf.getvalue().splitlines() if ln.strip() not in _IMPORT_NOTICES]
         if rest:
             print("\n".join(rest))
+
+
+JOB_ENV_VARS = (*HUB_OFFLINE, "WANDB_MODE", "OMP_NUM_THREADS")
+
+
+def use_job_environment(argv: list[str] | tuple = ()) -> str | None:
+    """The environment of a launched job's own process (Hydra's task function, e.g. in a
+    SLURM job through submitit): ``use_environment(argv)`` again, as the job may not inherit
+    the submitting shell's variables (``sbatch --export=NONE``, a site's SBATCH_EXPORT); in a
+    SLURM job also torch's thread count = the job's CPUs (``SLURM_CPUS_PER_TASK``) unless
+    OMP_NUM_THREADS is set: without cgroups or affinity a job would see every core of the node.
+    Returns the line a SLURM job prints (its python, host and offline variables), else None."""
+    use_environment(argv)
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = cpus
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(cpus))
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    where = f"{os.environ.get('SLURM_ARRAY_JOB_ID')}_{task}" if task else job
+    env = " ".join(f"{k}={os.environ.get(k, '')}" for k in JOB_ENV_VARS)
+    return (f"[dvbench] slurm job {where} (id {job}, restarts {os.environ.get('SLURM_RESTART_COUNT', '0')}) on "
+            f"{os.uname().nodename}: python {sys.executable}, {env}")

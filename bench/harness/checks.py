@@ -161,7 +161,7 @@ class SlurmSettings(Settings):
     prefix = "slurm"
     partition: str | None = setting(None, "SLURM partition")
     account: str | None = setting(None, "SLURM account")
-    gpus_per_node: int = setting(1, "GPUs per job", min=0)
+    gpus_per_node: int | None = setting(1, "GPUs per job (null: none requested, for a CPU-only partition)", min=0)
     cpus_per_task: int = setting(4, "CPUs per job", min=1)
     mem_gb: float = setting(24, "memory per job in GB", min=0, min_exclusive=True)
     timeout_min: int = setting(240, "time limit per job in minutes", min=1)
