@@ -59,9 +59,9 @@ import torch.nn.functional as F
 
 from bench.core.errors import ConfigError
 from bench.core.settings import setting
-from bench.core.train import token_logps
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.data import collate, unwrap
+from valuers.influence.per_example import dpo_margin, functional_row_logps, sft_logp
 from valuers.influence.settings import InfluenceSettings
 from valuers.influence.subject import grand_coalition, loss_inputs
 from valuers.peers import require
@@ -77,29 +77,24 @@ def _functions(hf, loss: str, beta: float):
     ``params`` a dict of the model's trainable weights (``functional_call``). The forward runs
     without an attention mask on right-padded rows (causal: real positions never see padding),
     as ``influence.per_example`` does."""
-    from torch.func import functional_call
-    emb = hf.get_input_embeddings()
+    row_logps = functional_row_logps(hf)
 
     def row_sums(params, data):
-        ids, tmask, _ = data
-        logits = functional_call(hf, params, (), {"inputs_embeds": emb(ids), "use_cache": False}).logits
-        lp = token_logps(logits[:, :-1], ids[:, 1:])
-        return (lp * tmask[:, 1:].to(lp.dtype)).sum(-1)
+        return row_logps(params, data[0], data[1])
 
     def neg_loss(params, data):                   # −ℓ = log p
         s = row_sums(params, data)
         if loss == "sft":
-            return s[0] / data[1][0].sum().clamp(min=1).to(s.dtype)
+            return sft_logp(s, data[1])
         return F.logsigmoid(margin(params, data, s))
 
     def margin(params, data, s=None):             # f = log p − log(1 − p)
         if s is None:
             s = row_sums(params, data)
         if loss == "sft":
-            logp = s[0] / data[1][0].sum().clamp(min=1).to(s.dtype)
+            logp = sft_logp(s, data[1])
             return logp - torch.log(-torch.expm1(logp))
-        r = data[2]
-        return beta * ((s[0] - r[0]) - (s[1] - r[1]))
+        return dpo_margin(s, data[2], beta)
 
     def train_loss(params, data):
         return -neg_loss(params, data)

@@ -24,24 +24,46 @@ from valuers.influence.layers import is_conv1d
 from valuers.influence.subject import Subject
 
 
+def functional_row_logps(hf):
+    """``row_logps(params, ids [K, L], tmask [K, L]) -> [K]``: Σ log π over each row's response
+    tokens with ``params`` swapped in by ``functional_call`` (one example's K rows; no attention
+    mask, see the module docstring). Shared by the ``torch.func`` routes (here and dattri's)."""
+    from torch.func import functional_call
+    emb = hf.get_input_embeddings()
+
+    def row_logps(params, ids, tmask):
+        logits = functional_call(hf, params, (), {"inputs_embeds": emb(ids), "use_cache": False}).logits
+        lp = token_logps(logits[:, :-1], ids[:, 1:])
+        return (lp * tmask[:, 1:].to(lp.dtype)).sum(-1)
+    return row_logps
+
+
+def sft_logp(s, tmask):
+    """Mean log-prob per response token of the chosen row (−SFT loss)."""
+    return s[0] / tmask[0].sum().clamp(min=1).to(s.dtype)
+
+
+def dpo_margin(s, r, beta: float):
+    """β·[(log π(y_w) − log π0(y_w)) − (log π(y_l) − log π0(y_l))] from row sums s and reference r."""
+    return beta * ((s[0] - r[0]) - (s[1] - r[1]))
+
+
 def per_example_gradients(subject: Subject, layers, examples, ref, loss: str, batch_size: int = 8,
                           chunk_size: int | None = None):
     """Yields (indices, {layer: [B, d_out·d_in]}) of per-example loss gradients."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
     hf = unwrap(subject.model)
     names = {n: (f"{n}.weight", is_conv1d(m)) for n, m in layers}
     wanted = {p for p, _ in names.values()}
     params = {n: p.detach() for n, p in hf.named_parameters() if n in wanted}
-    emb = hf.get_input_embeddings()
     beta = subject.beta
+    row_logps = functional_row_logps(hf)
 
     def one(p, ids, tmask, r):                        # one example: rows [K, L]
-        logits = functional_call(hf, p, (), {"inputs_embeds": emb(ids), "use_cache": False}).logits
-        lp = token_logps(logits[:, :-1], ids[:, 1:])
-        s = (lp * tmask[:, 1:].to(lp.dtype)).sum(-1)
+        s = row_logps(p, ids, tmask)
         if loss == "sft":
-            return -s[0] / tmask[0].sum().clamp(min=1).to(s.dtype)
-        return -F.logsigmoid(beta * ((s[0] - r[0]) - (s[1] - r[1])))
+            return -sft_logp(s, tmask)
+        return -F.logsigmoid(dpo_margin(s, r, beta))
 
     per_ex = vmap(grad(one), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)
     for idx in batches(examples, batch_size):
