@@ -92,7 +92,9 @@ CASES = {
     "one training seed (no reference, no ceiling)": (["seeds=[0]"], "seeds: [0]: a valuation is scored against "
                                                                     "the exact values of the other seeds", 2),
     "a training seed listed twice": (["seeds=[0,0]"], "seeds: [0] listed twice", 2),
-    "LDS under more seeds than the job has": (["lds.n_seeds=3"], "lds.n_seeds: 3 but the job has 2 seeds", 2),
+    "LDS targets under the valuation seeds": (["lds.seeds=[1,7]"], "lds.seeds: [1] are also valuation seeds", 2),
+    "LDS under one seed": (["lds.seeds=[100]"], "lds.seeds: [100]: the LDS ceiling needs", 2),
+    "the LDS seed count of older versions": (["lds.n_seeds=2"], "lds.n_seeds: replaced by lds.seeds", 2),
     "the single seed of older versions": (["seed=1"], "seed: replaced by seeds", 2),
     "malformed shard": (["game.shard=4/4"], "game.shard: '4/4' needs 0 <= i < k", 2),
     "pack below 1": (["game.pack=0"], "game.pack: 0; use a value >= 1", 2),

@@ -29,11 +29,11 @@ def test_fidelity_is_against_the_other_seeds_and_the_ceiling_is_this_seeds_exact
     ref = reference()
     for s in (0, 1, 2):
         exact = evaluate(Valuation(ref.exacts[s].phi), s, ref)
-        assert exact["fidelity"] == exact["noise_ceiling"]
+        assert exact["fidelity"] == exact["one_seed_exact"]
         np.testing.assert_allclose(ref.consensus.held_out(s), np.mean([ref.exacts[t].phi for t in (0, 1, 2) if t != s], 0))
     truth = evaluate(Valuation(np.array([0.3, 0.2, 0.1, -0.1, -0.3])), 0, ref)
     assert truth["fidelity"]["spearman"] == pytest.approx(1.0)
-    assert truth["detection"]["auroc"] == 1.0 and truth["detection_graded"]["kendall_tau"] > 0.5
+    assert truth["detection"]["auroc"] == 1.0 and truth["detection_graded"]["concordance"] > 0.75
     assert ref.corruption == [0, 0, 0, 0, 1.0]
 
 

@@ -17,6 +17,7 @@ from bench.analysis import tables
 from bench.cli import compare
 from bench.cli import report as report_cli
 from bench.core.errors import ConfigError, fail
+from bench.tracking.schema import VERSION
 from bench.tracking import (ResultsStore, WandbLogger, config_hash, flatten_metrics, git_info,
                             hardware_fingerprint, latest, read_jsonl, to_jsonable)
 
@@ -34,7 +35,7 @@ def make_record(valuer="exact", seed=0, commit="a" * 40, experiment="toy", game=
         "error": None if ok else "boom",
         "owner_values": [0.1, 0.2, -0.3, 0.05] if ok else [],
         "truth": {"noisy_owners": [2], "duplicate_pairs": [[0, 1]]},
-        "metrics": {"fidelity": fid if ok else {}, "noise_ceiling": dict(fid, spearman=0.95),
+        "metrics": {"fidelity": fid if ok else {}, "one_seed_exact": dict(fid, spearman=0.95),
                     "detection": {"auroc": auroc, "auprc": 0.7, "precision_at_k": 1.0, "f1": 1.0}
                     if ok else {}},
         "cost": {"wall_s": wall_s, "device": "cpu", "device_s": wall_s, "gpu_hours": 0.0,
@@ -74,7 +75,7 @@ def test_v1_records_are_upgraded_on_read(tmp_path):
     for recs in (read_jsonl(v1), ResultsStore(tmp_path).read("quick"), ResultsStore(tmp_path).read()):
         assert len(recs) == len(raw)
         for old, new in zip(raw, recs):
-            assert new["schema"] == 3 and new["seeds"] == [old["seed"]] and new["job"] is None
+            assert new["schema"] == VERSION and new["seeds"] == [old["seed"]] and new["job"] is None
             assert new["exact_values"] == old["truth_values"] == new["reference_values"]
             assert new["exact_values_seed2"] == old["truth_values_seed2"]
             assert new["planted"]["noisy_owners"] == old["truth"]["noisy_owners"]
@@ -83,6 +84,29 @@ def test_v1_records_are_upgraded_on_read(tmp_path):
             assert {"truth", "truth_values", "truth_values_seed2"}.isdisjoint(new)
             assert set(new["valuation"]) == {"table", "clusters", "cluster_scores", "trajectory"}
     assert v1.read_bytes() == (tmp_path / "runs" / "quick.jsonl").read_bytes()   # read-only: never rewritten
+
+
+def test_v3_records_are_rescored_tie_aware_on_read():
+    """v3 ranked values 1e-18 apart apart and called one seed predicting another the LDS
+    ceiling; reading one gives the v4 statistics from its stored values."""
+    from bench.core.lds import sb_ceiling
+    from bench.tracking.schema import upgrade
+    ref = [0.040, 0.012, 0.009, 0.005, -0.020, 0.012]
+    vals = list(ref)
+    vals[5] += 3.5e-18
+    v3 = {"schema": 3, "status": "ok", "owner_values": vals, "reference_values": ref, "exact_values": vals,
+          "planted": {"corruption": [0, 0, 0, 0, 1.0, 0]}, "lds_targets": {"seeds": [0, 1]},
+          "metrics": {"fidelity": {"spearman": 0.986, "efficiency_gap": 0.01}, "noise_ceiling": {"spearman": 0.98},
+                      "detection_graded": {"kendall_tau": 0.58},
+                      "lds_pair": {"lds": 0.4, "ceiling": 0.5, "ratio": 0.8}, "lds_pair_bt": {"lds": 0.4}}}
+    new = upgrade(v3)
+    m = new["metrics"]
+    assert new["schema"] == VERSION and new["rescored"] and "noise_ceiling" not in m and "lds_pair_bt" not in m
+    assert m["fidelity"]["spearman"] == 1.0 and m["fidelity"]["efficiency_gap"] == 0.01
+    assert m["one_seed_exact"]["spearman"] == 1.0 and m["detection_graded"]["concordance"] == 1.0
+    assert m["lds_pair"]["ceiling"] == pytest.approx(float(sb_ceiling(0.5, 2))) and m["lds_pair"]["ceiling"] > 0.5
+    assert m["lds_pair"]["ratio"] == pytest.approx(0.4 / m["lds_pair"]["ceiling"])
+    assert v3["metrics"]["lds_pair"]["ceiling"] == 0.5, "the record read is not changed in place"
 
 
 def test_truncated_last_line_is_skipped_and_next_append_survives(tmp_path):
@@ -205,10 +229,17 @@ def test_wandb_offline_writes_run_folder(tmp_path, monkeypatch):
         flat = lg.log_record(recs[0])
         assert flat["fidelity/spearman"] == 0.9 and flat["cost/fine_tunes"] == 15
         lg.log_tables(recs)
+        from bench.analysis.verdicts import verdict_tables
+        tables = verdict_tables(recs)
+        assert tables, "the leaderboard goes to W&B too"
+        for name, (cols, rows) in tables.items():
+            lg.log_table(name, cols, rows)
         lg.log_artifact(tmp_path / "values.json", "point values/exact", type="values")
     assert "WANDB_DIR" not in os.environ
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    assert b"leaderboard" in data, "the leaderboard table is in the run's log"
 
 
 def test_wandb_disabled_is_noop_without_import(tmp_path, monkeypatch):

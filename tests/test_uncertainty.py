@@ -92,6 +92,6 @@ def test_consensus_is_the_shapley_of_the_mean_table_and_held_out_leaves_the_seed
 def test_detection_graded_orders_owners_by_corruption():
     corruption = [0, 0, 0.25, 0.5, 1.0]
     d = detection_graded([0.3, 0.31, 0.1, 0.0, -0.4], corruption)
-    assert d["kendall_tau"] == pytest.approx(1.0, abs=0.1) and d["auroc_any"] == 1.0
-    assert detection_graded([0.3, 0.3, 0.3, 0.3, 0.3], corruption)["kendall_tau"] is None
-    assert detection_graded([1, 2, 3, 4, 5], corruption)["kendall_tau"] < 0
+    assert d["concordance"] == 1.0 and d["auroc_any"] == 1.0
+    assert detection_graded([0.3, 0.3, 0.3, 0.3, 0.3], corruption)["concordance"] == 0.5
+    assert detection_graded([1, 2, 3, 4, 5], corruption)["concordance"] == 0.0

@@ -35,19 +35,19 @@ def budget_table(records: list[dict]) -> dict:
     if not records:
         raise ConfigError("--experiment: no records; run it first (see the module docstring)")
     bad = corrupted_mask(records[0])       # None for a v1 record: no point-level AUROC
-    ceiling = ((records[0].get("metrics") or {}).get("noise_ceiling") or {}).get("spearman")
+    ceiling = ((records[0].get("metrics") or {}).get("one_seed_exact") or {}).get("spearman")
     curves = {r["valuer"]: curve_points(r, bad) for r in records if r["status"] == "ok"}
     if "retrain_shapley" not in curves:      # the owner-level reference itself: 2^n - 1 fine-tunes, rho 1
         n = len(records[0]["exact_values"])
         curves["retrain_shapley"] = [{"fine_tunes": 2 ** n - 1, "spearman": 1.0, "rel_l2": 0.0, "point_auroc": None}]
-    return {"noise_ceiling_spearman": ceiling, "n_examples": int(sum(records[0]["owner_sizes"])),
+    return {"one_seed_exact_spearman": ceiling, "n_examples": int(sum(records[0]["owner_sizes"])),
             "n_corrupted": None if bad is None else int(bad.sum()),
             "curves": curves}
 
 
 def format_budget(table: dict) -> str:
     lines = [f"{table['n_examples']} examples ({table['n_corrupted']} corrupted); "
-             f"noise ceiling ρ {table['noise_ceiling_spearman']:.3f}",
+             f"one-seed exact ρ {table['one_seed_exact_spearman']:.3f}",
              f"{'valuer':18s} {'fine-tunes':>10s} {'owner ρ':>8s} {'point AUROC':>11s}"]
     f = lambda x: "—" if x is None else f"{x:.3f}"   # noqa: E731
     for name, pts in table["curves"].items():

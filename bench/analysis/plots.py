@@ -63,14 +63,14 @@ def _nan0(x: float) -> float:
 # --------------------------------------------------------------------------- report plots
 
 def plot_fidelity_cost(groups, out: str | Path) -> Path:
-    """Per valuer: fidelity ρ (± CI) with the noise ceiling, and fine-tunes (log scale)."""
+    """Per valuer: fidelity ρ (± CI) with the one-seed exact reference, and fine-tunes (log scale)."""
     fig, axes = pyplot().subplots(len(groups), 2, squeeze=False,
                                   figsize=(11, 3.6 * len(groups)), constrained_layout=True)
     for (ax_f, ax_c), ((exp, game), by_valuer) in zip(axes, groups.items()):
         names = list(by_valuer)
         good = [ok(by_valuer[v]) for v in names]
         rho = [metric_ci(rs, "fidelity", "spearman") for rs in good]
-        ceil = [metric_ci(rs, "noise_ceiling", "spearman")[0] for rs in good]
+        ceil = [metric_ci(rs, "one_seed_exact", "spearman")[0] for rs in good]
         ft = [metric_ci(rs, "cost", "fine_tunes")[0] for rs in good]
         x = range(len(names))
         ax_f.bar(x, [m for m, _, _ in rho], yerr=[_nan0(half_width(c)) for c in rho],
@@ -78,7 +78,7 @@ def plot_fidelity_cost(groups, out: str | Path) -> Path:
         for i, c in enumerate(ceil):
             if not math.isnan(c):
                 ax_f.hlines(c, i - 0.4, i + 0.4, colors="k", linestyles="--",
-                            label="noise ceiling" if i == 0 else None)
+                            label="one-seed exact" if i == 0 else None)
         ax_f.set(title=f"{exp} · {game}: fidelity", ylabel="Spearman ρ vs exact Shapley",
                  ylim=(min([-0.05] + [m - 0.05 for m, _, _ in rho if not math.isnan(m)]), 1.05))
         bars = ax_c.bar(x, [_nan0(m) for m in ft], color="tab:orange")
@@ -111,13 +111,13 @@ def plot_frontier(groups, out: str | Path) -> Path:
         if len(front) > 1:
             ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto frontier")
             ax.legend(fontsize=7, loc="lower right")
-        ceil = metric_ci([r for rs in by_valuer.values() for r in ok(rs)], "noise_ceiling", "spearman")[0]
+        ceil = metric_ci([r for rs in by_valuer.values() for r in ok(rs)], "one_seed_exact", "spearman")[0]
         if not math.isnan(ceil):
             ax.axhline(ceil, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_ylim(-1.1, 1.1)     # ρ's range; a 2-seed t-interval can reach far beyond it
         ax.set_title(_title(f"{exp} · {game}"), fontsize=8)
-        ax.set(xlabel="fine-tunes (log; 0 drawn at 0.5)", ylabel="Spearman ρ vs exact Shapley (dotted: ceiling)")
+        ax.set(xlabel="fine-tunes (log; 0 drawn at 0.5)", ylabel="Spearman ρ vs exact Shapley (dotted: one-seed exact)")
     return save(fig, out)
 
 
@@ -234,7 +234,7 @@ def plot_budget(table: dict, out: str | Path, title: str) -> Path:
         if any(p["point_auroc"] is not None for p in pts):
             axes[1].plot(x, [np.nan if p["point_auroc"] is None else p["point_auroc"] for p in pts], style,
                          label=name)
-    axes[0].axhline(table["noise_ceiling_spearman"], color="k", ls=":", lw=1, label="noise ceiling")
+    axes[0].axhline(table["one_seed_exact_spearman"], color="k", ls=":", lw=1, label="one-seed exact")
     axes[1].axhline(0.5, color="k", ls=":", lw=1, label="chance")
     for ax, yl in zip(axes, ("owner Spearman vs exact retraining Shapley", "noisy-example AUROC")):
         ax.set_xscale("log")

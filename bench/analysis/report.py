@@ -7,8 +7,8 @@ from pathlib import Path
 
 from bench.analysis.plots import plot_detection_roc, plot_frontier, plot_owner_values, plot_selection
 from bench.analysis.stats import ok
-from bench.analysis.tables import format_table, summarize
-from bench.analysis.verdicts import format_lds, format_leaderboard
+from bench.analysis.tables import format_table, newest_jobs, summarize
+from bench.analysis.verdicts import format_lds, format_leaderboard, format_utilities
 
 
 def write_report(records: list[dict], out_md: str | Path) -> Path:
@@ -26,6 +26,9 @@ def write_report(records: list[dict], out_md: str | Path) -> Path:
              f"`python -m bench report --out {out_md}`. Cells: mean ± 95% CI half-width over seeds "
              f"(newest record per seed); `n` counts seeds (ok/all).\n",
              "## Leaderboard\n\n" + format_leaderboard(records, markdown=True)]
+    util = format_utilities(records, markdown=True)
+    if util:
+        parts.append("## Fidelity under each utility\n\n" + util)
     lds = format_lds(records, markdown=True)
     if lds:
         parts.append("## LDS\n\n" + lds)
@@ -83,6 +86,9 @@ def readme_block(records: list[dict]) -> str:
     for key, by_valuer in summarize(records).items():
         sub = [r for rs in by_valuer.values() for r in rs]
         parts += [format_leaderboard(sub, markdown=True), "", job_summary(by_valuer), ""]
+        util = format_utilities(sub, markdown=True)
+        if util:
+            parts += [util, ""]
         lds = format_lds(sub, markdown=True)
         if lds:
             parts += [lds, ""]
@@ -90,11 +96,17 @@ def readme_block(records: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def update_readme(path: str | Path, records: list[dict]) -> Path:
+def update_readme(path: str | Path, records: list[dict], allow_dirty: bool = False) -> Path:
     """Replace the generated results block of ``path`` (between ``README_BEGIN`` and
-    ``README_END``), atomically."""
+    ``README_END``), atomically. Records made from a dirty tree (no commit reproduces
+    them) are refused unless ``allow_dirty``; then they are marked † in the tables."""
     from bench.core.cache import atomic_write_bytes
     from bench.core.errors import ConfigError
+    dirty = sorted({f"{r.get('experiment')}/{r.get('valuer')}" for r in newest_jobs(records) if r.get("dirty")})
+    if dirty and not allow_dirty:
+        raise ConfigError(f"--readme: {len(dirty)} published record groups were made from a dirty tree (e.g. "
+                          f"{dirty[0]}): no commit reproduces them; rerun from a committed tree, or pass "
+                          f"--allow-dirty to publish them marked †")
     path = Path(path)
     text = path.read_text()
     if README_BEGIN not in text or README_END not in text:

@@ -14,13 +14,12 @@ from bench.tracking.store import latest
 COLUMNS = [
     ("fidelity ρ", "fidelity", "spearman", ".3f", True),
     ("pearson", "fidelity", "pearson", ".3f", True),
-    ("rel-L2", "fidelity", "rel_l2", ".3f", True),
-    ("ceiling ρ", "noise_ceiling", "spearman", ".3f", True),
-    ("ceiling rel-L2", "noise_ceiling", "rel_l2", ".3f", True),
+    ("rel-L2 (scale-free)", "fidelity", "rel_l2_fit", ".3f", True),
+    ("one-seed exact ρ", "one_seed_exact", "spearman", ".3f", True),
     ("R² v(S)", "utilities", "r2", ".3f", True),
     ("ceiling R²", "utilities", "r2_ceiling", ".3f", True),
     ("detection AUROC", "detection", "auroc", ".3f", True),
-    ("noise τ", "detection_graded", "kendall_tau", ".3f", True),
+    ("noise C", "detection_graded", "concordance", ".3f", True),
     ("P@k", "detection", "precision_at_k", ".2f", True),
     ("point AUROC", "detection_points", "auroc", ".3f", True),
     ("point AUPRC", "detection_points", "auprc", ".3f", True),
@@ -31,7 +30,8 @@ COLUMNS = [
     ("GPU-h", "cost", "gpu_hours", ".3g", False),
 ]
 
-BRIEF = ("fidelity ρ", "pearson", "rel-L2", "ceiling ρ", "R² v(S)", "ceiling R²", "detection AUROC", "noise τ",
+BRIEF = ("fidelity ρ", "pearson", "rel-L2 (scale-free)", "one-seed exact ρ", "R² v(S)", "ceiling R²", "detection AUROC",
+         "noise C",
          "aggregate LDS", "fine-tunes", "compute s")
 
 

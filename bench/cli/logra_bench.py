@@ -33,6 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
+from bench.core.ranks import spearman
 from bench.core.resources import PeakRSS, peak_rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -245,7 +246,7 @@ def accuracy_vs_k(cache_dir: str, ks=(8, 16, 32, 64, "full"), seeds=(0, 1, 2), d
                 v = LoGra(k_in=kk, k_out=kk, seed=seed, damping_scale=damping_scale, projection=proj,
                           logs_dir=f"{tmp}/{proj}-k{k}-s{seed}").value(game, Budget())
                 rows.append({"projection": proj, "k": k, "seed": seed,
-                             "spearman": float(stats.spearmanr(v.point_values, exact.point_values).statistic),
+                             "spearman": spearman(v.point_values, exact.point_values),
                              "pearson": float(stats.pearsonr(v.point_values, exact.point_values).statistic),
                              "log_dim": v.extras["log_dim"], "seconds": v.cost.wall_s})
     return {"rows": rows, "exact_s": exact_s, "n_train": len(exact.point_values),

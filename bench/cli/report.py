@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--readme", metavar="README.md",
                     help="rewrite the generated results block of this file (leaderboards, LDS, consensus) from "
                          "the records (make report: from results/published)")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="with --readme: publish records made from a dirty tree (marked †); refused by default, "
+                         "as no commit reproduces them")
     args = ap.parse_args(argv)
 
     store = ResultsStore(args.results)
@@ -53,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "or pass --results DIR")
     if args.readme:
         from bench.analysis.report import update_readme
-        print(f"wrote {update_readme(args.readme, records)}", file=sys.stderr)
+        print(f"wrote {update_readme(args.readme, records, allow_dirty=args.allow_dirty)}", file=sys.stderr)
         return 0
     print(format_leaderboard(records, markdown=args.markdown))
     print()

@@ -30,9 +30,9 @@ there is no ground truth: MC is the reference the arithmetic is compared with (S
 with MC's SE (mean and max over owners) beside it.
 
 --target-se is in utility units (the game's metric, pref_acc by default: 0.01 = one point of
-preference accuracy). The natural target is the noise ceiling (how much exact Shapley moves
+preference accuracy). The natural target is the training noise (how much exact Shapley moves
 between two training seeds), which this script does not measure (one seed); the
-``scale_tiny`` job does (its ``metrics.noise_ceiling``, over seeds [0, 1]).
+``scale_tiny`` job does (its ``metrics.one_seed_exact``, over seeds [0, 1]).
 
 Costs: ``FT`` = fine-tunes a method used (trained now, or read from the cache where an
 earlier method of the same n trained them); ``s`` = device seconds: the recorded

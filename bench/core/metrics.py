@@ -11,6 +11,9 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import r2_score, roc_curve
 
+from bench.core import ranks
+from bench.core.ranks import snap_ties
+
 NAN = float("nan")
 
 
@@ -23,18 +26,35 @@ def _corr(fn, a: np.ndarray, b: np.ndarray) -> float:
         return float(fn(a, b).statistic)
 
 
-def _top(x: np.ndarray, k: int) -> set[int]:
-    """Indices of the k largest entries (ties broken by index)."""
-    return set(np.argsort(-x, kind="stable")[:k].tolist())
+def _sign(x: np.ndarray) -> np.ndarray:
+    """Sign with values within ``ranks.RTOL`` of the scale counted as 0."""
+    tol = ranks.RTOL * float(np.max(np.abs(x))) if len(x) else 0.0
+    return np.where(np.abs(x) <= tol, 0.0, np.sign(x))
+
+
+def rel_l2_fit(est, ref) -> float:
+    """Scale-free relative error: min over c >= 0 of ||c·est − ref|| / ||ref|| (1 when
+    no positive rescaling of ``est`` helps; 0 when ``est`` is ``ref`` up to scale). For
+    valuers whose scale is arbitrary (gradient scores), where plain rel-L2 is not a
+    statistic of quality."""
+    est, ref = np.asarray(est, float), np.asarray(ref, float)
+    norm, ee = np.linalg.norm(ref), float(est @ est)
+    if norm == 0:
+        return NAN
+    c = max(float(est @ ref) / ee, 0.0) if ee > 0 else 0.0
+    return float(np.linalg.norm(c * est - ref) / norm)
 
 
 def fidelity(est, ref, total_gain: float | None = None, k: int | None = None) -> dict:
     """Agreement of estimated values `est` with reference values `ref` (e.g. exact retraining Shapley).
 
-    Keys: spearman, kendall, pearson; rel_l2 = ||est - ref|| / ||ref||; topk = overlap
-    fraction of the top-k sets (k defaults to max(1, n // 3)); sign_agreement = share of
-    players with equal sign (0 is its own sign); efficiency_gap = |sum(est) - total_gain|
-    (None without total_gain). Undefined correlations are NaN.
+    Keys: spearman, kendall, pearson; rel_l2 = ||est - ref|| / ||ref||; rel_l2_fit = the
+    same after the best non-negative rescaling of est (scale-free); topk = expected
+    overlap fraction of the top-k sets, ties broken at random (k defaults to
+    max(1, n // 3)); sign_agreement = share of players with equal sign (0 is its own
+    sign); efficiency_gap = |sum(est) - total_gain| (None without total_gain). Rank
+    statistics treat values equal within ``ranks.RTOL`` of their scale as tied
+    (``bench.core.ranks``). Undefined correlations are NaN.
     """
     est, ref = np.asarray(est, dtype=float), np.asarray(ref, dtype=float)
     if est.shape != ref.shape or est.ndim != 1:
@@ -43,12 +63,13 @@ def fidelity(est, ref, total_gain: float | None = None, k: int | None = None) ->
     k = min(n, max(1, n // 3) if k is None else k)
     norm = np.linalg.norm(ref)
     return {
-        "spearman": _corr(stats.spearmanr, est, ref),
-        "kendall": _corr(stats.kendalltau, est, ref),
+        "spearman": ranks.spearman(est, ref),
+        "kendall": ranks.kendall(est, ref),
         "pearson": _corr(stats.pearsonr, est, ref),
         "rel_l2": float(np.linalg.norm(est - ref) / norm) if norm > 0 else NAN,
-        "topk": len(_top(est, k) & _top(ref, k)) / k if k > 0 else NAN,
-        "sign_agreement": float(np.mean(np.sign(est) == np.sign(ref))) if n else NAN,
+        "rel_l2_fit": rel_l2_fit(est, ref),
+        "topk": ranks.top_k_overlap(est, ref, k) if k > 0 else NAN,
+        "sign_agreement": float(np.mean(_sign(est) == _sign(ref))) if n else NAN,
         "efficiency_gap": None if total_gain is None else float(abs(est.sum() - total_gain)),
     }
 
@@ -63,10 +84,9 @@ def r2(pred, actual) -> float:
 
 def auroc(score: np.ndarray, pos: np.ndarray) -> float:
     """Area under the ROC curve of ``score`` for the positives ``pos``: the Mann–Whitney
-    statistic, tied scores counted ½ (= sklearn's ``roc_auc_score``, tested equal)."""
-    r = stats.rankdata(score)                       # average ranks: ties share
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    statistic, tied scores (within ``ranks.RTOL``) counted ½ (= sklearn's
+    ``roc_auc_score`` on distinct scores, tested equal)."""
+    return ranks.auroc(score, pos)
 
 
 def average_precision(score: np.ndarray, pos: np.ndarray) -> float:
@@ -118,12 +138,13 @@ def detection(values, is_bad) -> dict:
     n_bad = int(is_bad.sum())
     if n_bad == 0 or n_bad == len(is_bad):
         return {"auroc": None, "auprc": None, "precision_at_k": None, "f1": None}
-    lowest = np.argsort(values, kind="stable")[:n_bad]
+    values = snap_ties(values)                      # rounding-level differences are ties
+    lowest = ranks.top_k_membership(-values, n_bad)  # ties at the boundary shared at random
     pred_bad = two_means_low(values) if np.ptp(values) > 0 else np.zeros(len(values), dtype=bool)
     return {
         "auroc": auroc(-values, is_bad),
         "auprc": average_precision(-values, is_bad),
-        "precision_at_k": float(is_bad[lowest].mean()),
+        "precision_at_k": float(np.sum(lowest * is_bad) / n_bad),
         "f1": float(f1(pred_bad, is_bad)),
     }
 
@@ -137,7 +158,7 @@ def detection_roc(values, is_bad) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"values and is_bad must be 1-D of equal length, got {values.shape} and {is_bad.shape}")
     if is_bad.all() or not is_bad.any():
         raise ValueError("detection_roc: is_bad needs at least one bad and one good point")
-    fpr, tpr, _ = roc_curve(is_bad, -values)
+    fpr, tpr, _ = roc_curve(is_bad, -snap_ties(values))
     return fpr, tpr
 
 
@@ -160,16 +181,18 @@ def mean_ci(xs, level: float = 0.95) -> tuple[float, float, float]:
 
 
 def detection_graded(values, corruption) -> dict:
-    """Owner-level detection by noise level: ``kendall_tau`` between −value and each
-    owner's corrupted share (1 = values fall exactly as corruption rises), and the
+    """Owner-level detection by noise level: ``concordance`` = P(v_i < v_j | q_i > q_j)
+    over owner pairs whose corrupted shares q differ (value ties count ½; 1 = values fall
+    exactly as corruption rises, 0.5 = chance; ``ranks.concordance``), and the
     ``detection`` scores of "any corruption" (``auroc_any``, ``auprc_any``). None where
-    undefined (no corruption planted, or every owner corrupted)."""
+    undefined (no corruption planted, or every owner equally corrupted). Kendall τ-b,
+    used before, cannot reach 1 when shares tie (0.577 at most on ``quick``)."""
     values, corruption = np.asarray(values, float), np.asarray(corruption, float)
     if values.shape != corruption.shape:
         raise ValueError(f"values and corruption must have equal shapes, got {values.shape} and {corruption.shape}")
-    tau = _corr(stats.kendalltau, -values, corruption)
     det = detection(values, corruption > 0)
-    return {"kendall_tau": None if np.isnan(tau) else tau, "auroc_any": det["auroc"], "auprc_any": det["auprc"]}
+    return {"concordance": ranks.concordance(values, corruption), "auroc_any": det["auroc"],
+            "auprc_any": det["auprc"]}
 
 
 def mean_of_dicts(dicts: list[dict]) -> dict:

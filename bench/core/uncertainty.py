@@ -7,20 +7,28 @@ Which interval where (the unit of resampling is what varies between repetitions)
                   S = 3 a percentile bootstrap has 10 distinct resamples and covers
                   about 75 % instead of 95 %; the t-interval is exact for normal
                   data (``tests/test_uncertainty.py`` measures both coverages).
-``paired_ci``     the same t-interval on per-seed *differences* of two valuers
-                  scored on the same games: the seed-to-seed variation they share
-                  cancels, so a difference can be shown that two overlapping
-                  intervals would hide.
+``t_interval``    the same with a floor on the spread of a coarse statistic (ρ over
+                  4 owners moves in steps of 0.2: equal values are not zero
+                  variance) and clipped to the statistic's range.
+``paired_ci``     that interval on per-seed *differences* of two valuers scored on
+                  the same games (the seed-to-seed variation they share cancels),
+                  with the exact sign-flip p-value (``sign_flip_p``: no normality;
+                  its smallest two-sided value is 2/2^S) and the TOST p of
+                  equivalence within a declared margin (``tost_p``). Tables mark
+                  differences by Benjamini–Hochberg adjusted p (``bh_adjust``).
 ``bootstrap_ci``  percentile bootstrap over many units (eval pairs, owners), where
                   no distribution is assumed and the resamples are plentiful.
+                  (Per-pair LDS shares its subsets across eval pairs: it has its
+                  own two-way interval, ``bench.core.lds``.)
 
 ``Consensus``: the exact retraining Shapley of the seed-averaged utility table
 (Shapley is linear, so it is the mean of the per-seed values), its standard error
 per owner, its split-half agreement, and the *held-out* consensus of every seed (the
 mean of the other seeds' values): a valuer run on seed s's game is scored against
 the consensus of the other seeds, so agreeing with seed s's own training noise earns
-nothing, and the exact retraining Shapley of seed s scored the same way is the noise
-ceiling, the fidelity a perfect one-seed estimator would reach.
+nothing, and the exact retraining Shapley of seed s scored the same way is the
+*one-seed exact* reference: what one retraining run reaches. It is not a ceiling: an
+estimator that averages training noise away can beat it.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
+from scipy import stats
 
 from bench.core.metrics import NAN, fidelity, mean_ci
 
@@ -55,13 +65,100 @@ def bootstrap_ci(x, level: float = 0.95, n_boot: int = 4000, seed: int = 0) -> t
     return mean, float(lo), float(hi)
 
 
+def sign_flip_p(d, alternative: str = "two-sided") -> float:
+    """Exact sign-flip (permutation) test of "the paired differences ``d`` are symmetric
+    about 0": the share of the 2^S sign patterns whose sum is at least as extreme as the
+    observed one (``"greater"``: Σ ≥ observed; ``"less"``: Σ ≤ observed). No normality
+    assumed; with S differences the smallest two-sided p is 2/2^S (S = 3: 0.25, S = 6:
+    0.031), so a handful of seeds shows nothing whatever their values. S > 20: 2^16
+    random patterns. NaN with no difference."""
+    d = np.asarray(d, float)
+    d = d[np.isfinite(d)]
+    S = d.size
+    if S == 0:
+        return NAN
+    if S <= 20:
+        signs = 1 - 2 * ((np.arange(2 ** S)[:, None] >> np.arange(S)) & 1)
+    else:
+        signs = np.random.default_rng(0).choice([-1, 1], size=(2 ** 16, S))
+    sums, obs = signs @ d, d.sum()
+    eps = 1e-12 * max(1.0, float(np.abs(d).sum()))
+    if alternative == "greater":
+        return float(np.mean(sums >= obs - eps))
+    if alternative == "less":
+        return float(np.mean(sums <= obs + eps))
+    return float(np.mean(np.abs(sums) >= abs(obs) - eps))
+
+
+def tost_p(d, margin: float) -> float:
+    """Two one-sided sign-flip tests of equivalence: H0 "mean ≤ −margin" (on d + margin)
+    and H0 "mean ≥ +margin" (on d − margin); the larger p. Small = the difference is
+    shown to lie within ±margin."""
+    d = np.asarray(d, float)
+    d = d[np.isfinite(d)]
+    if d.size == 0 or not margin > 0:
+        return NAN
+    return max(sign_flip_p(d + margin, "greater"), sign_flip_p(d - margin, "less"))
+
+
+def bh_adjust(p) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values) of a family of tests; NaN entries
+    are not tests (left NaN, not counted). Rejecting q ≤ α controls the false-discovery
+    rate at α for independent or positively dependent tests."""
+    p = np.asarray(p, float)
+    q = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    m = idx.size
+    if m == 0:
+        return q
+    order = idx[np.argsort(p[idx], kind="stable")]
+    adj = p[order] * m / np.arange(1, m + 1)
+    adj = np.minimum.accumulate(adj[::-1])[::-1]
+    q[order] = np.minimum(adj, 1.0)
+    return q
+
+
+def t_interval(x, level: float = 0.95, sd_floor: float = 0.0,
+               bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student-t interval of the mean of ``x`` (None/NaN skipped) whose
+    standard deviation is at least ``sd_floor``, clipped to ``bounds``.
+
+    ``sd_floor`` is for coarse statistics: Spearman ρ over n owners moves in steps of
+    12 / (n(n² − 1)) (0.2 at n = 4), so S equal values are not evidence of zero spread;
+    each value is known only to within its step, whose rounding has standard deviation
+    step / √12 (step / √6 for a difference of two). ``bounds``: the statistic's range
+    (a correlation's [−1, 1]); the true mean lies inside it, so clipping never loses
+    coverage. The same helper serves closing lines, tables, W&B and the README."""
+    x = _finite(x)
+    if x.size == 0:
+        return NAN, NAN, NAN
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, NAN, NAN
+    sd = max(float(x.std(ddof=1)), float(sd_floor))
+    half = float(stats.t.ppf((1 + level) / 2, df=x.size - 1) * sd / math.sqrt(x.size))
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return mean, lo, hi
+
+
+def spearman_step(n: int) -> float:
+    """The step of Spearman ρ over n items without ties: 12 / (n(n² − 1))."""
+    return 12.0 / (n * (n * n - 1)) if n >= 2 else NAN
+
+
 @dataclass(frozen=True)
 class Paired:
-    """The mean of per-unit differences a − b with its t-interval."""
+    """The mean of per-unit differences a − b, its t-interval (floored and bounded, see
+    ``t_interval``), the exact sign-flip p-value, and the TOST p-value of equivalence
+    within ``margin`` (NaN without a margin)."""
     mean: float
     lo: float
     hi: float
     n: int
+    p: float = NAN
+    p_equiv: float = NAN
 
     @property
     def excludes_zero(self) -> bool:
@@ -69,25 +166,28 @@ class Paired:
 
     @property
     def sign(self) -> str:
-        """'+' (a > b shown), '−' (a < b shown), '~' (not shown)."""
+        """'+' / '−' when the interval excludes 0 (no multiplicity correction: the tables
+        mark by BH-adjusted sign-flip p instead, ``bench.analysis.verdicts``)."""
         return "~" if not self.excludes_zero else ("+" if self.mean > 0 else "−")
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "excludes_zero": self.excludes_zero}
+        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "excludes_zero": self.excludes_zero,
+                "p": self.p, "p_equiv": self.p_equiv}
 
 
-def paired_ci(a, b, level: float = 0.95) -> Paired:
+def paired_ci(a, b, level: float = 0.95, sd_floor: float = 0.0, bounds: tuple[float, float] | None = None,
+              margin: float | None = None) -> Paired:
     """Differences ``a[i] - b[i]`` over the units both have (None/NaN in either drops the
-    unit), Student-t interval of their mean."""
+    unit): ``t_interval`` of their mean, the exact sign-flip p and (with ``margin``) the
+    TOST p. Identical differences of a coarse statistic get the ``sd_floor`` width, not 0."""
     a = np.array([np.nan if v is None else v for v in a], float)
     b = np.array([np.nan if v is None else v for v in b], float)
     if a.shape != b.shape:
         raise ValueError(f"paired_ci: {a.shape} vs {b.shape}; pair the same units")
     d = (a - b)[np.isfinite(a) & np.isfinite(b)]
-    m, lo, hi = mean_ci(d, level)
-    if d.size >= 2 and np.ptp(d) == 0:       # identical differences: no spread, the interval is the point
-        lo = hi = m
-    return Paired(m, lo, hi, int(d.size))
+    m, lo, hi = t_interval(d, level, sd_floor, bounds)
+    return Paired(m, lo, hi, int(d.size), sign_flip_p(d) if d.size else NAN,
+                  tost_p(d, margin) if margin else NAN)
 
 
 # ------------------------------------------------------------------ consensus ground truth
@@ -135,7 +235,9 @@ class Consensus:
         return float(np.delete(self.gains, self.index(seed)).mean())
 
     def ceiling(self, seed: int) -> dict:
-        """The noise ceiling on ``seed``: fidelity of that seed's exact values to the others' consensus."""
+        """The one-seed exact reference on ``seed``: fidelity of that seed's exact values to
+        the others' consensus. A reference point, not a ceiling: an estimator that averages
+        training noise away can beat it."""
         return fidelity(self.phi[self.index(seed)], self.held_out(seed), self.held_out_gain(seed))
 
     @cached_property

@@ -49,6 +49,7 @@ class JobSettings(Settings):
                                      "valuer.<name>.<key>=<value>")
     budget: dict = setting(REQUIRED, "max_fine_tunes, max_seconds of every valuer")
     lds: dict = setting(REQUIRED, "linear datamodeling score settings")
+    verdicts: dict = setting(REQUIRED, "the leaderboard's equivalence margin and false-discovery rate")
     selection: dict = setting(REQUIRED, "data-selection curve settings")
     n_jobs: int = setting(REQUIRED, "coalitions trained in parallel worker processes", min=1)
     slurm: dict = setting(REQUIRED, "hydra/launcher=slurm settings")
@@ -106,14 +107,27 @@ class LdsSettings(Settings):
     n_subsets: int = setting(REQUIRED, "M random subsets retrained through the game; 0 = off", min=0)
     frac: float = setting(REQUIRED, "each subset's share of the training examples, in (0, 1)", min=0,
                           min_exclusive=True, max=1, max_exclusive=True)
-    seed: int = setting(REQUIRED, "seed of the subsets", min=0)
-    n_seeds: int = setting(REQUIRED, "every subset is retrained under the job's first n_seeds seeds (>= 2 for "
-                                     "the LDS noise ceiling)", min=1)
+    seed: int = setting(REQUIRED, "seed of the subsets (and of the bootstrap draws)", min=0)
+    seeds: list[int] = setting(REQUIRED, "training seeds every subset is retrained under: >= 2 (the ceiling), "
+                                         "disjoint from the job's seeds (the valuations')", min=0)
 
     def check(self) -> None:
         if 0 < self.n_subsets < 3:
             raise self.error("n_subsets", f"{self.n_subsets} subsets give no rank correlation; use >= 3 "
                                           f"(e.g. 16), or 0 to turn LDS off")
+        if self.n_subsets and len(set(self.seeds)) < 2:
+            raise self.error("seeds", f"{self.seeds}: the LDS ceiling needs the subsets under >= 2 distinct seeds, "
+                                      f"e.g. lds.seeds=[100,101]")
+
+
+@dataclass(frozen=True)
+class VerdictSettings(Settings):
+    """The ``verdicts`` config node: declared before the run, read by the leaderboard."""
+    prefix = "verdicts"
+    margin: float = setting(REQUIRED, "equivalence margin δ in ρ: '≈' only when a TOST shows |difference| < δ",
+                            min=0, min_exclusive=True, max=2)
+    alpha: float = setting(REQUIRED, "false-discovery rate of the marks (Benjamini–Hochberg within a table)",
+                           min=0, min_exclusive=True, max=1, max_exclusive=True)
 
 
 @dataclass(frozen=True)
@@ -168,7 +182,7 @@ class SlurmSettings(Settings):
     array_parallelism: int = setting(16, "jobs of an array running at once", min=1)
 
 
-NODES = {"game": GameSettings, "lds": LdsSettings, "selection": SelectionSettings, "logger": LoggerSettings,
+NODES = {"game": GameSettings, "lds": LdsSettings, "verdicts": VerdictSettings, "selection": SelectionSettings, "logger": LoggerSettings,
          "slurm": SlurmSettings, "train": TrainSettings, "model": ModelSpec, "partition": PartitionSettings}
 
 
@@ -201,9 +215,12 @@ def check_config(cfg: DictConfig) -> tuple[dict, dict]:
     data and the valuers it selects, built (``build.check_valuers``)."""
     c = _container(cfg)
     job = JobSettings.of(c, prefix="")
-    if c["lds"]["n_subsets"] and c["lds"]["n_seeds"] > len(job.seeds):
-        raise ConfigError(f"lds.n_seeds: {c['lds']['n_seeds']} but the job has {len(job.seeds)} seeds "
-                          f"{job.seeds}; use lds.n_seeds <= {len(job.seeds)}")
+    both = sorted(set(c["lds"].get("seeds") or []) & set(job.seeds))
+    if c["lds"]["n_subsets"] and both:
+        free = [s for s in range(100, 200) if s not in job.seeds][:2]
+        raise ConfigError(f"lds.seeds: {both} are also valuation seeds {job.seeds}, so valuations would be scored "
+                          f"against fine-tunes with their own initialisation and data order; use disjoint seeds, "
+                          f"e.g. lds.seeds=[{free[0]},{free[1]}]")
     for node, cls in NODES.items():
         cls.of(c[node], prefix=node)
     task_settings(c["task"])

@@ -34,6 +34,7 @@ from bench.core import shapley
 from bench.core.errors import ConfigError
 from bench.core.game import Game
 from bench.core.lds import LdsTargets, aggregate_lds, pair_lds
+from bench.core.lds import predictions as lds_predictions
 from bench.core.lds import lds_targets as lds_targets_of
 from bench.core.metering import fresh_compute_s
 from bench.core.partition import Planted
@@ -41,6 +42,7 @@ from bench.core.shard import ASSEMBLE, missing, missing_message, parse_shard, ru
 from bench.core.train import FineTuneDiverged
 from bench.core.uncertainty import Consensus
 from bench.core.valuation import Budget, BudgetExhausted, Valuation
+from bench.analysis.verdicts import fidelity_ci, verdict_tables
 from bench.harness.build import build_game, build_task, build_valuer
 from bench.harness.checks import check_config
 from bench.tracking import ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
@@ -62,6 +64,18 @@ class Exact:
 
 def exact_shapley(game: Game) -> Exact:
     table = game.table()
+    phi = shapley.exact_shapley(table)
+    shapley.check_efficiency(phi, table, atol=1e-9)
+    return Exact(table, phi)
+
+
+UTILITIES = ("pref_acc", "margin")     # the ground truth under each (fidelity_by_utility)
+
+
+def exact_under(game: Game, metric: str) -> Exact:
+    """Exact retraining Shapley of the game under another utility, read off the cached
+    coalition records (every record stores every metric: no retraining)."""
+    table = np.array([float(game.record(m)["metrics"][metric]) for m in range(2 ** game.n)])
     phi = shapley.exact_shapley(table)
     shapley.check_efficiency(phi, table, atol=1e-9)
     return Exact(table, phi)
@@ -89,6 +103,7 @@ class Reference:
     corruption: list[float]
     example_ids: list
     lds: LdsTargets | None = None
+    by_utility: dict | None = None    # {metric: Consensus}: the ground truth under each of UTILITIES
 
     def held_out_table(self, seed: int) -> np.ndarray:
         return np.mean([e.table for s, e in self.exacts.items() if s != seed], axis=0)
@@ -97,21 +112,30 @@ class Reference:
 def evaluate(val: Valuation, seed: int, ref: Reference) -> dict:
     """Every metric of the valuation of seed ``seed``'s game; computed here, never by a
     valuer. Fidelity is against the consensus of the *other* seeds (``Consensus``), beside
-    the noise ceiling: this seed's exact values scored the same way."""
+    the one-seed exact reference (this seed's exact values scored the same way), and
+    under each utility of ``UTILITIES`` (``fidelity_by_utility``): gradient methods
+    estimate the base-referenced margin, ``pref_acc`` ignores the reference."""
     cons = ref.consensus
     noisy = np.zeros(len(cons.values), bool)
     noisy[ref.planted.noisy_owners] = True
+    by_u = ref.by_utility or {}
 
     def owner_metrics(values) -> dict:
-        return {"fidelity": M.fidelity(values, cons.held_out(seed), cons.held_out_gain(seed)),
-                "detection": M.detection(values, noisy),
-                "detection_graded": M.detection_graded(values, ref.corruption)}
+        out = {"fidelity": M.fidelity(values, cons.held_out(seed), cons.held_out_gain(seed)),
+               "detection": M.detection(values, noisy),
+               "detection_graded": M.detection_graded(values, ref.corruption)}
+        if by_u:
+            out["fidelity_by_utility"] = {u: M.fidelity(values, c.held_out(seed), c.held_out_gain(seed))
+                                          for u, c in by_u.items()}
+        return out
     if val.draws is None:
         out = owner_metrics(val.owner_values)
     else:                                        # a randomised valuer: the expectation over its draws
         out = M.mean_of_dicts([owner_metrics(d) for d in val.draws])
         out["draws"] = {"n": int(len(val.draws))}
-    out["noise_ceiling"] = cons.ceiling(seed)
+    out["one_seed_exact"] = cons.ceiling(seed)
+    if by_u:
+        out["one_seed_exact_by_utility"] = {u: c.ceiling(seed) for u, c in by_u.items()}
     if val.table is not None:                    # a method with its own v(S) for all S
         t, target = np.asarray(val.table, float), ref.held_out_table(seed)
         out["utilities"] = {"r2": M.r2(t, target), "r2_ceiling": M.r2(ref.exacts[seed].table, target),
@@ -123,9 +147,7 @@ def evaluate(val: Valuation, seed: int, ref: Reference) -> dict:
         if ref.lds is not None:
             out["lds"] = aggregate_lds(val.point_values, ref.lds)    # the aggregate LDS, its own column
     if val.pair_scores is not None and ref.lds is not None:
-        by_target = pair_lds(val.pair_scores, ref.lds)
-        out["lds_pair"] = {**by_target["margin"], "target": "margin"}
-        out["lds_pair_bt"] = {**by_target["bt_loglik"], "target": "bt_loglik"}
+        out["lds_pair"] = pair_lds(val.pair_scores, ref.lds)
     return out
 
 
@@ -217,13 +239,17 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     records: list[dict] = []
     ref, exact_error = None, None
     lds_cfg = OmegaConf.to_container(cfg.lds, resolve=True)
+    lds_games = {int(s): game.with_seed(int(s)) for s in lds_cfg["seeds"]} if lds_cfg["n_subsets"] else {}
+    lds_preds: dict[str, np.ndarray] = {}     # "<valuer>/s<seed>" -> [M, E] predicted targets (the artefact)
     t0 = time.perf_counter()
     with ExitStack() as job_meters:
-        job_uses = [job_meters.enter_context(g.metered()) for g in games.values()]
+        job_uses = [job_meters.enter_context(g.metered()) for g in [*games.values(), *lds_games.values()]]
         try:
             exacts = {s: exact_shapley(g) for s, g in games.items()}
+            by_utility = {u: consensus_of({s: exacts[s] if u == game.metric else exact_under(g, u)
+                                           for s, g in games.items()}) for u in UTILITIES}
             ref = Reference(exacts, consensus_of(exacts), part.planted, base["planted"]["corruption"],
-                            example_ids)
+                            example_ids, by_utility=by_utility)
         except FineTuneDiverged as e:
             exact_error = f"exact reference: {e}"
         exact_s = time.perf_counter() - t0
@@ -250,13 +276,14 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                             val = valuer.value(g, budget)
                         valuer_own_s += max(time.time() - tv - use.busy_s, 0.0)
                         val.check(g.n, len(example_ids), len(g.eval))
-                        if val.point_values is not None and ref.lds is None and lds_cfg["n_subsets"] > 0:
+                        if val.point_values is not None and ref.lds is None and lds_games:
                             # the first point-valued valuation: retrain the LDS subsets (the harness's
-                            # work, on the job's meters) under the first lds.n_seeds seeds
-                            ref = replace(ref, lds=lds_targets_of([games[s] for s in seeds[:lds_cfg["n_seeds"]]],
-                                                                  lds_cfg["n_subsets"], lds_cfg["frac"],
-                                                                  lds_cfg["seed"]))
+                            # work, on the job's meters) under lds.seeds, disjoint from the job's seeds
+                            ref = replace(ref, lds=lds_targets_of(list(lds_games.values()), lds_cfg["n_subsets"],
+                                                                  lds_cfg["frac"], lds_cfg["seed"]))
                         metrics = evaluate(val, seed, ref)
+                        if val.pair_scores is not None and ref.lds is not None:
+                            lds_preds[f"{name}/s{seed}"] = lds_predictions(val.pair_scores, ref.lds)
                         rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
                                    metrics=metrics, valuation=valuation_fields(val), extras=val.extras)
                         if val.point_values is not None:
@@ -277,7 +304,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                     if ref is not None:
                         rec.update(exact_values=ref.exacts[seed].phi, reference_values=ref.consensus.held_out(seed),
                                    consensus=ref.consensus.summary(), utility_table=ref.exacts[seed].table,
-                                   lds_targets=None if ref.lds is None else ref.lds.summary())
+                                   lds_targets=None if ref.lds is None else ref.lds.summary(),
+                                   lds_artefact=None if ref.lds is None else
+                                   f"lds/{cfg.experiment_name}-{job_id}.npz")
                     rec["exact_wall_s"] = exact_s
                     rec = to_jsonable(rec)
                     store.append(rec)
@@ -285,7 +314,12 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                     records.append(rec)
                     mine.append(rec)
                 print(valuer_line(name, mine))
+            if lds_preds:
+                rel = write_lds_artefact(Path(cfg.results_dir), cfg.experiment_name, job_id, ref.lds, lds_preds)
+                print(f"[dvbench] LDS predictions and targets per subset and eval pair: {cfg.results_dir}/{rel}")
             wb.log_tables(records)
+            for table, (columns, rows) in verdict_tables(records).items():   # the marks, in W&B too
+                wb.log_table(table, columns, rows)
             log_point_values(wb, records)
     fine_tune_s = sum(u.busy_s for u in job_uses) + selection_s
     worker_s = sum(fresh_compute_s(u) for u in job_uses) + selection_worker_s
@@ -304,10 +338,29 @@ def valuer_line(name: str, recs: list[dict]) -> str:
     good = [r for r in recs if r["status"] == "ok"]
     if not good:
         return f"[dvbench] {name}: {recs[0]['status']} ({recs[0]['error']})"
-    m, lo, hi = M.mean_ci([r["metrics"]["fidelity"]["spearman"] for r in good])
+    m, lo, hi = fidelity_ci(good, int(good[0]["n_owners"]))      # the tables' interval, clipped to [-1, 1]
     ci = "" if np.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
     return (f"[dvbench] {name}: fidelity ρ {m:.3f}{ci} over {len(good)}/{len(recs)} seeds, "
             f"{sum(r['cost'].get('wall_s', 0) for r in good):.1f} s")
+
+
+def write_lds_artefact(results_dir: Path, experiment: str, job: str, targets: LdsTargets,
+                       preds: dict[str, np.ndarray]) -> str:
+    """The per-subset predictions of every (valuer, seed) and the targets of every LDS seed
+    ([R, M, E] margins, the subsets), one compressed npz per job, written atomically:
+    what the per-pair LDS and its bootstrap were computed from. Returns its path
+    relative to ``results_dir``."""
+    import io
+
+    from bench.core.cache import atomic_write_bytes
+    rel = f"lds/{experiment}-{job}.npz"
+    buf = io.BytesIO()
+    np.savez_compressed(buf, targets=targets.pairs["margin"].astype(np.float32),
+                        target_seeds=np.asarray(targets.seeds), subsets=np.asarray(targets.subsets),
+                        **{f"pred/{k}": v.astype(np.float32) for k, v in preds.items()})
+    (results_dir / "lds").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(results_dir / rel, buf.getvalue())
+    return rel
 
 
 def valuation_fields(val: Valuation) -> dict:

@@ -1,6 +1,29 @@
 """The run record: one JSON line per (experiment, game, seed, valuer), versioned.
 
-Version 3 (written now): one job trains the game under every seed of ``seeds``
+Version 4 (written now): as version 3, with
+
+    metrics.one_seed_exact      (v3: noise_ceiling) this seed's exact values scored
+                                like the valuation: a reference point, not a ceiling
+    metrics.fidelity_by_utility {pref_acc: {...}, margin: {...}}: fidelity to the
+                                exact ground truth under each utility, read off the
+                                same cached fine-tunes (and one_seed_exact_by_utility)
+    metrics.fidelity.rel_l2_fit the scale-free relative error
+    metrics.detection_graded    {concordance, auroc_any, auprc_any} (v3: kendall_tau)
+    metrics.lds_pair            {lds, lo, hi, ceiling (Spearman–Brown, of the seed
+                                mean scored), ratio, per_pair [E], replicates [B] (the
+                                two-way bootstrap, the same draws for every valuer),
+                                target: margin, interval}; lds_pair_bt is gone
+    lds_targets                 {n_subsets, subset_size, seeds (lds.seeds, disjoint
+                                from seeds), metric, target, ceiling, seed_vs_seed,
+                                bootstrap, ceiling_replicates [B]}
+    lds_artefact                <results_dir>/<this path>: the per-subset predictions
+                                and targets (npz) the LDS was computed from
+
+Rank statistics merge values equal within 1e-9 of their scale (``bench.core.ranks``).
+``upgrade`` reads a v3 record as v4 (``_from_v3``): the rank statistics recomputed from
+its stored values, the LDS ceiling corrected, ``rescored`` saying what it lacks.
+
+Version 3: one job trains the game under every seed of ``seeds``
 and writes a record per (valuer, seed):
 
     schema              3
@@ -46,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-VERSION = 3
+VERSION = 4
 STATUSES = ("ok", "failed", "over_budget")
 _RENAMED = {"truth_values": "exact_values", "truth_values_seed2": "exact_values_seed2",
             "truth_wall_s": "exact_wall_s"}
@@ -57,9 +80,11 @@ def upgrade(rec: dict[str, Any]) -> dict[str, Any]:
     version = rec.get("schema", 1)
     if version == VERSION:
         return rec
+    if version == 3:
+        return _from_v3(rec)
     if version == 2:
-        return {**rec, "schema": VERSION, "seeds": [rec.get("seed")], "job": None,
-                "reference_values": rec.get("exact_values"), "consensus": None, "lds_targets": None}
+        return upgrade({**rec, "schema": 3, "seeds": [rec.get("seed")], "job": None,
+                        "reference_values": rec.get("exact_values"), "consensus": None, "lds_targets": None})
     if version != 1:
         raise ValueError(f"record schema {version!r}: this dvbench reads versions 1..{VERSION}; upgrade dvbench")
     out = {_RENAMED.get(k, k): v for k, v in rec.items() if k != "truth"}
@@ -77,6 +102,48 @@ def upgrade(rec: dict[str, Any]) -> dict[str, Any]:
     out["extras"] = ex
     out["schema"] = 2
     return upgrade(out)
+
+
+RESCORED_V3 = ("schema 3, re-scored on reading: rank statistics recomputed tie-aware from the stored values; "
+               "LDS ceilings Spearman-Brown-corrected; its LDS targets were trained under the valuation seeds "
+               "and its LDS interval is over eval pairs only")
+
+
+def _from_v3(rec: dict[str, Any]) -> dict[str, Any]:
+    """A v3 record read as v4: ``noise_ceiling`` is ``one_seed_exact``; the rank statistics
+    are recomputed from the stored values with merged ties (v3 ranked values 1e-18 apart
+    apart); graded detection is the concordance index; the per-pair LDS ceiling (v3: one
+    seed's targets predicting another's) is the Spearman–Brown ceiling of the 2-seed mean
+    it was scored against; the log σ LDS column (the margin's, re-ranked) is dropped."""
+    from bench.core import metrics as M
+    from bench.core.lds import sb_ceiling
+    out = {**rec, "schema": VERSION, "rescored": RESCORED_V3}
+    m = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (rec.get("metrics") or {}).items()}
+    if "noise_ceiling" in m:
+        m["one_seed_exact"] = m.pop("noise_ceiling")
+    m.pop("lds_pair_bt", None)
+    vals, ref, exact = rec.get("owner_values"), rec.get("reference_values"), rec.get("exact_values")
+    corruption = (rec.get("planted") or {}).get("corruption")
+    if rec.get("status", "ok") == "ok" and ref is not None and len(ref) > 1:
+        if vals and "draws" not in m and "fidelity" in m:
+            gap = m["fidelity"].get("efficiency_gap")
+            m["fidelity"] = {**M.fidelity(vals, ref), "efficiency_gap": gap}
+        if exact is not None and "one_seed_exact" in m:
+            gap = m["one_seed_exact"].get("efficiency_gap")
+            m["one_seed_exact"] = {**M.fidelity(exact, ref), "efficiency_gap": gap}
+        if vals and "draws" not in m and corruption is not None and "detection_graded" in m:
+            m["detection_graded"] = M.detection_graded(vals, corruption)
+    n_lds = len((rec.get("lds_targets") or {}).get("seeds") or [0, 0])
+    for key in ("lds_pair", "lds"):
+        sec = m.get(key)
+        if isinstance(sec, dict) and sec.get("ceiling") is not None and np.isfinite(sec["ceiling"]):
+            sec["ceiling_one_seed"] = sec["ceiling"]
+            sec["ceiling"] = float(sb_ceiling(sec["ceiling"], n_lds))
+            if key == "lds_pair":
+                sec["ratio"] = sec["lds"] / sec["ceiling"] if sec["ceiling"] > 0 else float("nan")
+                sec["interval"] = "bootstrap over eval pairs only (v3)"
+    out["metrics"] = m
+    return out
 
 
 def _v1_trajectory(ex: dict, sizes: list[int]) -> list[dict]:

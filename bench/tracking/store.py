@@ -137,7 +137,7 @@ class ResultsStore:
 
 # --------------------------------------------------------------------------- reading records
 
-_SECTIONS = ("fidelity", "noise_ceiling", "detection", "selection", "cost")
+_SECTIONS = ("fidelity", "one_seed_exact", "detection", "selection", "cost")
 
 
 def flatten_metrics(record: dict) -> dict[str, float]:

@@ -120,6 +120,12 @@ class WandbLogger:
                                            for head, flat in metric_rows]),
         })
 
+    def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """One table of strings (e.g. the leaderboard with its marks) under ``name``."""
+        if self.run is None or not rows:
+            return
+        self.run.log({name: self._wandb.Table(columns=list(columns), data=[[str(c) for c in r] for r in rows])})
+
     def log_artifact(self, path: str | os.PathLike, name: str, type: str = "values") -> None:
         """Upload a file or folder (e.g. per-example values) as a versioned artifact."""
         if self.run is None:
