@@ -114,10 +114,14 @@ def mark(p: Paired | None, q: float, q_equiv: float, alpha: float) -> str:
     return "≈" if q_equiv <= alpha else "?"
 
 
+def _q(q: float) -> str:
+    return "" if math.isnan(q) else ("<0.001" if q < 0.001 else f"{q:.2g}")
+
+
 def _diff_cell(p: Paired | None, m: str, q: float) -> str:
     if p is None or p.n == 0 or math.isnan(p.mean):
         return "—"
-    qs = "" if math.isnan(q) else f" q={q:.2g}"
+    qs = "" if math.isnan(q) else f" q={_q(q)}"
     return f"{m} {p.mean:+.2f} [{p.lo:+.2f}, {p.hi:+.2f}]{qs}"
 
 
@@ -315,7 +319,7 @@ def lds_pairwise_cells(by_valuer: dict[str, list[dict]], alpha: float = ALPHA) -
     out = []
     for (a, b, d), qq in zip(pairs, q):
         m = ("+" if d["lds"] > 0 else "−") if qq <= alpha else "?"
-        out.append([f"{a} − {b}", f"{m} {d['lds']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{qq:.2g}"])
+        out.append([f"{a} − {b}", f"{m} {d['lds']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", _q(qq)])
     return out
 
 
