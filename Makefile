@@ -29,7 +29,7 @@ venv: $(STAMP)  ## create .venv and install the project
 bench: $(STAMP)  ## fingerprint, the preset that fits (CPU: default), report + baseline candidate (PRESET= ARGS= STRICT=1)
 	$(BIN)/python -m bench hardware bench $(if $(PRESET),--preset $(PRESET)) $(if $(STRICT),--strict) -- $(ARGS)
 
-bench-quick: $(STAMP)  ## tiny tier, 6 owners (a couple of minutes)
+bench-quick: $(STAMP)  ## tiny tier, 6 owners, 6 seeds, per-pair LDS (64 subsets x 2 LDS seeds); ~30 min from an empty cache on 2 cores (measured on a shared machine)
 	$(BIN)/python -m bench experiment=quick
 
 test: $(STAMP)  ## fast test suite (CPU, no network)
@@ -53,7 +53,7 @@ bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, saved per hardware,
 bench-scaling: $(STAMP)  ## exact retraining vs permutation sampling (to SE 0.01) vs DPO arithmetic at n = 4, 6, 8, 10 (tiny tier, experiment=scale_tiny settings, n_jobs=2; <= 1,356 fine-tunes). n = 12 (4,095 exact fine-tunes), 16 and 32 (sampling only, up to 1,517 and 3,133) run long: make bench-scaling ARGS='--owners 12 16 32' (ARGS='--owners 12 16 32 --plan' lists the fine-tunes first)
 	$(BIN)/python -m bench scaling --owners 4 6 8 10 $(ARGS)
 
-bench-graded: $(STAMP)  ## tiny tier, 8 owners with graded noise, 3 seeds, per-pair LDS (32 subsets x 2 seeds)
+bench-graded: $(STAMP)  ## tiny tier, 8 owners with graded noise, 6 seeds, per-pair LDS (64 subsets x 2 LDS seeds)
 	$(BIN)/python -m bench experiment=graded
 
 bench-real: $(STAMP)  ## real data: HH-RLHF harmless-base (embedded) on SmolLM2 + LoRA, 4 topic owners, 3 seeds

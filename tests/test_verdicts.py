@@ -170,3 +170,12 @@ def test_readme_block_is_replaced_between_its_markers_only(tmp_path):
         update_readme(readme, dirty)
     update_readme(readme, dirty, allow_dirty=True)
     assert "†" in readme.read_text()
+
+
+def test_the_concordance_interval_is_never_zero_width():
+    recs = [dict(rec(v, s, r, 0.9), planted={"corruption": [0, 0, 0.25, 0.5, 1.0, 1.0, 0, 0]})
+            for s in range(6) for v, r in (("good", 0.9), ("random", 0.0))]
+    for r in recs:
+        r["metrics"]["detection_graded"]["concordance"] = 0.95
+    c = _rows(recs)["good"]["concordance"]
+    assert c[1] < 0.95 < c[2], "six equal values of a coarse statistic are not zero variance"

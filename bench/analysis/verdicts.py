@@ -135,6 +135,17 @@ def _adjust(rows: list[dict], keys: tuple[str, ...]) -> None:
         row[f"q_{k}"], row[f"qe_{k}"] = float(a), float(b)
 
 
+def concordance_step(records: list[dict]) -> float:
+    """The step of the concordance index over the owner pairs whose corrupted shares
+    differ (a value tie moves it by half a pair): its rounding, like ρ's."""
+    q = next(((r.get("planted") or {}).get("corruption") for r in ok(records)
+              if (r.get("planted") or {}).get("corruption")), None)
+    if not q:
+        return 0.0
+    n = sum(1 for i in range(len(q)) for j in range(i + 1, len(q)) if q[i] != q[j])
+    return 0.5 / n if n else 0.0
+
+
 def leaderboard_rows(by_valuer: dict[str, list[dict]], margin: float = MARGIN, alpha: float = ALPHA) -> list[dict]:
     """One dict per valuer with its fidelity, its paired comparisons with the fixed
     comparators (BH-adjusted within the table) and the rest, sorted by mean fidelity."""
@@ -142,6 +153,7 @@ def leaderboard_rows(by_valuer: dict[str, list[dict]], margin: float = MARGIN, a
     fid = {v: fidelity_ci(rs, n) for v, rs in by_valuer.items()}
     ranked = sorted(by_valuer, key=lambda v: (-fid[v][0] if not math.isnan(fid[v][0]) else math.inf, v))
     rand = by_seed(by_valuer["random"], "fidelity", "spearman") if "random" in by_valuer else None
+    c_floor = concordance_step([r for rs in by_valuer.values() for r in rs]) / math.sqrt(12)
     rows = []
     for v in ranked:
         rs = by_valuer[v]
@@ -153,7 +165,7 @@ def leaderboard_rows(by_valuer: dict[str, list[dict]], margin: float = MARGIN, a
             "vs_one_seed": (_pair(mine, by_seed(rs, "one_seed_exact", "spearman"), n, margin)
                             if v != "retrain_shapley" else None),
             "concordance": t_interval([get_metric(r, "detection_graded", "concordance") for r in good],
-                                      bounds=(0.0, 1.0)),
+                                      sd_floor=c_floor, bounds=(0.0, 1.0)),
             "auroc_any": t_interval([get_metric(r, "detection_graded", "auroc_any") for r in good], bounds=(0.0, 1.0)),
             "pair_lds": pair_lds_cell(rs),
             "fine_tunes": t_interval([get_metric(r, "cost", "fine_tunes") for r in good])[0],
