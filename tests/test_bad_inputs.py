@@ -98,6 +98,7 @@ CASES = {
     "the single seed of older versions": (["seed=1"], "seed: replaced by seeds", 2),
     "malformed shard": (["game.shard=4/4"], "game.shard: '4/4' needs 0 <= i < k", 2),
     "pack below 1": (["game.pack=0"], "game.pack: 0; use a value >= 1", 2),
+    "a GPU on a CPU build of torch": (["game.device=cuda"], "game.device: 'cuda' but this torch", 2),
     "pack above the coalitions": (["game.pack=8", "train.lora_r=8"], "game.pack: 8 is more than the 7 coalitions", 2),
     "pack with a full fine-tune": (["game.pack=2"], "game.pack: 2 packs LoRA adapters on one base, and train.lora_r "
                                                     "is null", 2),
