@@ -116,3 +116,27 @@ def test_devices_this_torch_cannot_use_are_refused_in_one_line(monkeypatch):
             devices.check_device(e)
         except ConfigError as err:
             assert "\n" not in str(err)
+
+
+def test_one_gpu_per_process_is_pinned_before_cuda_starts(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(devices, "visible_nvidia_gpus", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert devices.pin_one_gpu("cpu") == ("cpu", None) and "CUDA_VISIBLE_DEVICES" not in __import__("os").environ
+    dev, note = devices.pin_one_gpu("cuda:2")
+    import os
+    assert dev == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "2" and "uses GPU 2 only" in note
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")           # a scheduler's allocation
+    assert devices.pin_one_gpu("cuda:1")[0] == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
+    assert devices.pin_one_gpu("auto")[0] == "auto" and os.environ["CUDA_VISIBLE_DEVICES"] == "4"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
+    with pytest.raises(ConfigError, match=r"'cuda:3' but 3 GPU\(s\) are visible"):
+        devices.pin_one_gpu("cuda:3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert devices.pin_one_gpu("cuda:0") == ("cuda", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(ConfigError, match="before the process could pin one"):
+        devices.pin_one_gpu("cuda:1")

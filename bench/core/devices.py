@@ -54,3 +54,39 @@ def check_device(device: str, field: str = "game.device") -> None:
     if idx >= n:
         raise ConfigError(f"{field}: {device!r} but {n} GPU(s) are visible (cuda:0 .. cuda:{n - 1}); pick one of "
                           f"those, or run one process per GPU")
+
+
+def _visible_list() -> list[str]:
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return [v.strip() for v in vis.split(",") if v.strip() and v.strip() != "-1"]
+    return [str(i) for i in range(visible_nvidia_gpus())]
+
+
+def pin_one_gpu(device: str) -> tuple[str, str | None]:
+    """One GPU per process, chosen before CUDA is initialised: ``game.device=cuda:N``
+    means the N-th visible GPU, and the process then sees only it
+    (``CUDA_VISIBLE_DEVICES``), so transformers counts one GPU (TRL refuses
+    ``nn.DataParallel``, which ``n_gpu > 1`` turns on) and every ``cuda`` tensor lands on it.
+    ``cuda`` or ``auto`` on a node with several GPUs takes the first; the others are for
+    other processes (other seeds' shards or sweep jobs, one per GPU). Returns the device
+    to use in this process (``cuda`` once pinned) and a line to print (or None)."""
+    device = str(device)
+    if device == "cpu" or (device == "auto" and torch.version.cuda is None):
+        return device, None
+    visible = _visible_list()
+    if not visible:
+        return device, None          # check_device says what is wrong
+    idx = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+    if idx >= len(visible):
+        raise ConfigError(f"game.device: {device!r} but {len(visible)} GPU(s) are visible (cuda:0 .. "
+                          f"cuda:{len(visible) - 1}); pick one of those, or run one process per GPU")
+    if len(visible) == 1 and idx == 0:
+        return ("cuda" if device.startswith("cuda") else device), None
+    if torch.cuda.is_initialized():
+        raise ConfigError(f"game.device: {device!r} on {len(visible)} GPUs, but CUDA was initialised before the "
+                          f"process could pin one; set CUDA_VISIBLE_DEVICES=<one GPU> before starting dvbench")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[idx]
+    note = (f"[dvbench] {len(visible)} GPUs visible: this process uses GPU {visible[idx]} only "
+            f"(CUDA_VISIBLE_DEVICES={visible[idx]}); run one process per GPU (game.device=cuda:N) for the others")
+    return ("cuda" if device.startswith("cuda") else device), note

@@ -192,6 +192,11 @@ def check_job(cfg: DictConfig) -> tuple[dict, dict]:
 
 def run_experiment(cfg: DictConfig) -> list[dict]:
     t_start = time.time()
+    from bench.core.devices import pin_one_gpu
+    device, note = pin_one_gpu(cfg.game.device)    # one GPU per process, before CUDA is initialised
+    if note:
+        print(note)
+        cfg.game.device = device
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
     from bench.core.cache import sweep_stale_tmp
