@@ -140,3 +140,27 @@ def test_one_gpu_per_process_is_pinned_before_cuda_starts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(ConfigError, match="before the process could pin one"):
         devices.pin_one_gpu("cuda:1")
+
+
+def test_gpu_hours_are_wall_time_held_and_cpu_phases_are_apart():
+    from bench.core.devices import GpuMeter
+    from bench.core.valuation import CostMeter
+
+    class G:
+        device_kind = "cuda"
+
+        class usage:
+            entries = {}
+    meter = CostMeter(G())
+    with meter.phase("shapley", own_compute=True, cpu_only=True):
+        pass
+    with meter.phase("scores", own_compute=True):
+        __import__("time").sleep(0.01)
+    c = meter.cost()
+    assert c.gpus == 1 and c.gpu_hours == pytest.approx(c.wall_s / 3600) and c.cpu_only_s <= c.wall_s
+    assert c.cpu_only_s < c.phases["scores"]
+    G.device_kind = "cpu"
+    assert CostMeter(G()).cost().gpu_hours == 0.0
+    with GpuMeter("cpu") as m:                   # the CPU: no GPU held, no GPU memory
+        pass
+    assert m.fields() == {"gpus": 0, "gpu_hours": 0.0, "peak_gpu_mem_bytes": None}

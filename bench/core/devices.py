@@ -90,3 +90,34 @@ def pin_one_gpu(device: str) -> tuple[str, str | None]:
     note = (f"[dvbench] {len(visible)} GPUs visible: this process uses GPU {visible[idx]} only "
             f"(CUDA_VISIBLE_DEVICES={visible[idx]}); run one process per GPU (game.device=cuda:N) for the others")
     return ("cuda" if device.startswith("cuda") else device), note
+
+
+class GpuMeter:
+    """Wall time and peak GPU memory of a block on this process's GPU (no-op fields on
+    the CPU): synchronises and resets torch's peak statistics at the start, reads
+    ``max_memory_allocated`` at the end. ``gpus``: GPUs this process holds (0 or 1)."""
+
+    def __init__(self, device_kind: str):
+        self.on_gpu = device_kind == "cuda" and torch.cuda.is_available()
+        self.gpus = 1 if self.on_gpu else 0
+        self.wall_s, self.peak_bytes = 0.0, None
+
+    def __enter__(self) -> "GpuMeter":
+        import time
+        if self.on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        import time
+        if self.on_gpu:
+            torch.cuda.synchronize()
+            self.peak_bytes = int(torch.cuda.max_memory_allocated())
+        self.wall_s = time.perf_counter() - self._t0
+        return False
+
+    def fields(self) -> dict:
+        """The ``Cost`` fields it measures: gpus, gpu_hours (wall × GPUs / 3600), peak_gpu_mem_bytes."""
+        return {"gpus": self.gpus, "gpu_hours": self.wall_s * self.gpus / 3600, "peak_gpu_mem_bytes": self.peak_bytes}

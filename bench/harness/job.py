@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.core import metrics as M
 from bench.core import shapley
 from bench.core.errors import ConfigError
+from bench.core.devices import GpuMeter
 from bench.core.game import Game
 from bench.core.lds import LdsTargets, aggregate_lds, pair_lds
 from bench.core.lds import predictions as lds_predictions
@@ -277,7 +278,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         if exact_error:
                             raise FineTuneDiverged(exact_error)
                         tv = time.time()
-                        with g.metered(budget) as use:
+                        with g.metered(budget) as use, GpuMeter(g.device_kind) as gpu:
                             val = valuer.value(g, budget)
                         valuer_own_s += max(time.time() - tv - use.busy_s, 0.0)
                         val.check(g.n, len(example_ids), len(g.eval))
@@ -289,7 +290,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         metrics = evaluate(val, seed, ref)
                         if val.pair_scores is not None and ref.lds is not None:
                             lds_preds[f"{name}/s{seed}"] = lds_predictions(val.pair_scores, ref.lds)
-                        rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
+                        rec.update(owner_values=val.owner_values, stderr=val.stderr,
+                                   cost={**val.cost.to_dict(), **gpu.fields()},    # GPU time held, measured here
                                    metrics=metrics, valuation=valuation_fields(val), extras=val.extras)
                         if val.point_values is not None:
                             rec["point_values"] = val.point_values

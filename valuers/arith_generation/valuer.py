@@ -346,7 +346,7 @@ class DPOArithmeticGeneration:
                     examples[str(mask)] = [{"prompt": p.prompt, "text": x}
                                            for p, x in zip(row_pairs, texts)][:self.n_examples]
         gen_s = time.perf_counter() - t0
-        with meter.phase("shapley", own_compute=True):
+        with meter.phase("shapley", own_compute=True, cpu_only=True):
             phis = {}
             for a in REWARD_AXES:
                 phis[a] = shapley.exact_shapley(tables[a])
