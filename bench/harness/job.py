@@ -5,7 +5,7 @@ budget, measure it against the consensus of the other seeds, record it.
     config ─► Task ─► Partition ─► Game × seeds ─► Valuer ─► Valuation ─► metrics ─► records
 
 One job holds every seed (rather than one Hydra job per ``seed=``) because the
-reference of each seed is the consensus of the others, the noise ceiling and the
+reference of each seed is the consensus of the others, the one-seed exact reference and the
 paired comparisons need every seed's valuation of the same game, and one worker
 pool then trains every seed's coalitions; Hydra's sweeps are left for what makes
 another game (models, partitions, presets). A record is one (valuer, seed).
