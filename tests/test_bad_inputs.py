@@ -165,6 +165,8 @@ CASES = {
     "HH-RLHF file not the pinned one": (["task=hh_rlhf", "task.path={hh_plain}", f"task.sha256={'0' * 64}"],
                                         "task.sha256: ", 2),
     "results folder under a file": (["results_dir={afile}/r"], "results_dir", 2),
+    "cache folder that is a file": (["cache_dir={afile}"], "cache_dir: ", 2),
+    "cache folder under a file": (["cache_dir={afile}/cache"], "is a file, not a folder", 2),
 }
 
 

@@ -64,6 +64,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def check_folder(path: str | os.PathLike, field: str) -> None:
+    """Fail in one line, before any work, when ``path`` cannot hold the cache: a file
+    where the folder should be, a file above it, or a folder that is not writable."""
+    from bench.core.errors import ConfigError
+    p = Path(path)
+    above = next((q for q in [p, *p.parents] if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{field}: {above} is a file, not a folder; point {field} at a folder "
+                          f"(e.g. {field}=results/cache) or move the file")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{field}: {p} is not writable ({e.strerror or e}); give a folder you can write, "
+                          f"e.g. {field}=results/cache") from None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

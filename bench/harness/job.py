@@ -200,7 +200,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         cfg.game.device = device
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
-    from bench.core.cache import sweep_stale_tmp
+    from bench.core.cache import check_folder, sweep_stale_tmp
+    check_folder(cfg.cache_dir, "cache_dir")
     for d in {str(cfg.cache_dir), str(store.runs)}:   # a killed earlier run's half-written temp files
         if Path(d).exists():
             sweep_stale_tmp(d)
