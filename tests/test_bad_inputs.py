@@ -166,6 +166,9 @@ CASES = {
                                         "task.sha256: ", 2),
     "results folder under a file": (["results_dir={afile}/r"], "results_dir", 2),
     "cache folder that is a file": (["cache_dir={afile}"], "cache_dir: ", 2),
+    # (the check loads the base, which the shared cache keeps: a cache outside results_dir here)
+    "max_length that leaves no response token": (["train.max_length=3", "cache_dir={afile}_cache"],
+                                                 "train.max_length: 3 tokens leave no response token", 2),
     "cache folder under a file": (["cache_dir={afile}/cache"], "is a file, not a folder", 2),
 }
 

@@ -44,7 +44,7 @@ from bench.core.train import FineTuneDiverged
 from bench.core.uncertainty import Consensus
 from bench.core.valuation import Budget, BudgetExhausted, Valuation
 from bench.analysis.verdicts import fidelity_ci, verdict_tables
-from bench.harness.build import build_game, build_task, build_valuer
+from bench.harness.build import build_game, build_task, build_valuer, check_trainable
 from bench.harness.checks import check_config
 from bench.tracking import ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
@@ -232,6 +232,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     for valuer, _ in built.values():          # game-dependent valuer settings, before any training
         if hasattr(valuer, "check"):
             valuer.check(game)
+    check_trainable(game)                    # something to train at all (loads the base, needed next)
     if isinstance(shard, tuple):             # train one slice of the exact reference, then stop
         info = run_shard(list(games.values()), *shard)
         print(f"[dvbench] shard {info['shard']}: {info['coalitions']} of {info['of']} ground-truth coalitions "
