@@ -98,6 +98,7 @@ CASES = {
     "the single seed of older versions": (["seed=1"], "seed: replaced by seeds", 2),
     "malformed shard": (["game.shard=4/4"], "game.shard: '4/4' needs 0 <= i < k", 2),
     "pack below 1": (["game.pack=0"], "game.pack: 0; use a value >= 1", 2),
+    "a GPU on a CPU build of torch": (["game.device=cuda"], "game.device: 'cuda' but this torch", 2),
     "pack above the coalitions": (["game.pack=8", "train.lora_r=8"], "game.pack: 8 is more than the 7 coalitions", 2),
     "pack with a full fine-tune": (["game.pack=2"], "game.pack: 2 packs LoRA adapters on one base, and train.lora_r "
                                                     "is null", 2),
@@ -164,6 +165,11 @@ CASES = {
     "HH-RLHF file not the pinned one": (["task=hh_rlhf", "task.path={hh_plain}", f"task.sha256={'0' * 64}"],
                                         "task.sha256: ", 2),
     "results folder under a file": (["results_dir={afile}/r"], "results_dir", 2),
+    "cache folder that is a file": (["cache_dir={afile}"], "cache_dir: ", 2),
+    # (the check loads the base, which the shared cache keeps: a cache outside results_dir here)
+    "max_length that leaves no response token": (["train.max_length=3", "cache_dir={afile}_cache"],
+                                                 "train.max_length: 3 tokens leave no response token", 2),
+    "cache folder under a file": (["cache_dir={afile}/cache"], "is a file, not a folder", 2),
 }
 
 

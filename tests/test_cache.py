@@ -239,3 +239,25 @@ def test_concurrent_writers_train_each_coalition_once(tmp_path, fresh_cache):
     c = DiskCache(fresh_cache)
     assert all(c.get_json("utility", p.stem) is not None for p in _entries(fresh_cache))
     assert not list(fresh_cache.rglob("*.tmp"))
+
+
+def test_sweep_removes_a_dead_writers_temp_folder_and_never_raises(tmp_path):
+    """A killed EK-FAC run leaves a ``.<key>.<pid>.<random>.tmp`` *folder*; the sweep at the
+    next job's start called ``unlink`` on it (IsADirectoryError), so every later job
+    crashed at start-up."""
+    import subprocess
+    import sys
+
+    from bench.core.cache import sweep_stale_tmp
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    folder = tmp_path / "ekfac" / f".factors.{dead}.ab12cd34.tmp"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "lambda.safetensors").write_bytes(b"x" * 10)
+    f = tmp_path / f".entry.json.{dead}.k3j4.tmp"
+    f.write_bytes(b"half")
+    live = tmp_path / f".entry.json.{os.getpid()}.zz99.tmp"
+    live.write_bytes(b"mine")
+    assert sweep_stale_tmp(tmp_path) == 2
+    assert not folder.exists() and not f.exists() and live.exists()
+    assert sweep_stale_tmp(tmp_path / "missing") == 0

@@ -53,7 +53,8 @@ CONTRACT = ["experiment", "valuer", "game", "seed", "seeds", "job", "reference_v
                                                  "efficiency_gap")),
             "metrics.one_seed_exact", "metrics.detection_graded.concordance",
             *(f"metrics.detection.{k}" for k in ("auroc", "auprc", "precision_at_k", "f1")),
-            *(f"cost.{k}" for k in ("wall_s", "device", "device_s", "gpu_hours", "fine_tunes",
+            *(f"cost.{k}" for k in ("wall_s", "device", "device_s", "gpu_hours", "gpus", "cpu_only_s",
+                                    "peak_gpu_mem_bytes", "fine_tunes",
                                     "fine_tunes_cached", "peak_mem_bytes"))]
 
 

@@ -118,7 +118,7 @@ def _loader(subject, examples, ref, batch_size: int):
         K, B = b.rows_per_example, b.n_examples
         ids = b.ids.view(K, B, -1).transpose(0, 1).contiguous()
         tm = b.targets.view(K, B, -1).transpose(0, 1).contiguous()
-        r = ref[idx] if ref is not None else torch.zeros(B, K, dtype=torch.float64)
+        r = ref[idx] if ref is not None else torch.zeros(B, K, dtype=torch.float64)   # cpu: moved below
         return ids, tm, r.to(subject.dtype).to(subject.device)
     return DataLoader(list(range(len(examples))), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
 
@@ -213,7 +213,7 @@ class TracIn(_DattriValuer):
         lr = float(s.lr if s.lr is not None else game.train.lr)
         loss_fn, _, _ = _functions(hf, s.train_loss, subject.beta)
         with meter.phase("tracin", own_compute=True):
-            att = TracInAttributor(_task(hf, loss_fn, subject.key), weight_list=torch.tensor([lr]),
+            att = TracInAttributor(_task(hf, loss_fn, subject.key), weight_list=torch.tensor([lr], device=subject.device),
                                    normalized_grad=s.normalized, layer_name=names, device=str(subject.device),
                                    projector_kwargs=_projector_kwargs(s.proj_dim, s.proj_type, s.seed,
                                                                       subject.device))

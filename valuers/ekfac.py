@@ -133,9 +133,11 @@ def _pair_task(subject, names: list[str], loss: str, seed: int):
         def reseed(self) -> None:
             self._gen = None
 
-        def gen(self, device) -> torch.Generator:
-            if self._gen is None or self._gen.device != torch.device(device):
-                self._gen = torch.Generator(device=device).manual_seed(self.seed)
+        def gen(self) -> torch.Generator:
+            """A CPU generator: draws are made from CPU copies of the probabilities, so
+            they are the same on every device."""
+            if self._gen is None:
+                self._gen = torch.Generator(device="cpu").manual_seed(self.seed)
             return self._gen
 
         def batch(self, b: dict) -> Batch:
@@ -150,10 +152,10 @@ def _pair_task(subject, names: list[str], loss: str, seed: int):
             if not sample:
                 return example_losses(lp, ref, bt, loss, subject.beta)
             B = bt.n_examples                   # dpo: the preference drawn from σ(β·margin)
-            ref = ref.to(lp.dtype)
+            ref = ref.to(device=lp.device, dtype=lp.dtype)
             z = subject.beta * ((lp[:B] - ref[:, 0]) - (lp[B:2 * B] - ref[:, 1]))
             with torch.no_grad():
-                y = torch.bernoulli(torch.sigmoid(z.detach()), generator=self.gen(z.device))
+                y = torch.bernoulli(torch.sigmoid(z.detach()).cpu(), generator=self.gen()).to(z.device)
             return -F.logsigmoid((2 * y - 1) * z)
 
         def sampled_sft(self, bt: Batch, model) -> torch.Tensor:
@@ -163,7 +165,7 @@ def _pair_task(subject, names: list[str], loss: str, seed: int):
             rows, pos = bt.targets.nonzero(as_tuple=True)
             logp = torch.log_softmax(hf.get_output_embeddings()(hidden[rows, pos - 1]), -1)
             with torch.no_grad():
-                y = torch.multinomial(logp.detach().exp().float(), 1, generator=self.gen(logp.device))
+                y = torch.multinomial(logp.detach().exp().float().cpu(), 1, generator=self.gen()).to(logp.device)
             lp = logp.gather(-1, y).squeeze(-1)
             s = torch.zeros(bt.ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
             B = bt.n_examples
@@ -197,7 +199,8 @@ def _loader_kwargs(pad_id: int):
 
     def collate_fn(items):
         b = collate([ex for _, ex, _ in items], pad_id)
-        out = {"index": torch.tensor([i for i, _, _ in items]), "ids": b.ids, "attn": b.attn, "targets": b.targets}
+        out = {"index": torch.tensor([i for i, _, _ in items]),    # cpu: Kronfluence moves the batch
+               "ids": b.ids, "attn": b.attn, "targets": b.targets}
         if items[0][2] is not None:
             out["ref"] = torch.stack([r for _, _, r in items])
         return out

@@ -28,7 +28,7 @@ class RandomValuer:
 
     def value(self, game, budget: Budget) -> Valuation:
         meter = CostMeter(game)
-        with meter.phase("draw", own_compute=True):
+        with meter.phase("draw", own_compute=True, cpu_only=True):
             rng = np.random.default_rng([self.settings.seed, game.seed])
             draws = rng.standard_normal((self.settings.n_draws, game.n))
         return Valuation(draws[0], cost=meter.cost(), draws=draws)

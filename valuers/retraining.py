@@ -24,7 +24,7 @@ class RetrainShapley:
         meter = CostMeter(game)
         with meter.phase("fine_tune+score"):
             table = game.table()
-        with meter.phase("shapley"):
+        with meter.phase("shapley", cpu_only=True):
             phi = shapley.exact_shapley(table)
             shapley.check_efficiency(phi, table, atol=1e-9)
         return Valuation(phi, cost=meter.cost(), table=table, extras={

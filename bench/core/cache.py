@@ -64,6 +64,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def check_folder(path: str | os.PathLike, field: str) -> None:
+    """Fail in one line, before any work, when ``path`` cannot hold the cache: a file
+    where the folder should be, a file above it, or a folder that is not writable."""
+    from bench.core.errors import ConfigError
+    p = Path(path)
+    above = next((q for q in [p, *p.parents] if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{field}: {above} is a file, not a folder; point {field} at a folder "
+                          f"(e.g. {field}=results/cache) or move the file")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{field}: {p} is not writable ({e.strerror or e}); give a folder you can write, "
+                          f"e.g. {field}=results/cache") from None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -75,21 +94,35 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale_tmp(root: str | Path) -> int:
-    """Delete temp files left under ``root`` by writers that died (killed mid-write);
-    a live writer's temp file is kept. Returns how many were removed."""
+    """Delete temp files *and folders* left under ``root`` by writers that died (killed
+    mid-write; EK-FAC's factor folders are ``.<key>.<pid>.<random>.tmp`` directories); a
+    live writer's entry is kept. Never raises: an entry it cannot remove (gone already,
+    no permission) is left, and the job goes on. Returns how many were removed.
+
+    Known limit: the pid is judged on this node only, so a cache shared by several
+    hosts or pid namespaces needs the host in the name (issue 24)."""
+    import shutil
     removed = 0
-    for p in Path(root).rglob(".*.tmp"):
+    try:
+        entries = list(Path(root).rglob(".*.tmp"))
+    except OSError:
+        return 0
+    for p in entries:
         parts = p.name.rsplit(".", 3)          # .<name>.<pid>.<random>.tmp -> [..., pid, random, tmp]
         try:
             pid = int(parts[-3])
         except (ValueError, IndexError):
             continue                            # not ours
-        if not _alive(pid):
-            try:
+        if _alive(pid):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
                 p.unlink()
-                removed += 1
-            except FileNotFoundError:
-                pass
+            removed += 1
+        except OSError:
+            pass
     return removed
 
 

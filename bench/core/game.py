@@ -608,7 +608,9 @@ def _init_worker(n_jobs: int) -> None:
     import joblib.externals.loky.process_executor as loky_worker
 
     from bench.core.env import quiet_libraries
+    from bench.core.workers import exit_with_parent
     quiet_libraries()
+    exit_with_parent()          # a worker of a killed job ends instead of training on as an orphan
     # loky restarts a worker whose memory grew 300 MB past its size after its first
     # task, taking it for a leak; a worker here keeps what it loaded on purpose (the
     # base, the prepared pool, tokenisations) and the allocator keeps freed pages, so

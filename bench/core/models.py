@@ -184,14 +184,14 @@ def _build_tiny(spec: ModelSpec, task, out: Path) -> None:
 
 
 def _lm_warmup(model, tok, texts, spec: ModelSpec) -> None:
-    g = torch.Generator().manual_seed(spec.init_seed)
+    g = torch.Generator().manual_seed(spec.init_seed)   # cpu: a seeded shuffle of texts, no model tensor
     opt = torch.optim.AdamW(model.parameters(), lr=spec.warmup_lr, weight_decay=0.0)
     bs = spec.warmup_batch_size
     steps = spec.warmup_epochs * ((len(texts) + bs - 1) // bs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
     model.train()
     for _ in range(spec.warmup_epochs):
-        order = torch.randperm(len(texts), generator=g).tolist()
+        order = torch.randperm(len(texts), generator=g).tolist()   # cpu: idem
         for i in range(0, len(texts), bs):
             batch = tok([texts[j] for j in order[i:i + bs]], return_tensors="pt", padding=True,
                         truncation=True, max_length=spec.n_positions, add_special_tokens=False)

@@ -413,11 +413,11 @@ def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64,
     for b in range(0, len(seqs), batch_size):
         idx = order[b:b + batch_size]
         L = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), L), dtype=torch.long)
-        targets = torch.zeros((len(idx), L), dtype=torch.bool)
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)      # cpu: filled row by row, moved below
+        mask = torch.zeros((len(idx), L), dtype=torch.long)         # cpu: idem
+        targets = torch.zeros((len(idx), L), dtype=torch.bool)      # cpu: idem
         for row, i in enumerate(idx):                    # right padding
-            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])         # cpu: into the CPU buffer
             mask[row, :len(seqs[i])] = 1
             targets[row, spans[i][0]:spans[i][1]] = True
         sums = response_logps(model, ids.to(dev), mask.to(dev), targets.to(dev), logits_dtype=torch.float32,

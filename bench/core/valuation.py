@@ -26,7 +26,14 @@ class Cost:
     training set the method used, ``fine_tunes_cached`` how many of those came from
     the cache. ``device_s`` is the compute the method needs from scratch: the
     recorded train+eval seconds of every utility it used (cached or not) plus its
-    own work, so cost is comparable whatever happened to be cached."""
+    own work, so cost is comparable whatever happened to be cached.
+
+    GPU: ``gpu_hours`` = wall seconds the valuer held its GPU × GPUs held / 3600 (one
+    GPU per process; concurrent workers on that GPU are not counted twice, being wall
+    time), 0 on the CPU; ``cpu_only_s`` = its phases that run on the CPU only (Shapley
+    sums, draws), reported apart: GPU-hours held idle; ``peak_gpu_mem_bytes`` = the peak
+    memory torch allocated on the GPU while the valuer ran (None on the CPU). The harness
+    measures the first and last around the whole valuer (``bench.core.devices.GpuMeter``)."""
 
     wall_s: float = 0.0
     device: str = "cpu"
@@ -37,6 +44,9 @@ class Cost:
     utility_calls: int = 0
     peak_mem_bytes: int = 0
     phases: dict = field(default_factory=dict)   # phase -> wall seconds
+    cpu_only_s: float = 0.0
+    gpus: int = 0
+    peak_gpu_mem_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,9 +159,12 @@ class CostMeter:
         self.game = game
         self.phases: dict[str, float] = {}
         self._own_s = 0.0
+        self._cpu_only_s = 0.0
 
     @contextmanager
-    def phase(self, name: str, own_compute: bool = False):
+    def phase(self, name: str, own_compute: bool = False, cpu_only: bool = False):
+        """Time a phase; ``own_compute``: work the game did not count; ``cpu_only``: it runs
+        on the CPU whatever the game's device (reported apart from GPU time)."""
         t0 = time.perf_counter()
         try:
             yield
@@ -160,6 +173,8 @@ class CostMeter:
             self.phases[name] = self.phases.get(name, 0.0) + dt
             if own_compute:     # work not already counted as a game utility
                 self._own_s += dt
+            if cpu_only:
+                self._cpu_only_s += dt
 
     def add_own(self, seconds: float) -> None:
         """Charge compute done earlier and reused now (e.g. cached embeddings), so the
@@ -171,9 +186,11 @@ class CostMeter:
         trained = [e for e in used if e["trained"]]
         device = self.game.device_kind
         device_s = sum(e["compute_s"] for e in used) + self._own_s
+        wall = sum(self.phases.values())
+        gpus = 1 if device == "cuda" else 0          # one GPU per process (devices.pin_one_gpu)
         return Cost(
-            wall_s=sum(self.phases.values()), device=device, device_s=device_s,
-            gpu_hours=device_s / 3600 if device == "cuda" else 0.0,
+            wall_s=wall, device=device, device_s=device_s, cpu_only_s=self._cpu_only_s, gpus=gpus,
+            gpu_hours=wall * gpus / 3600,
             fine_tunes=len(trained), fine_tunes_cached=sum(not e["fresh"] for e in trained),
             utility_calls=len(used),
             peak_mem_bytes=max([peak_rss_bytes()] + [e["peak_rss"] for e in used]),

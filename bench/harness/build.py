@@ -77,6 +77,24 @@ def build_game(cfg: DictConfig, task=None, partition=None) -> tuple[Game, Partit
     return game, part
 
 
+def check_trainable(game) -> None:
+    """Refuse, before any fine-tune, settings under which no training pair keeps a
+    response token: TRL drops every pair whose prompt fills ``train.max_length``, and a
+    coalition with no pair left ended in ``torch.cat(): expected a non-empty list``.
+    Prompt lengths are counted without special tokens (the fewest TRL can see), so only
+    a game that certainly has nothing to train is refused. Loads the base (the job needs
+    it next anyway)."""
+    from bench.core.models import render_prompt
+    _, tok = game.base()
+    n = int(game.train.max_length)
+    lens = [len(tok(render_prompt(tok, game.model_spec, p.prompt), add_special_tokens=False)["input_ids"])
+            for p in game.flat_pairs()]
+    if lens and min(lens) >= n:
+        raise ConfigError(f"train.max_length: {n} tokens leave no response token in any of the {len(lens)} training "
+                          f"pairs (their prompts are {min(lens)}+ tokens; TRL drops such pairs); raise "
+                          f"train.max_length above {min(lens)}, or shorten the prompts (task.max_prompt_tokens)")
+
+
 @contextmanager
 def scratch_game(cfg: DictConfig):
     """The game of ``cfg`` on a temporary utility cache (deleted on exit) that shares

@@ -98,6 +98,8 @@ class GameSettings(Settings):
         parse_shard(self.shard)
         if not re.fullmatch(DEVICE_PATTERN, str(self.device)):
             raise self.error("device", f"unknown {self.device!r}; use auto, cpu, cuda or cuda:N")
+        from bench.core.devices import check_device
+        check_device(self.device, "game.device")      # usable by this torch, here: one line, before any work
 
 
 @dataclass(frozen=True)

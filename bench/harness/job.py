@@ -5,7 +5,7 @@ budget, measure it against the consensus of the other seeds, record it.
     config ─► Task ─► Partition ─► Game × seeds ─► Valuer ─► Valuation ─► metrics ─► records
 
 One job holds every seed (rather than one Hydra job per ``seed=``) because the
-reference of each seed is the consensus of the others, the noise ceiling and the
+reference of each seed is the consensus of the others, the one-seed exact reference and the
 paired comparisons need every seed's valuation of the same game, and one worker
 pool then trains every seed's coalitions; Hydra's sweeps are left for what makes
 another game (models, partitions, presets). A record is one (valuer, seed).
@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.core import metrics as M
 from bench.core import shapley
 from bench.core.errors import ConfigError
+from bench.core.devices import GpuMeter
 from bench.core.game import Game
 from bench.core.lds import LdsTargets, aggregate_lds, pair_lds
 from bench.core.lds import predictions as lds_predictions
@@ -43,7 +44,7 @@ from bench.core.train import FineTuneDiverged
 from bench.core.uncertainty import Consensus
 from bench.core.valuation import Budget, BudgetExhausted, Valuation
 from bench.analysis.verdicts import fidelity_ci, verdict_tables
-from bench.harness.build import build_game, build_task, build_valuer
+from bench.harness.build import build_game, build_task, build_valuer, check_trainable
 from bench.harness.checks import check_config
 from bench.tracking import ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
@@ -192,9 +193,15 @@ def check_job(cfg: DictConfig) -> tuple[dict, dict]:
 
 def run_experiment(cfg: DictConfig) -> list[dict]:
     t_start = time.time()
+    from bench.core.devices import pin_one_gpu
+    device, note = pin_one_gpu(cfg.game.device)    # one GPU per process, before CUDA is initialised
+    if note:
+        print(note)
+        cfg.game.device = device
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
-    from bench.core.cache import sweep_stale_tmp
+    from bench.core.cache import check_folder, sweep_stale_tmp
+    check_folder(cfg.cache_dir, "cache_dir")
     for d in {str(cfg.cache_dir), str(store.runs)}:   # a killed earlier run's half-written temp files
         if Path(d).exists():
             sweep_stale_tmp(d)
@@ -225,6 +232,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     for valuer, _ in built.values():          # game-dependent valuer settings, before any training
         if hasattr(valuer, "check"):
             valuer.check(game)
+    check_trainable(game)                    # something to train at all (loads the base, needed next)
     if isinstance(shard, tuple):             # train one slice of the exact reference, then stop
         info = run_shard(list(games.values()), *shard)
         print(f"[dvbench] shard {info['shard']}: {info['coalitions']} of {info['of']} ground-truth coalitions "
@@ -272,7 +280,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         if exact_error:
                             raise FineTuneDiverged(exact_error)
                         tv = time.time()
-                        with g.metered(budget) as use:
+                        with g.metered(budget) as use, GpuMeter(g.device_kind) as gpu:
                             val = valuer.value(g, budget)
                         valuer_own_s += max(time.time() - tv - use.busy_s, 0.0)
                         val.check(g.n, len(example_ids), len(g.eval))
@@ -284,7 +292,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         metrics = evaluate(val, seed, ref)
                         if val.pair_scores is not None and ref.lds is not None:
                             lds_preds[f"{name}/s{seed}"] = lds_predictions(val.pair_scores, ref.lds)
-                        rec.update(owner_values=val.owner_values, stderr=val.stderr, cost=val.cost.to_dict(),
+                        rec.update(owner_values=val.owner_values, stderr=val.stderr,
+                                   cost={**val.cost.to_dict(), **gpu.fields()},    # GPU time held, measured here
                                    metrics=metrics, valuation=valuation_fields(val), extras=val.extras)
                         if val.point_values is not None:
                             rec["point_values"] = val.point_values

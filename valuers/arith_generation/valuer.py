@@ -105,13 +105,15 @@ def sampling_logprobs(z: torch.Tensor, temperature: float, top_p: float) -> torc
 
 # ------------------------------------------------------------------ sampling
 
-def _left_pad(prompts: list[list[int]], pad: int):
+def _left_pad(prompts: list[list[int]], pad: int, device=None):
+    """Left-padded ids, attention mask and positions of ``prompts``, on ``device``."""
     L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)      # cpu: filled row by row, moved below
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)         # cpu: idem
     for r, p in enumerate(prompts):
-        ids[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        ids[r, L - len(p):] = torch.tensor(p, dtype=torch.long)     # cpu: into the CPU buffer
         mask[r, L - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
 
@@ -152,25 +154,30 @@ def generate_coalition(owner_models: list, base_model, prompts: list[list[int]],
     Returns {"tokens": per row the generated ids (EOS included when reached),
     "logw": [B] importance log-weights Σ_t z_t(y_t) − log q_t(y_t), "forwards":
     model-forward rows computed (a prompt prefill counts as one row)}. ``prefill``: a
-    dict the caller keeps across coalitions to compute each model's prefill once."""
+    dict the caller keeps across coalitions to compute each model's prefill once.
+
+    Devices: ids, masks and positions live on the models' device; tokens are drawn on
+    the CPU, with the CPU ``generator``, from CPU copies of the probabilities, so the
+    draws are the same on every device; the bookkeeping (done, log-weights) is on the CPU."""
     models = list(owner_models) if owner_models else []
     use_base = len(models) != 1
     streams = [_Stream(m) for m in models] + ([_Stream(base_model)] if use_base else [])
-    ids, mask, pos = _left_pad(prompts, pad_id)
+    dev = next((models[0] if models else base_model).parameters()).device
+    ids, mask, pos = _left_pad(prompts, pad_id, dev)
     B = len(prompts)
     batch_key = tuple(tuple(p) for p in prompts)
     started = [s.start(ids, mask, pos, prefill, batch_key) for s in streams]
     logits = [lg for lg, _ in started]
     cur = pos[:, -1].clone()
-    done = torch.zeros(B, dtype=torch.bool)
+    done = torch.zeros(B, dtype=torch.bool)                          # cpu: bookkeeping
     out: list[list[int]] = [[] for _ in range(B)]
-    logw = torch.zeros(B, dtype=torch.float64)
+    logw = torch.zeros(B, dtype=torch.float64)                       # cpu: bookkeeping
     forwards = B * sum(fresh for _, fresh in started)
     for t in range(max_new_tokens):
-        z = combine(logits[:len(models)], logits[-1] if use_base else None)
+        z = combine(logits[:len(models)], logits[-1] if use_base else None).float().cpu()
         if temperature == 0:
             nxt = z.argmax(-1)
-            logq = torch.zeros(B)
+            logq = torch.zeros(B)                                    # cpu: bookkeeping
         else:
             lq = sampling_logprobs(z, temperature, top_p)
             nxt = torch.multinomial(lq.exp(), 1, generator=generator)[:, 0]
@@ -183,9 +190,9 @@ def generate_coalition(owner_models: list, base_model, prompts: list[list[int]],
         done |= nxt == eos_id
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
         cur = cur + 1
-        logits = [s.step(nxt[:, None], mask, cur[:, None]) for s in streams]
+        logits = [s.step(nxt[:, None].to(dev), mask, cur[:, None]) for s in streams]
         forwards += B * len(streams)
     return {"tokens": out, "logw": logw.numpy(), "forwards": forwards}
 
@@ -203,7 +210,8 @@ def decode(tok, ids: list[int]) -> str:
 
 def coalition_generator(seed: int, mask: int) -> torch.Generator:
     """Each coalition's own stream of randomness, independent of the loop order."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, mask]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(   # cpu: draws are made on the CPU (generate_coalition)
+        int(np.random.SeedSequence([seed, mask]).generate_state(1)[0]))
 
 
 def self_normalised(values: np.ndarray, logw: np.ndarray, groups: np.ndarray) -> float:
@@ -338,7 +346,7 @@ class DPOArithmeticGeneration:
                     examples[str(mask)] = [{"prompt": p.prompt, "text": x}
                                            for p, x in zip(row_pairs, texts)][:self.n_examples]
         gen_s = time.perf_counter() - t0
-        with meter.phase("shapley", own_compute=True):
+        with meter.phase("shapley", own_compute=True, cpu_only=True):
             phis = {}
             for a in REWARD_AXES:
                 phis[a] = shapley.exact_shapley(tables[a])

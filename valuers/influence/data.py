@@ -48,11 +48,11 @@ def collate(examples, pad_id: int, device="cpu") -> Batch:
     B, K = len(examples), len(examples[0])
     rows = [ex[j] for j in range(K) for ex in examples]
     L = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), L), dtype=torch.long)
-    tgt = torch.zeros((len(rows), L), dtype=torch.bool)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)      # cpu: filled row by row, moved below
+    attn = torch.zeros((len(rows), L), dtype=torch.long)            # cpu: idem
+    tgt = torch.zeros((len(rows), L), dtype=torch.bool)             # cpu: idem
     for r, (seq, start) in enumerate(rows):
-        ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)     # cpu: into the CPU buffer
         attn[r, :len(seq)] = 1
         tgt[r, start:len(seq)] = True
     return Batch(ids.to(device), attn.to(device), tgt.to(device), B, K)
@@ -87,6 +87,6 @@ def example_losses(lp: torch.Tensor, ref: torch.Tensor | None, batch: Batch, los
     if loss == "sft":
         n = batch.targets[:B].sum(1).clamp(min=1).to(lp.dtype)
         return -lp[:B] / n
-    ref = ref.to(lp.dtype)
+    ref = ref.to(device=lp.device, dtype=lp.dtype)      # kept on the CPU in float64 (subject.reference_logps)
     m = (lp[:B] - ref[:, 0]) - (lp[B:2 * B] - ref[:, 1])
     return -F.logsigmoid(beta * m)

@@ -167,8 +167,8 @@ def estimate_covariances(subject: Subject, layers, examples, ref, loss, batch_si
             n_tok += int(b.attn.sum())
             for n, (gg, xx) in c.items():
                 d_out, d_in = layer_dims(dict(layers)[n])
-                gg = torch.zeros(d_out, d_out, dtype=torch.float64) if gg is None else gg.double().cpu()
-                xx = torch.zeros(d_in, d_in, dtype=torch.float64) if xx is None else xx.double().cpu()
+                gg = torch.zeros(d_out, d_out, dtype=torch.float64) if gg is None else gg.double().cpu()  # cpu: sum
+                xx = torch.zeros(d_in, d_in, dtype=torch.float64) if xx is None else xx.double().cpu()    # cpu: sum
                 s = sums.get(n)
                 sums[n] = (gg, xx) if s is None else (s[0] + gg, s[1] + xx)
     return {n: (gg / max(1, n_tok), xx / max(1, n_tok)) for n, (gg, xx) in sums.items()}

@@ -67,7 +67,8 @@ class GradientLogs:
                                   f"point {where}.logs_dir elsewhere")
         arrays = [np.load(path / f"layer_{i:04d}.npy", mmap_mode="r") for i in range(len(meta["layers"]))]
         with np.load(path / "projections.npz") as z:
-            proj = {n: tuple(torch.from_numpy(z[f"{i}_{s}"]) if f"{i}_{s}" in z else None for s in ("out", "in"))
+            proj = {n: tuple(torch.from_numpy(z[f"{i}_{s}"])     # cpu: moved by GradientLogger (hooks.py)
+                             if f"{i}_{s}" in z else None for s in ("out", "in"))
                     for i, n in enumerate(meta["layers"])}
         return GradientLogs(path, meta, arrays, proj)
 

@@ -72,7 +72,7 @@ def per_example_gradients(subject: Subject, layers, examples, ref, loss: str, ba
         K, B = b.rows_per_example, b.n_examples
         ids = b.ids.view(K, B, -1).transpose(0, 1)
         tm = b.targets.view(K, B, -1).transpose(0, 1)
-        r = (ref[idx] if ref is not None else torch.zeros(B, K, dtype=torch.float64)).to(subject.dtype)
+        r = (ref[idx] if ref is not None else torch.zeros(B, K, dtype=torch.float64)).to(subject.dtype)  # cpu: moved below
         with torch.no_grad():        # torch.func.grad ignores an outer no_grad; it stops a useless outer graph
             g = per_ex(params, ids, tm, r.to(subject.device))
         out = {}

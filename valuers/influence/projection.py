@@ -55,8 +55,8 @@ def layer_seed(seed: int, name: str, side: str) -> int:
 
 def orthonormal_rows(k: int, d: int, seed: int) -> torch.Tensor:
     """[k, d], seeded Gaussian with orthonormalised rows (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, k, generator=g, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)          # cpu: the same projection on every device
+    a = torch.randn(d, k, generator=g, dtype=torch.float64)   # cpu: moved by GradientLogger (hooks.py)
     q, r = torch.linalg.qr(a)
     return (q * torch.sign(torch.diagonal(r))).T.contiguous()
 
@@ -81,8 +81,8 @@ def eigen_projections(shapes: dict, covs: dict) -> dict:
 def dense_projection(d: int, numel: int, seed: int, dtype=torch.float32) -> torch.Tensor:
     """[d, numel] seeded Gaussian / √d (E[PᵀP] = I): a TRAK-style projection of a
     flattened gradient."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(d, numel, generator=g, dtype=dtype) / d ** 0.5
+    g = torch.Generator().manual_seed(seed)          # cpu: the same projection on every device
+    return torch.randn(d, numel, generator=g, dtype=dtype) / d ** 0.5   # cpu: callers move it
 
 
 def dense_projections(layers, proj_dim: int | None, seed: int) -> dict:

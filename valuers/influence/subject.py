@@ -96,7 +96,7 @@ def grand_coalition(game, meter, settings, where: str):
 @torch.no_grad()
 def reference_logps(subject: Subject, examples, batch_size: int = 32) -> torch.Tensor:
     """[N, rows] Σ log π0 over response tokens (float64), for the DPO loss."""
-    out = torch.zeros((len(examples), len(examples[0])), dtype=torch.float64)
+    out = torch.zeros((len(examples), len(examples[0])), dtype=torch.float64)   # cpu: losses move it (data.py)
     with subject.reference() as ref:
         for idx in batches(examples, batch_size):
             subject.check_budget()
