@@ -126,7 +126,7 @@ def hydra_message(e: BaseException, overrides: list[str]) -> str:
                     f"each other's consensus; write e.g. seeds=[0,1,2]")
         if key == "lds.n_seeds":
             return ("lds.n_seeds: replaced by lds.seeds, the training seeds of the LDS subsets, disjoint from "
-                    "`seeds`; write e.g. lds.seeds=[100,101]")
+                    "the job's seeds; write e.g. lds.seeds=[100,101]")
         parent, keys = _nearest_node(overrides, key)
         if keys is None:
             return f"{key}: {parent or key} is a single value, not a group of settings; set {parent or key}=<value>"
