@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import os
 
 import pytest
 import torch
@@ -164,3 +165,56 @@ def test_gpu_hours_are_wall_time_held_and_cpu_phases_are_apart():
     with GpuMeter("cpu") as m:                   # the CPU: no GPU held, no GPU memory
         pass
     assert m.fields() == {"gpus": 0, "gpu_hours": 0.0, "peak_gpu_mem_bytes": None}
+
+
+def test_precision_auto_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    import bench.core.devices as D
+    from bench.core.errors import ConfigError
+    monkeypatch.setattr(D, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert D.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(D, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert D.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(D, "_cpu_flags", lambda: {"amx_bf16"})
+    assert D.resolve_precision("auto", "cpu") == "bf16"
+    assert D.resolve_precision("fp32", "cpu") == "fp32"
+    assert D.resolve_precision("bf16", "cpu") == "bf16"      # asked for: emulated where not native
+    with pytest.raises(ConfigError, match=r"^train.precision: unknown 'fp16'; choose one of"):
+        D.resolve_precision("fp16", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    assert D.resolve_precision("auto", "cuda") == "fp32"
+    with pytest.raises(ConfigError, match=r"^train.precision: bf16 but this GPU \(Tesla V100\) has no bf16"):
+        D.resolve_precision("bf16", "cuda")
+
+
+def test_precision_is_resolved_into_the_cache_key_and_the_trainer(make_game, tmp_path, monkeypatch):
+    """A game keys its fine-tunes by the precision they ran in (``auto`` resolved), and
+    TRL's config gets bf16 exactly when it is bf16."""
+    import dataclasses
+
+    import bench.core.devices as D
+    import bench.core.train as T
+    monkeypatch.setattr(D, "_cpu_flags", lambda: {"avx512_bf16"})
+    tiny_game = make_game(tmp_path)
+    auto = tiny_game._like(train=dataclasses.replace(tiny_game.train, precision="auto"))
+    bf16 = tiny_game._like(train=dataclasses.replace(tiny_game.train, precision="bf16"))
+    fp32 = tiny_game._like(train=dataclasses.replace(tiny_game.train, precision="fp32"))
+    assert auto.train.precision == "bf16" and auto.key(3) == bf16.key(3) != fp32.key(3)
+    monkeypatch.setattr(D, "_cpu_flags", lambda: set())
+    assert tiny_game._like(train=dataclasses.replace(tiny_game.train, precision="auto")).key(3) == fp32.key(3)
+    assert T._dpo_config("/tmp/x", bf16.train, 0, torch.device("cpu")).bf16 is True
+    assert T._dpo_config("/tmp/x", fp32.train, 0, torch.device("cpu")).bf16 is False
+
+
+def test_cuda_determinism_is_keyed_on_cuda_only(make_game, tmp_path, monkeypatch):
+    """``game.deterministic`` changes what a CUDA fine-tune computes, not a CPU one: it is
+    in a CUDA game's key and not in a CPU game's (so CPU caches do not split on it)."""
+    tiny_game = make_game(tmp_path)
+    assert tiny_game._like(deterministic=False).key(3) == tiny_game.key(3)
+    import bench.core.devices as D
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, warn_only=False: calls.append((on, warn_only)))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    D.set_cuda_determinism(True)
+    assert calls == [(True, True)] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

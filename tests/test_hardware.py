@@ -170,7 +170,10 @@ def test_default_gpu_preset_composes():
     finally:
         GlobalHydra.instance().clear()
     assert gpu["experiment_name"] == "default_gpu" and gpu["model"]["kind"] == "smollm2"
-    assert gpu["train"] == cpu["train"] and gpu["train"]["lora_r"] is not None    # the same LoRA trainer
+    assert gpu["train"]["precision"] == "auto" and cpu["train"]["precision"] == "fp32"   # bf16 where native
+    assert {**gpu["train"], "precision": None} == {**cpu["train"], "precision": None}    # else the same LoRA trainer
+    assert gpu["train"]["lora_r"] is not None
+    assert gpu["valuer"]["influence_naive"] == cpu["valuer"]["influence_naive"]      # comparable with default
     assert gpu["game"]["pack"] == 8 > cpu["game"]["pack"] == 1                     # ... packed on the GPU
     part = gpu["partition"]
     n_owners = len(part["owner_sources"]) + len(part["duplicate_pairs"])

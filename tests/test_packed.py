@@ -191,3 +191,15 @@ def test_pack_bench_refuses_bad_counts():
     for flag in ("--k", "--coalitions"):
         code, _, err = run_cli(["pack-bench", "experiment=smoke", flag, "0"])
         assert code == 2 and flag in err and one_line(err)
+
+
+def test_bf16_autocast_packs_like_its_solo_run_and_really_runs_in_bf16(tiny_base, coalitions, ready, solo):
+    """``train.precision=bf16``: the packed forward runs under the trainers' autocast,
+    as TRL's prepared model does, so K = 1 reproduces ``dpo_train`` under bf16; and
+    bf16 is not fp32 under another name (the adapters differ beyond float rounding)."""
+    model, tok = tiny_base
+    sb = dataclasses.replace(S, precision="bf16")
+    want = dpo_train(model, tok, SPEC, coalitions[0], sb, 0, examples=ready)
+    (got,) = dpo_train_packed(model, tok, SPEC, [coalitions[0]], sb, 0, ready)
+    assert_same_run(got, want, atol=1e-6)
+    assert max_diff(want[0]["state"], solo[0][0]["state"]) > 1e-4

@@ -92,6 +92,28 @@ def pin_one_gpu(device: str) -> tuple[str, str | None]:
     return ("cuda" if device.startswith("cuda") else device), note
 
 
+_EARLIER_PEAK = [0]    # peaks of the windows closed inside the current GpuMeter (per-utility resets)
+
+
+def reset_gpu_peak() -> None:
+    """Open a new peak-memory window on this process's GPU (a utility's fine-tune and
+    scoring): torch's peak statistics are reset, the closed window's peak is kept for
+    the ``GpuMeter`` around it. A no-op without CUDA."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        _EARLIER_PEAK[0] = max(_EARLIER_PEAK[0], torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_bytes() -> int | None:
+    """Peak bytes allocated on this process's GPU since the last ``reset_gpu_peak``
+    (None without CUDA)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
 class GpuMeter:
     """Wall time and peak GPU memory of a block on this process's GPU (no-op fields on
     the CPU): synchronises and resets torch's peak statistics at the start, reads
@@ -107,6 +129,7 @@ class GpuMeter:
         if self.on_gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            _EARLIER_PEAK[0] = 0
         self._t0 = time.perf_counter()
         return self
 
@@ -114,10 +137,66 @@ class GpuMeter:
         import time
         if self.on_gpu:
             torch.cuda.synchronize()
-            self.peak_bytes = int(torch.cuda.max_memory_allocated())
+            self.peak_bytes = max(_EARLIER_PEAK[0], int(torch.cuda.max_memory_allocated()))
         self.wall_s = time.perf_counter() - self._t0
         return False
 
     def fields(self) -> dict:
         """The ``Cost`` fields it measures: gpus, gpu_hours (wall × GPUs / 3600), peak_gpu_mem_bytes."""
         return {"gpus": self.gpus, "gpu_hours": self.wall_s * self.gpus / 3600, "peak_gpu_mem_bytes": self.peak_bytes}
+
+
+# ------------------------------------------------------------------ precision
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_native(device_kind: str) -> bool:
+    """Whether ``device_kind`` computes bf16 matrix products in hardware: a CUDA GPU
+    that supports bf16 (Ampere or later), or a CPU with AMX or AVX512-BF16 (read from
+    /proc/cpuinfo; False where it cannot be read)."""
+    if device_kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_kind == "cpu":
+        return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    return False
+
+
+def resolve_precision(precision: str, device_kind: str, field: str = "train.precision") -> str:
+    """``fp32`` or ``bf16``: what ``train.precision`` means on ``device_kind``. ``auto``
+    is bf16 where the device computes it natively (``bf16_native``), fp32 elsewhere;
+    ``bf16`` on a GPU without bf16 is refused in one line."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{field}: unknown {precision!r}; choose one of {list(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if bf16_native(device_kind) else "fp32"
+    if precision == "bf16" and device_kind == "cuda" and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{field}: bf16 but this GPU ({torch.cuda.get_device_name()}) has no bf16; "
+                          f"use {field}=fp32 (or auto)")
+    return precision
+
+
+# ------------------------------------------------------------------ determinism
+
+def set_cuda_determinism(on: bool) -> None:
+    """Deterministic CUDA kernels for this process (``game.deterministic``): cuBLAS's
+    fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts, so set before
+    any CUDA work) and ``torch.use_deterministic_algorithms`` with warnings for ops
+    that have no deterministic kernel. On the CPU torch's kernels are deterministic
+    already and nothing changes. Off: torch's defaults (faster, not bit-identical run
+    to run)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)

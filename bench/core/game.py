@@ -21,7 +21,7 @@ import ast
 import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 
 from bench.core.cache import DiskCache, content_key
 from bench.core.errors import ConfigError
+from bench.core.devices import gpu_peak_bytes, reset_gpu_peak, resolve_precision, set_cuda_determinism
 from bench.core.models import ModelSpec, load_base, resolve_device
 from bench.core.partition import Partition
 from bench.core.shapley import members
@@ -111,7 +112,7 @@ class Game(Metered):
     def __init__(self, task: Task, owners: "list[list] | Partition", model: ModelSpec, train: TrainSettings,
                  kind: str = "union", seed: int = 0, metric: str = "pref_acc",
                  cache_dir: str | Path = "results/cache", n_jobs: int = 1, progress: bool = True,
-                 eval_pairs=None, device: str = "auto", pack: int = 1):
+                 eval_pairs=None, device: str = "auto", pack: int = 1, deterministic: bool = True):
         if kind not in GAMES:
             raise ConfigError(f"game.kind: unknown {kind!r}; choose one of {list(GAMES)}")
         if metric not in METRICS:
@@ -121,10 +122,13 @@ class Game(Metered):
         owners = owners.owners if isinstance(owners, Partition) else owners
         self.owners: list[list] = [list(o) for o in owners]
         self.eval = list(task.eval if eval_pairs is None else eval_pairs)
-        self._task, self.model_spec, self.train = task, model, train
         self.kind, self.seed, self.metric = kind, seed, metric
         self.cache_dir, self.n_jobs, self.progress = str(cache_dir), n_jobs, progress
         self.device, self.pack = resolve_device(device), int(pack)   # every pass of the game runs on ``device``
+        self.deterministic = bool(deterministic)
+        # ``auto`` precision resolved here, so the key says what the fine-tunes ran in
+        train = replace(train, precision=resolve_precision(train.precision, self.device_kind))
+        self._task, self.model_spec, self.train = task, model, train
         self.n = len(self.owners)
         self._check_pack()
         self.owner_sizes = [len(o) for o in self.owners]
@@ -134,6 +138,8 @@ class Game(Metered):
                         "game": kind, "seed": seed, "device": torch.device(self.device).type}
         if self.pack > 1:     # packed adapters equal solo ones to fp rounding, not bit for bit: kept apart
             self._static["pack"] = self.pack
+        if self.device_kind == "cuda":   # CPU kernels are deterministic either way
+            self._static["deterministic"] = self.deterministic
         self._base = None   # (model, tokenizer), loaded lazily in each process
         self._trained = {}  # id(stage) -> the model a fresh stage trained, until it is scored
         self._init_meters()
@@ -188,7 +194,8 @@ class Game(Metered):
     def _like(self, **changes) -> "Game":
         kw = dict(task=self._task, owners=self.owners, model=self.model_spec, train=self.train, kind=self.kind,
                   seed=self.seed, metric=self.metric, cache_dir=self.cache_dir, n_jobs=self.n_jobs,
-                  progress=self.progress, eval_pairs=self.eval, device=self.device, pack=self.pack)
+                  progress=self.progress, eval_pairs=self.eval, device=self.device, pack=self.pack,
+                  deterministic=self.deterministic)
         return Game(**{**kw, **changes})
 
     def with_seed(self, seed: int) -> "Game":
@@ -293,6 +300,8 @@ class Game(Metered):
         """(model, tokenizer), loaded once per process: every game of this process on the
         same base (other seeds, eval sets, worker tasks) shares it, and nothing trains it."""
         if self._base is None:
+            if self.device_kind == "cuda":   # per process: pool workers are fresh processes
+                set_cuda_determinism(self.deterministic)
             key = (str(Path(self.cache_dir).resolve()), content_key(asdict(self.model_spec)), self._static["task"])
             key += (self.device,)
             if key not in _PROCESS_BASES:
@@ -376,6 +385,7 @@ class Game(Metered):
         from bench.core.packed import dpo_train_packed
         model, tok = self.base()
         pairs = [list(it.pairs) if isinstance(it, Subset) else self._pairs(it) for it in items]
+        reset_gpu_peak()
         t0 = time.perf_counter()
         results = dpo_train_packed(model, tok, self.model_spec, pairs, self.train, self.seed,
                                    self.examples([p for ps in pairs for p in ps]))
@@ -540,6 +550,8 @@ class Game(Metered):
         model, tok = self.base()
         base_lc, base_lr = self._base_logps()
         train_s, stats = 0.0, {}
+        if trained is None:        # a packed fine-tune opened its window before training
+            reset_gpu_peak()
         chain = make_chain() if n_train else []
         if not chain:
             lc, lr, eval_s = base_lc, base_lr, 0.0
@@ -559,7 +571,9 @@ class Game(Metered):
                 "metrics": utility_metrics(lc, lr, base_lc, base_lr, self.train.beta),
                 "logp_chosen": np.asarray(lc).tolist(), "logp_rejected": np.asarray(lr).tolist(),
                 "n_train": n_train, "train_s": train_s, "eval_s": eval_s, "stats": stats,
-                "peak_rss": peak_rss_bytes(), "device": self.device_kind}
+                "peak_rss": peak_rss_bytes(), "device": self.device_kind, "precision": self.train.precision,
+                # this utility's fine-tune + scoring (a packed one: its whole pack's training)
+                "peak_gpu_mem": gpu_peak_bytes()}
 
 
 # ------------------------------------------------------------------ worker pool

@@ -64,6 +64,7 @@ import math
 import tempfile
 
 import torch
+from accelerate.utils import convert_to_fp32
 
 import bench.core.train as T
 from bench.core.models import ModelSpec
@@ -339,9 +340,12 @@ def _step(active: list[_Coalition], packed, routing: _Routing, pad_id: int, s: T
     completion = torch.cat([_right_pad(b["completion_mask"], length, 0) for b in batches])
     labels = input_ids.masked_fill(completion == 0, -100)      # as DPOTrainer._compute_loss builds them
     routing.route([(r.name, b["input_ids"].shape[0]) for r, b in zip(active, batches)])
-    with active[0].trainer.compute_loss_context_manager():
+    # the forward under the trainers' autocast (bf16 under train.precision=bf16), its
+    # outputs back in fp32 as accelerate returns a prepared model's: the losses are fp32
+    with active[0].trainer.compute_loss_context_manager(), active[0].trainer.accelerator.autocast():
         out = packed(input_ids=input_ids, attention_mask=attention, use_cache=False, labels=labels,
                      fused_lm_head=True)
+    out = convert_to_fp32(out)
     losses, row = [], 0
     for r, b in zip(active, batches):
         n = b["input_ids"].shape[0]

@@ -16,11 +16,12 @@ import os
 import tempfile
 import warnings
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
+from bench.core.devices import PRECISIONS, resolve_precision
 from bench.core.models import ModelSpec, render_prompt, render_response
 from bench.core.settings import Settings, setting
 
@@ -51,6 +52,11 @@ class TrainSettings(Settings):
     score_batch_size: int = setting(64, "pairs per scoring batch (does not change results)", min=1)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (saves activation "
                                                   "memory, costs a forward pass per step; TRL's default is on)")
+    precision: str = setting("fp32", "fp32 | bf16 | auto: the fine-tune's forward and backward under bf16 "
+                                     "autocast (weights, optimizer and loss stay fp32); auto = bf16 where the "
+                                     "device computes it natively (a GPU with bf16, a CPU with AMX or "
+                                     "AVX512-BF16), else fp32. Scoring is fp32 under every setting",
+                             choices=PRECISIONS)
 
     def check(self) -> None:
         if self.scheduler != "linear":
@@ -60,6 +66,8 @@ class TrainSettings(Settings):
                 raise self.error("scheduler", f"unknown {self.scheduler!r}; choose one of {names}")
 
     def key(self) -> dict:
+        """The fields that shape a fine-tune (``precision`` as resolved on the device:
+        the game resolves ``auto`` before it keys anything)."""
         d = asdict(self)
         d.pop("score_batch_size")     # does not change results
         return d
@@ -183,8 +191,10 @@ def prepare_examples(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings)
     contents = [_content(p) for p in unique]
     dataset = to_dataset(unique, tok, spec).add_column("pool_row", list(range(len(unique))))
     with tempfile.TemporaryDirectory() as out, _quiet():
+        # the reference log-probs in fp32 under every train.precision (like the scores)
         trainer = _trainer_class()(model=clone_model(start_model), ref_model=None,
-                                   args=_dpo_config(out, s, 0, _device(start_model)), processing_class=tok,
+                                   args=_dpo_config(out, replace(s, precision="fp32"), 0, _device(start_model)),
+                                   processing_class=tok,
                                    train_dataset=dataset,
                                    peft_config=None)
         ready = ReadyExamples(trainer.train_dataset.flatten_indices(), contents)
@@ -201,13 +211,18 @@ def _dpo_config(out: str, s: TrainSettings, seed: int, device: torch.device | No
         output_dir=out, beta=s.beta, learning_rate=s.lr, num_train_epochs=s.epochs,
         per_device_train_batch_size=s.batch_size, max_length=s.max_length,
         weight_decay=s.weight_decay, lr_scheduler_type=s.scheduler, warmup_steps=s.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-        seed=seed, data_seed=seed, use_cpu=device.type == "cpu", bf16=False,
+        seed=seed, data_seed=seed, use_cpu=device.type == "cpu", bf16=uses_bf16(s, device.type),
         report_to="none", save_strategy="no", gradient_checkpointing=s.gradient_checkpointing,
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         # reference log-probs once before training (one pass), not once per step
         # (epochs passes); the game hands them in ready-made (``ReadyExamples``)
         precompute_ref_log_probs=True, precompute_ref_batch_size=s.batch_size,
     )
+
+
+def uses_bf16(s: TrainSettings, device_kind: str) -> bool:
+    """Whether a fine-tune under ``s`` on ``device_kind`` runs under bf16 autocast."""
+    return resolve_precision(s.precision, device_kind) == "bf16"
 
 
 def _device(model) -> torch.device:

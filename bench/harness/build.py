@@ -73,7 +73,8 @@ def build_game(cfg: DictConfig, task=None, partition=None) -> tuple[Game, Partit
     check_inputs(cfg, task, part)
     game = Game(task, part, model, train, kind=cfg.game.kind, seed=int(cfg.seeds[0]), metric=cfg.game.metric,
                 cache_dir=cfg.cache_dir, n_jobs=int(cfg.n_jobs), progress=bool(cfg.progress),
-                device=str(cfg.game.get("device", "auto")), pack=int(cfg.game.get("pack", 1)))
+                device=str(cfg.game.get("device", "auto")), pack=int(cfg.game.get("pack", 1)),
+                deterministic=bool(cfg.game.get("deterministic", True)))
     return game, part
 
 

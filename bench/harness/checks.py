@@ -89,6 +89,9 @@ class GameSettings(Settings):
     device: str = setting("auto", "where every pass runs (training, scoring, valuers' models): auto (cuda if "
                                   "available, else cpu) | cpu | cuda | cuda:N")
     pack: int = setting(1, "coalitions trained at once as LoRA adapters on one base (1 = one by one)", min=1)
+    deterministic: bool = setting(True, "CUDA: deterministic kernels (CUBLAS_WORKSPACE_CONFIG, torch's "
+                                        "deterministic algorithms; warns where an op has none); false = faster, "
+                                        "not bit-identical run to run. The CPU is deterministic either way")
 
     def check(self) -> None:
         import re

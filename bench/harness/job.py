@@ -218,6 +218,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     job_id = uuid.uuid4().hex[:12]
     base = {"schema": VERSION, "experiment": cfg.experiment_name, "game": game.kind, "seeds": seeds,
             "job": job_id, "n_owners": part.n_owners, "metric": game.metric, **provenance(config),
+            # what train.precision and game.deterministic resolved to on this device
+            "numerics": {"device": game.device_kind, "precision": game.train.precision,
+                         "cuda_deterministic": game.deterministic if game.device_kind == "cuda" else None},
             "planted": {"noisy_owners": part.planted.noisy_owners,
                         "duplicate_pairs": part.planted.duplicate_pairs,
                         "near_duplicate_pairs": part.planted.near_duplicate_pairs,
@@ -227,7 +230,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
             "example_ids": example_ids, "owner_sizes": part.sizes(), "task_dropped": dict(task.dropped),
             "config": config}
     print(f"[dvbench] {cfg.experiment_name}: {part.n_owners} owners {part.sizes()}, game={game.kind}, "
-          f"metric={game.metric}, seeds={seeds}, model={cfg.model.name}, n_jobs={cfg.n_jobs}")
+          f"metric={game.metric}, seeds={seeds}, model={cfg.model.name}, n_jobs={cfg.n_jobs}"
+          + (f", precision={game.train.precision}" if game.train.precision != "fp32" else ""))
 
     for valuer, _ in built.values():          # game-dependent valuer settings, before any training
         if hasattr(valuer, "check"):
