@@ -619,3 +619,28 @@ def test_a_diverging_packed_coalition_fails_alone(make_game, fresh_cache, tiny_t
         game.prefetch([0b001, 0b010, 0b100])
     cached = [m for m in (0b001, 0b010, 0b100) if game.cache.get_json("utility", game.key(m)) is not None]
     assert cached == [0b001, 0b100]
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_twin_owners_in_one_pack_are_trained_and_locked_once(fresh_cache, tiny_task, n_jobs):
+    """Owner 3 is an exact copy of owner 1, so coalitions {1} and {3} (and {0, 1} and
+    {0, 3}) are one fine-tune under one cache key. Packed into one batch, the key is
+    locked once and trained once (a second lock on the same file in one thread was a
+    filelock 'Deadlock' error, and across processes a wait without end); in the
+    process and through the worker pool."""
+    from bench.core.game import Game
+    part = make_partition(tiny_task, "by_source", owner_sources=["capitals", "tone", "reversal"],
+                          duplicate_pairs=[[3, 1]])
+    game = Game(tiny_task, part, SPEC, LORA, seed=0, cache_dir=fresh_cache, progress=False, pack=4, n_jobs=n_jobs)
+    twins = [0b0010, 0b1000, 0b0011, 0b1001]
+    assert game.key(0b0010) == game.key(0b1000) and game.key(0b0011) == game.key(0b1001)
+    if n_jobs == 1:
+        got = game._get_or_compute_batch(tuple(twins))
+        assert sorted(it for it, _, _ in got) == sorted(twins)
+        assert sum(fresh for _, _, fresh in got) == 2          # two fine-tunes for four coalitions
+        rec = {it: r for it, r, _ in got}
+        assert rec[0b0010] is rec[0b1000] and rec[0b0011] is rec[0b1001] and rec[0b0011]["packed"] == 2
+    else:
+        table = game.table(twins)
+        assert table[0b0010] == table[0b1000] and table[0b0011] == table[0b1001]
+        assert [game.record(m)["packed"] for m in twins] == [2, 2, 2, 2]

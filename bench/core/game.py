@@ -353,32 +353,39 @@ class Game(Metered):
 
     def _get_or_compute_batch(self, batch: tuple) -> list[tuple]:
         """``[(item, record, fresh)]`` for a batch of items: one by one, or (``pack`` > 1)
-        the ones to train as LoRA adapters packed on one base (``core.packed``). A packed
-        coalition that diverges is raised after the others are cached."""
+        the ones to train as LoRA adapters packed on one base (``core.packed``). Items
+        that share a cache key (an owner that is an exact copy of another makes two
+        coalitions one fine-tune) are trained once and locked once, the locks taken in
+        key order (two batches never wait on each other crosswise). A packed coalition
+        that diverges is raised after the others are cached."""
         if len(batch) == 1:
             return [(batch[0], *self._get_or_compute(batch[0]))]
         from contextlib import ExitStack
-        out, todo = [], []
+        out, by_key = [], {}
+        for it in batch:
+            if not self._trains(it):      # the base: nothing to pack
+                out.append((it, *self._get_or_compute(it)))
+            else:
+                by_key.setdefault(self._item_key(it), []).append(it)
+        todo = []
         with ExitStack() as locks:
-            for it in batch:
-                if not self._trains(it):      # the base: nothing to pack
-                    out.append((it, *self._get_or_compute(it)))
-                    continue
-                key = self._item_key(it)
+            for key in sorted(by_key):
                 rec = self.cache.get_json("utility", key)
                 if rec is None:           # one writer per entry, as in _get_or_compute
                     locks.enter_context(self.cache.lock("utility", key))
                     rec = self.cache.get_json("utility", key)
                 if rec is not None:
-                    out.append((it, rec, False))
+                    out += [(it, rec, False) for it in by_key[key]]
                 else:
-                    todo.append(it)
+                    todo.append(by_key[key][0])
             if todo:
                 t0 = time.perf_counter()
                 try:
-                    out += self._train_packed(todo)
+                    trained = self._train_packed(todo)
                 finally:
                     self._add_busy(time.perf_counter() - t0)
+                for it, rec, fresh in trained:   # a twin shares its coalition's fine-tune and record
+                    out += [(twin, rec, fresh and twin == it) for twin in by_key[self._item_key(it)]]
         return out
 
     def _train_packed(self, items: list) -> list[tuple]:
