@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             records = run_experiment(cfg)
         except ConfigError as e:
             fail(e)
+        finally:
+            from bench.core.game import release_pool
+            release_pool()                # the job's idle workers end with it
         print(summary(records, cfg.results_dir))
         if any(r["status"] != "ok" for r in records):
             sys.exit(1)

@@ -587,16 +587,19 @@ class Game(Metered):
 
 def _in_pool(game: Game, batches: list[tuple]):
     """Compute the ``batches`` of items of ``game`` (one item each, or ``game.pack``)
-    in the job's worker pool; yields ``(item, record)`` as they finish. One pool per process (loky's reusable executor, kept while a job
-    runs): its workers import the stack and load the base once (``Game.base``, per
+    in the job's worker pool; yields ``(item, record)`` as they finish. One pool per
+    process (loky's reusable executor, kept while a job runs, ``release_pool`` at its
+    end): its workers import the stack and load the base once (``Game.base``, per
     process) and serve every phase (ground truth, noise seed, LDS, proxies, curves).
 
     A worker that dies (killed, out of memory) breaks the pool, and the coalitions
     the other workers were training with it; those are resubmitted once to a fresh
     pool (finished ones are in the cache and are not retrained). If the pool breaks
     again the error propagates: a coalition that kills every worker it runs on is not
-    retried forever, and a rerun resumes from the cache."""
-    from concurrent.futures import as_completed
+    retried forever, and a rerun resumes from the cache. Any other way out (an error,
+    Ctrl-C, no batch finishing within ``stall_timeout``) stops the workers, running
+    fine-tunes included, so nothing trains on behind the caller's back."""
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     from joblib.externals.loky import get_reusable_executor
     from joblib.externals.loky.process_executor import BrokenProcessPool
@@ -606,13 +609,24 @@ def _in_pool(game: Game, batches: list[tuple]):
         pool = get_reusable_executor(max_workers=game.n_jobs, timeout=POOL_IDLE_S, initializer=_init_worker,
                                      initargs=(game.n_jobs,))
         futures = {pool.submit(_compute_in_worker, game, b): b for b in pending}
+        ok = False
         try:
-            for f in as_completed(futures):
-                done = f.result()
-                pending.remove(futures[f])
-                yield from done
+            waiting = set(futures)
+            while waiting:
+                limit = stall_timeout(game)
+                done, waiting = wait(waiting, timeout=limit, return_when=FIRST_COMPLETED)
+                if not done:
+                    raise TimeoutError(f"no fine-tune finished in {limit:.0f} s ({STALL_FACTOR}x the slowest so "
+                                       f"far, pack {game.pack}): a worker is stuck; its pool is stopped, finished "
+                                       f"coalitions are cached: rerun to resume")
+                for f in done:
+                    result = f.result()
+                    pending.remove(futures[f])
+                    yield from result
+            ok = True
             return
         except BrokenProcessPool as e:
+            ok = True                         # the pool is gone already; a fresh one is made above
             if attempt:
                 raise RuntimeError(f"a fine-tune worker died twice (killed, or out of memory; {len(pending)} "
                                    f"coalition(s) unfinished); finished ones are cached: rerun to resume, or "
@@ -620,6 +634,28 @@ def _in_pool(game: Game, batches: list[tuple]):
         finally:
             for f in futures:
                 f.cancel()
+            if not ok:                        # error, interrupt, stall, or the caller stopped reading
+                pool.shutdown(wait=False, kill_workers=True)
+
+
+STALL_FACTOR = 20          # a batch may take this many times the slowest fine-tune seen so far
+STALL_MIN_S = 1800         # ... and never less than this (the first fine-tunes, a busy machine)
+
+
+def stall_timeout(game: Game) -> float:
+    """Seconds to wait for the next batch before the pool is taken for stuck:
+    ``STALL_FACTOR`` x the slowest fine-tune of this process's records so far x the
+    pack, at least ``STALL_MIN_S``."""
+    slowest = max((e.get("compute_s") or 0.0 for e in game.log.entries.values()), default=0.0)
+    return max(STALL_MIN_S, STALL_FACTOR * slowest * max(game.pack, 1))
+
+
+def release_pool() -> None:
+    """End the process's worker pool, if it has one (at the end of a job: idle workers
+    holding a loaded base are not left for the next 30 minutes)."""
+    import joblib.externals.loky.reusable_executor as reusable
+    if reusable._executor is not None:
+        reusable._executor.shutdown(wait=True)
 
 
 POOL_IDLE_S = 1800     # a pool worker left idle this long exits (the next call starts a new one)
