@@ -1,11 +1,15 @@
 """A content-addressed on-disk store, written atomically, and the project's one file writer.
 
-``atomic_write_bytes`` writes every file the project replaces whole (cache entries,
-embeddings, reports, plots, baselines): a temp file in the same folder whose name
-carries the writer's pid, fsynced, then ``os.replace``d into place, so a reader sees
-either the old file or the whole new one, and ``sweep_stale_tmp`` can tell a dead
-writer's leftover from a live one's. A truncated or unreadable cache entry (a crash
-of another tool, a full disk) reads as missing and is recomputed.
+``atomic_write`` (``atomic_write_bytes``) writes every file the project replaces whole (cache entries,
+embeddings, reports, plots, baselines): a temp file in the same folder, fsynced, then
+``os.replace``d into place, so a reader sees either the old file or the whole new one.
+``atomic_folder`` does the same for folders (model, gradient-log, EK-FAC factor folders).
+A truncated or unreadable cache entry (a crash of another tool, a full disk) reads as
+missing and is recomputed.
+
+Every temp file and folder, of every writer, is named by ``tmp_path``:
+``.<name>.<host>.<boot>.<pidns>.<pid>.<random>.tmp``, so ``sweep_stale_tmp`` can tell a dead
+writer's leftover from a live one's on a cache shared by several hosts (see there).
 """
 from __future__ import annotations
 
@@ -14,8 +18,17 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import time
 from pathlib import Path
+from typing import BinaryIO, Callable
+
+TMP_MAX_AGE_S = 24 * 3600   # a temp entry untouched this long is a dead writer's, whichever host wrote it
+_TMP_RE = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<boot>[0-9a-z]+)\.(?P<ns>[0-9]+)\.(?P<pid>[0-9]+)"
+                     r"\.[0-9a-f]{8}\.tmp$")
 
 
 def content_key(obj) -> str:
@@ -24,32 +37,41 @@ def content_key(obj) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    """This process's umask, read without changing it where Linux says (os.umask sets it)."""
+def _writer() -> tuple[str, str, str]:
+    """(host, boot id, pid namespace) of this process, sanitised for a file name: the pid
+    of a temp name means something only on the same host, boot and pid namespace."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        boot = re.sub(r"[^0-9a-z]", "", Path("/proc/sys/kernel/random/boot_id").read_text().lower())[:12]
+    except OSError:
+        boot = ""
+    try:
+        ns = re.sub(r"[^0-9]", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        ns = ""
+    return host, boot or "noboot", ns or "0"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Replace ``path`` with ``data`` atomically (temp file with the writer's pid, fsync,
-    rename; the folder is created). ``DVBENCH_KILL_AT=cache_write:<n>`` (``bench.core.faults``)
-    kills the writer between the fsync and the rename. Returns ``path``."""
+def tmp_path(final: str | os.PathLike) -> Path:
+    """The temp sibling under which ``final`` (a file or a folder) is written before it is
+    renamed into place: ``.<name>.<host>.<boot>.<pidns>.<pid>.<random>.tmp`` (the random
+    part keeps two writers of one process apart and a reused pid from matching a leftover)."""
+    final = Path(final)
+    return final.with_name(f".{final.name[:80]}.{'.'.join(_writer())}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Replace ``path`` atomically with what ``write(file)`` writes (a ``tmp_path`` temp file,
+    fsync, rename; the folder is created). ``DVBENCH_KILL_AT=cache_write:<n>``
+    (``bench.core.faults``) kills the writer between the fsync and the rename. Returns ``path``."""
     from bench.core.faults import die, should_kill
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid is in the temp name, so a later run can tell a dead writer's leftover
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    tmp = tmp_path(path)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies, as open() does
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())   # as open() would make it, not mkstemp's 0600
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if should_kill("cache_write"):
@@ -64,6 +86,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``atomic_write`` of ``data``."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike):
+    """Yield a fresh temp folder (``tmp_path(dest)``) to write ``dest``'s files into; when
+    the block ends, a ``COMPLETE`` marker is added and the folder renamed to ``dest``. If
+    another process put a finished ``dest`` there first, ours is dropped and theirs kept.
+    On an exception the temp folder is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(dest)
+    tmp.mkdir()
+    try:
+        yield tmp
+        (tmp / "COMPLETE").write_text("ok")
+        try:
+            os.rename(tmp, dest)
+        except OSError:      # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def check_folder(path: str | os.PathLike, field: str) -> None:
     """Fail in one line, before any work, when ``path`` cannot hold the cache: a file
     where the folder should be, a file above it, or a folder that is not writable."""
@@ -75,8 +124,8 @@ def check_folder(path: str | os.PathLike, field: str) -> None:
                           f"(e.g. {field}=results/cache) or move the file")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=p)
-        os.close(fd)
+        probe = tmp_path(p / ".probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"{field}: {p} is not writable ({e.strerror or e}); give a folder you can write, "
@@ -93,36 +142,58 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_tmp(root: str | Path) -> int:
-    """Delete temp files *and folders* left under ``root`` by writers that died (killed
-    mid-write; EK-FAC's factor folders are ``.<key>.<pid>.<random>.tmp`` directories); a
-    live writer's entry is kept. Never raises: an entry it cannot remove (gone already,
-    no permission) is left, and the job goes on. Returns how many were removed.
+def _newest_mtime(p: Path) -> float:
+    """The latest modification time in ``p`` (a folder: of anything inside), so a writer
+    still writing keeps its temp folder young."""
+    newest = p.lstat().st_mtime
+    if p.is_dir() and not p.is_symlink():
+        for dirpath, dirs, files in os.walk(p):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest
 
-    Known limit: the pid is judged on this node only, so a cache shared by several
-    hosts or pid namespaces needs the host in the name (issue 24)."""
-    import shutil
-    removed = 0
-    try:
-        entries = list(Path(root).rglob(".*.tmp"))
-    except OSError:
-        return 0
-    for p in entries:
-        parts = p.name.rsplit(".", 3)          # .<name>.<pid>.<random>.tmp -> [..., pid, random, tmp]
-        try:
-            pid = int(parts[-3])
-        except (ValueError, IndexError):
-            continue                            # not ours
-        if _alive(pid):
-            continue
-        try:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            removed += 1
-        except OSError:
-            pass
+
+def _dead_writer(name: str, age_s: float, max_age_s: float) -> bool:
+    """Whether the temp entry ``name``, last touched ``age_s`` ago, is a dead writer's."""
+    m = _TMP_RE.search(name)
+    if m is None:                       # an older naming (no host): only its age tells
+        return name.startswith(".") and age_s > max_age_s
+    if age_s > max_age_s:
+        return True
+    host, boot, ns = _writer()
+    if m["host"] != host:
+        return False                    # another host's: its pids mean nothing here
+    if m["boot"] != boot:
+        return True                     # this host before a reboot: every writer of then is gone
+    return m["ns"] == ns and not _alive(int(m["pid"]))
+
+
+def sweep_stale_tmp(root: str | Path, max_age_s: float = TMP_MAX_AGE_S) -> int:
+    """Delete the temp files and folders (``tmp_path`` names) under ``root`` left by writers
+    that died: this host's and this boot's whose pid is gone, this host's from an earlier
+    boot, and anyone's untouched for ``max_age_s`` (another host's younger ones are kept:
+    they may be live). Folders go with ``rmtree``; ``root/locks`` is not walked
+    (``DiskCache.sweep_locks``). Never raises: an entry it cannot remove (gone already, no
+    permission) is left, and the job goes on. Returns how many were removed."""
+    root = Path(root)
+    removed, now = 0, time.time()
+    for dirpath, dirs, files in os.walk(root):       # os.walk skips what it cannot list
+        if Path(dirpath) == root and "locks" in dirs:
+            dirs.remove("locks")
+        for name in [n for n in dirs + files if n.endswith(".tmp")]:
+            p = Path(dirpath, name)
+            try:
+                if not _dead_writer(name, now - _newest_mtime(p), max_age_s):
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed += 1
+            except OSError:
+                pass
+        dirs[:] = [d for d in dirs if not d.endswith(".tmp")]   # never into a temp folder
     return removed
 
 

@@ -202,8 +202,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     store.check_writable()                    # before any expensive work
     from bench.core.cache import check_folder, sweep_stale_tmp
     check_folder(cfg.cache_dir, "cache_dir")
-    for d in {str(cfg.cache_dir), str(store.runs)}:   # a killed earlier run's half-written temp files
-        if Path(d).exists():
+    results = Path(cfg.results_dir)       # a killed earlier run's half-written temp files and folders
+    for d in {Path(cfg.cache_dir), store.runs, results / "lds", results / "plots"}:
+        if d.exists():
             sweep_stale_tmp(d)
     shard = parse_shard(cfg.game.get("shard"))    # a malformed shard spec fails now
     built, sel = check_job(cfg)

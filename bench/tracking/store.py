@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 from filelock import lock_descriptor
 
+from bench.core.cache import tmp_path
 from bench.core.errors import ConfigError
 from bench.tracking.provenance import to_jsonable
 from bench.tracking.schema import upgrade
@@ -82,8 +82,8 @@ class ResultsStore:
         """Fail fast, before any expensive work, if records could not be saved."""
         try:
             self.runs.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.runs)
-            os.close(fd)
+            probe = tmp_path(self.runs / ".probe")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             os.unlink(probe)
         except OSError as e:
             raise self._unwritable(e) from e

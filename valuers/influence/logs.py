@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.core.cache import atomic_write_bytes
+from bench.core.cache import atomic_folder, atomic_write_bytes
 from bench.core.errors import ConfigError
 from valuers.influence.hooks import GradientLogger, iter_projected
 from valuers.influence.subject import Subject
@@ -97,13 +94,11 @@ class GradientLogs:
 def write_logs(path: Path, meta: dict, subject: Subject, logger: GradientLogger, examples, ref, loss: str,
                batch_size: int, np_dtype) -> dict:
     """Stream projected train gradients into memmaps in a temp folder, then rename it
-    into place (atomic: a crash, or ``BudgetExhausted`` between batches, leaves no
-    half-written logs). Returns timing stats."""
+    into place (``atomic_folder``: a crash, or ``BudgetExhausted`` between batches, leaves
+    no half-written logs). Returns timing stats."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     N = len(examples)
-    try:
+    with atomic_folder(path) as tmp:
         mms = []
         for i, n in enumerate(logger.names):
             ko, ki = logger.k(n)
@@ -121,12 +116,4 @@ def write_logs(path: Path, meta: dict, subject: Subject, logger: GradientLogger,
                                               for i, n in enumerate(logger.names)
                                               for s, p in zip(("out", "in"), logger.proj[n]) if p is not None})
         (tmp / "meta.json").write_text(json.dumps({**meta, "n": N}, indent=1))
-        (tmp / "COMPLETE").write_text("ok")
-        try:
-            os.rename(tmp, path)
-        except OSError:          # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"log_s": log_s, "examples_per_s": N / log_s if log_s > 0 else float("inf")}

@@ -1,0 +1,194 @@
+"""Storage as a storage engineer would check it (issue 24): one temp-naming scheme for
+every writer and a sweep that removes only dead writers' leftovers."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.core import cache as C
+from bench.core.cache import DiskCache, atomic_folder, sweep_stale_tmp
+
+
+def _killed_mid_write(write) -> int:
+    """Run ``write()`` in a forked child that SIGKILLs itself where ``write`` says (a kill -9
+    mid-write: no cleanup runs); returns the child's pid, dead and reaped by now."""
+    pid = os.fork()
+    if pid == 0:                                   # the child: never return into pytest
+        try:
+            write()
+        finally:
+            os._exit(3)                            # write() did not kill itself: the test fails below
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    return pid
+
+
+def _die(*_, **__):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------ one temp name, every writer
+
+def test_tmp_path_names_host_boot_namespace_and_pid(tmp_path):
+    p = C.tmp_path(tmp_path / "entry.json")
+    m = C._TMP_RE.search(p.name)
+    assert p.parent == tmp_path and p.name.startswith(".entry.json.") and m
+    assert (m["host"], m["boot"], m["ns"]) == C._writer() and int(m["pid"]) == os.getpid()
+    assert C.tmp_path(tmp_path / "entry.json") != p                  # two writers of one process differ
+    assert len(C.tmp_path(tmp_path / ("x" * 250)).name) < 255        # a long name still makes a legal one
+
+
+def _writers(monkeypatch, root: Path) -> dict:
+    """Each writer of the project, made to kill itself mid-write (see the test below)."""
+    import valuers.influence.logs as L
+    import valuers.influence.solve as S
+    from bench.core import models
+
+    def cache_entry():                 # DiskCache.put_json / put_tensors, embeddings, reports: atomic_write
+        os.environ["DVBENCH_KILL_AT"] = "cache_write:1"
+        DiskCache(root / "cache").put_json("utility", "ab" * 32, {"v": 1})
+
+    def model_folder():                # models.load_base: a base model's folder (atomic_folder)
+        def build(spec, task, out):
+            (out / "config.json").write_text("{}")
+            _die()
+        monkeypatch.setattr(models, "_build_tiny", build)
+
+        class Task:
+            def fingerprint(self):
+                return "t"
+        models.load_base(models.ModelSpec(), Task(), root / "cache")
+
+    def gradient_logs():               # influence.logs.write_logs: LoGra's gradient-log folder
+        class Logger:
+            names = ["layer"]
+            proj = {"layer": (None, None)}
+
+            def k(self, name):
+                return 2, 2
+
+        def iter_projected(*a):        # the memmaps exist; killed at the first batch
+            _die()
+            yield
+        monkeypatch.setattr(L, "iter_projected", iter_projected)
+        L.write_logs(root / "cache" / "logra" / "k", {}, None, Logger(), [0, 1], None, "dpo", 2, np.float32)
+
+    def solve_memmap():                # influence.solve.pair_and_mean_scores: the [N, E] memmap
+        monkeypatch.setattr(S, "PAIR_SCORES_RAM_BYTES", 0)
+        S.pair_and_mean_scores([np.ones((3, 2))], [np.ones((2, 2))], [np.ones(2)], 0.1,
+                               path=root / "cache" / "pair_scores" / "x.npy", check=_die)
+
+    def ekfac_factors():               # ekfac: the factor folder (atomic_folder, Kronfluence writes into it)
+        with atomic_folder(root / "cache" / "ekfac" / "f") as tmp:
+            (tmp / "kronfluence").mkdir()
+            _die()
+
+    def ekfac_scores():                # ekfac: Kronfluence's scores folder, named after tmp_path(spath)
+        spath = root / "cache" / "ekfac" / "g" / "scores" / "s.npy"
+        (spath.parent.parent / "kronfluence" / f"scores_{C.tmp_path(spath).name}").mkdir(parents=True)
+        _die()
+
+    def ekfac_score_file():            # ekfac._save_scores: the pair scores (atomic_write)
+        from valuers.ekfac import EKFAC
+        os.environ["DVBENCH_KILL_AT"] = "cache_write:2"
+        EKFAC._save_scores(root / "cache" / "ekfac" / "h" / "scores" / "s.npy", np.ones((2, 2)), 1.0)
+
+    def probe():                       # check_folder's writability probe
+        monkeypatch.setattr(C.os, "unlink", _die)
+        C.check_folder(root / "cache", "cache_dir")
+
+    return {f.__name__: f for f in (cache_entry, model_folder, gradient_logs, solve_memmap, ekfac_factors,
+                                    ekfac_scores, ekfac_score_file, probe)}
+
+
+@pytest.mark.parametrize("writer", ["cache_entry", "model_folder", "gradient_logs", "solve_memmap", "ekfac_factors",
+                                    "ekfac_scores", "ekfac_score_file", "probe"])
+def test_each_writers_leftover_after_a_kill_is_swept(writer, tmp_path, monkeypatch):
+    """Every writer names its temp file or folder with ``tmp_path``; killed with -9 mid-write,
+    it leaves that temp behind, and the next sweep removes it (before: the model, gradient-log,
+    solve and EK-FAC score temps were named otherwise and stayed forever)."""
+    pytest.importorskip("kronfluence") if writer.startswith("ekfac") else None
+    run = _writers(monkeypatch, tmp_path)[writer]
+    pid = _killed_mid_write(run)
+    left = _leftovers(tmp_path)
+    assert len(left) == 1 and f".{pid}." in left[0].name, left
+    assert sweep_stale_tmp(tmp_path) == 1
+    assert _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------ the sweep's rules
+
+def _named(root: Path, final: str, host=None, boot=None, ns=None, pid=None, folder=False, age_s=0.0) -> Path:
+    """A temp entry for ``root/final`` as another writer would have named it."""
+    h, b, n = C._writer()
+    name = C.tmp_path(root / final).name
+    m = C._TMP_RE.search(name)
+    name = (name[:m.start()] + f".{host or h}.{boot or b}.{ns or n}.{pid or os.getpid()}."
+            + name[m.end() - len("0123abcd.tmp"):])
+    p = root / name
+    if folder:
+        (p / "sub").mkdir(parents=True)
+        (p / "sub" / "w.safetensors").write_bytes(b"x")
+    else:
+        p.write_bytes(b"half")
+    if age_s:
+        t = time.time() - age_s
+        for q in [p, *p.rglob("*")]:
+            os.utime(q, (t, t))
+    return p
+
+
+def test_sweep_keeps_live_and_other_hosts_young_temps_and_removes_the_dead(tmp_path):
+    dead = _killed_mid_write(_die)
+    old = C.TMP_MAX_AGE_S + 60
+    kept = [
+        _named(tmp_path, "live.json"),                                        # this process: alive
+        _named(tmp_path, "other-host.json", host="node17", pid=dead),        # another host's: may be live
+        _named(tmp_path, "other-host-dir", host="node17", pid=dead, folder=True),
+        _named(tmp_path, "other-ns.json", ns="1234", pid=dead),              # another pid namespace: ditto
+    ]
+    gone = [
+        _named(tmp_path, "dead.json", pid=dead),                              # this host, this boot, dead pid
+        _named(tmp_path, "dead-dir", pid=dead, folder=True),
+        _named(tmp_path, "reboot.json", boot="0123456789ab"),                 # this host, an earlier boot
+        _named(tmp_path, "old.json", host="node17", age_s=old),               # anyone's, past the age limit
+        _named(tmp_path, "old-dir", host="node17", folder=True, age_s=old),
+    ]
+    legacy_young = tmp_path / f".entry.json.{dead}.k3j4.tmp"                  # the older naming (no host):
+    legacy_young.write_bytes(b"x")                                            # only its age tells
+    legacy_old = tmp_path / f".entry.json.{dead}.zz99.tmp"
+    legacy_old.write_bytes(b"x")
+    os.utime(legacy_old, (time.time() - old,) * 2)
+    foreign = tmp_path / "notes.tmp"                                          # not ours at all
+    foreign.write_bytes(b"x")
+    os.utime(foreign, (time.time() - old,) * 2)
+    assert sweep_stale_tmp(tmp_path) == len(gone) + 1
+    assert all(p.exists() for p in [*kept, legacy_young, foreign]) and not legacy_old.exists()
+    assert not any(p.exists() for p in gone)
+
+
+def test_a_folder_still_being_written_is_young_by_its_newest_file(tmp_path):
+    """The age is the newest modification inside a temp folder: a writer on another host that
+    keeps writing into a folder made long ago is not swept."""
+    p = _named(tmp_path, "factors", host="node17", folder=True, age_s=C.TMP_MAX_AGE_S + 60)
+    (p / "sub" / "w.safetensors").write_bytes(b"more")                        # written just now
+    assert sweep_stale_tmp(tmp_path) == 0 and p.exists()
+
+
+def test_sweep_never_raises(tmp_path, monkeypatch):
+    dead = _killed_mid_write(_die)
+    p = _named(tmp_path, "dead-dir", pid=dead, folder=True)
+    assert sweep_stale_tmp(tmp_path / "missing") == 0
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(C.shutil, "rmtree", refused)
+    assert sweep_stale_tmp(tmp_path) == 0 and p.exists()                       # left, and the job goes on
