@@ -2,6 +2,7 @@
 every writer and a sweep that removes only dead writers' leftovers."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -192,3 +193,145 @@ def test_sweep_never_raises(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(C.shutil, "rmtree", refused)
     assert sweep_stale_tmp(tmp_path) == 0 and p.exists()                       # left, and the job goes on
+
+
+# ------------------------------------------------------------------ crash consistency of folders
+
+def test_atomic_folder_fsyncs_files_and_folder_before_the_rename_and_the_parent_after(tmp_path, monkeypatch):
+    """Without these fsyncs a power loss could leave ``COMPLETE`` beside a truncated file."""
+    events = []
+    fsync, rename = os.fsync, os.rename
+
+    def fsync_(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def rename_(a, b):
+        events.append(("rename", str(a)))
+        return rename(a, b)
+    monkeypatch.setattr(C.os, "fsync", fsync_)
+    monkeypatch.setattr(C.os, "rename", rename_)
+    dest = tmp_path / "models" / "m"
+    with atomic_folder(dest) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "model.bin").write_bytes(b"w" * 10)
+        (tmp / "config.json").write_text("{}")
+    at = events.index(("rename", str(tmp)))
+    before = {p for e, p in events[:at]}
+    assert {str(tmp / "sub" / "model.bin"), str(tmp / "config.json"), str(tmp / "COMPLETE"),
+            str(tmp / "sub"), str(tmp)} <= before
+    assert ("fsync", str(dest.parent)) in events[at:]
+    assert json.loads((dest / "COMPLETE").read_text())["files"] == {"config.json": 2, "sub/model.bin": 10}
+    assert C.folder_problem(dest) is None
+
+
+def test_a_failed_rename_keeps_a_finished_copy_replaces_an_unfinished_one_or_says_so(tmp_path, monkeypatch, capsys):
+    from bench.core.errors import StorageError
+    dest = tmp_path / "f"
+    with atomic_folder(dest) as tmp:                        # another process's, finished
+        (tmp / "a.json").write_text('"theirs"')
+    with atomic_folder(dest) as tmp:                        # ours: dropped, theirs kept
+        (tmp / "a.json").write_text('"ours"')
+    assert (dest / "a.json").read_text() == '"theirs"' and _leftovers(tmp_path) == []
+    (dest / "COMPLETE").unlink()                             # an unfinished folder in the way (old code)
+    with atomic_folder(dest) as tmp:
+        (tmp / "a.json").write_text('"ours"')
+    assert (dest / "a.json").read_text() == '"ours"' and "no COMPLETE marker" in capsys.readouterr().out
+    other = tmp_path / "g"
+
+    def exdev(a, b):
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(C.os, "rename", exdev)
+    with pytest.raises(StorageError) as e:                  # no finished copy there: a clear error, not a load
+        with atomic_folder(other) as tmp:
+            (tmp / "a.json").write_text("1")
+    assert "\n" not in str(e.value) and str(other) in str(e.value) and "Invalid cross-device" in str(e.value)
+    assert not other.exists() and _leftovers(tmp_path) == []
+
+
+def _truncate(p: Path) -> None:
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size // 2)
+
+
+def _safetensors_folder(dest: Path, legacy: bool) -> Path:
+    import torch
+    from safetensors.torch import save_file
+    with atomic_folder(dest) as tmp:
+        (tmp / "factors_fit").mkdir()
+        save_file({"a": torch.ones(64, 8), "b": torch.zeros(16)}, str(tmp / "factors_fit" / "lambda.safetensors"))
+        (tmp / "meta.json").write_text('{"strategy": "ekfac"}')
+    if legacy:                                               # the old code's marker, with no file list
+        (dest / "COMPLETE").write_text("ok")
+    return dest / "factors_fit" / "lambda.safetensors"
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_truncated_folder_file_is_found_removed_with_a_line_and_read_as_missing(tmp_path, capsys, legacy):
+    """An EK-FAC-like factor folder whose safetensors file lost its tail (a power loss before
+    the fsyncs existed): ``reusable`` says no, removes the folder and prints one line; a
+    folder from before the file list (``COMPLETE`` = ``ok``) is checked by the files' formats."""
+    f = _safetensors_folder(tmp_path / "ekfac" / "k", legacy)
+    assert C.reusable(f.parent.parent) and not C.reusable(tmp_path / "absent")
+    _truncate(f)
+    assert not C.reusable(f.parent.parent) and not f.parent.parent.exists()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "lambda.safetensors" in out[0] and "removed" in out[0], out
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, make", [
+    ("x.json", lambda p: p.write_text('{"a": [1, 2, 3]}')),
+    ("x.npy", lambda p: np.save(p, np.arange(100.0))),
+    ("x.npz", lambda p: np.savez(p, a=np.arange(100.0))),
+    ("x.safetensors", lambda p: _safetensors_folder(p.parent / "s", False).rename(p)),
+])
+def test_file_problem_finds_each_format_truncated(tmp_path, name, make):
+    p = tmp_path / name
+    make(p)
+    assert C.file_problem(p) is None
+    _truncate(p)
+    assert C.file_problem(p) and "\n" not in C.file_problem(p)
+
+
+def test_truncated_cache_entries_read_as_missing(tmp_path):
+    c = DiskCache(tmp_path)
+    key = "cd" * 32
+    c.put_json("utility", key, {"v": list(range(50))})
+    c.put_tensors("stage", key, {"w": np.arange(1000.0)})
+    for kind, ext in (("utility", "json"), ("stage", "pt")):
+        _truncate(tmp_path / kind / key[:2] / f"{key}.{ext}")
+    assert c.get_json("utility", key) is None and c.get_tensors("stage", key) is None
+
+
+def _gradient_logs(path: Path) -> dict:
+    from valuers.influence.logs import META_CHECKED
+    meta = {f: f"v-{f}" for f in META_CHECKED}
+    with atomic_folder(path) as tmp:
+        np.save(tmp / "layer_0000.npy", np.arange(400, dtype=np.float32).reshape(100, 4))
+        np.savez(tmp / "projections.npz", **{"0_out": np.eye(2), "0_in": np.eye(2)})
+        (tmp / "meta.json").write_text(json.dumps({**meta, "layers": ["l"], "n": 100}))
+    return meta
+
+
+@pytest.mark.parametrize("damage", ["layer_0000.npy", "projections.npz", "meta.json", "COMPLETE"])
+def test_damaged_gradient_logs_read_as_absent_and_are_removed(tmp_path, capsys, damage):
+    from valuers.influence.logs import GradientLogs
+    path = tmp_path / "logra" / "k"
+    meta = _gradient_logs(path)
+    assert GradientLogs.open(path, meta).arrays[0].shape == (100, 4)
+    (path / damage).unlink() if damage == "COMPLETE" else _truncate(path / damage)
+    assert GradientLogs.open(path, meta) is None and not path.exists()      # so LoGra writes them again
+    assert "removed" in capsys.readouterr().out
+
+
+def test_a_truncated_base_model_is_rebuilt(tmp_path, capsys, tiny_task):
+    from conftest import SPEC
+
+    from bench.core.models import load_base
+    load_base(SPEC, tiny_task, tmp_path)
+    (folder,) = (tmp_path / "models").iterdir()
+    _truncate(folder / "model.safetensors")       # what a power loss did to the old writer's folders
+    model, tok = load_base(SPEC, tiny_task, tmp_path)
+    assert "model.safetensors" in capsys.readouterr().out and C.folder_problem(folder) is None
+    assert model(**tok("Q: x\nA:", return_tensors="pt")).logits.isfinite().all()

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.core.cache import atomic_folder, atomic_write, atomic_write_bytes, content_key, tmp_path
+from bench.core.cache import atomic_folder, atomic_write, atomic_write_bytes, content_key, reusable, tmp_path
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.data import Batch, collate, example_losses, row_logps, unwrap
@@ -264,8 +264,8 @@ class EKFAC:
         skey = content_key({"factors": fkey, "damping": s.damping, "n_eval": E,
                             "eval": content_key([asdict(p) for p in game.eval])})[:24]
         spath = fdir / "scores" / f"{skey}.npy"
-        factors_reused = (fdir / "COMPLETE").exists()
-        scores_reused = factors_reused and spath.exists()
+        factors_reused = reusable(fdir)          # damaged factors or scores are removed (one line) and redone
+        scores_reused = factors_reused and reusable(spath.with_suffix(".json")) and reusable(spath)
         times = {}
         if not scores_reused:
             import kronfluence
@@ -283,8 +283,7 @@ class EKFAC:
             fa, sa = self._arguments()
             with _on(device):
                 if not factors_reused:
-                    _rmtree(fdir)                 # a folder without COMPLETE is nobody's finished work
-                    with atomic_folder(fdir) as tmp:
+                    with atomic_folder(fdir) as tmp:      # keeps another process's, finished meanwhile
                         with meter.phase("fit_factors", own_compute=True):
                             t0 = time.perf_counter()
                             task.reseed()

@@ -91,26 +91,163 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder, deepest first."""
+    for dirpath, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    """``{relative path: size}`` of the files in ``folder``, temp entries (``.tmp``) left out."""
+    out = {}
+    for dirpath, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.endswith(".tmp"))
+        for name in sorted(f for f in files if not f.endswith(".tmp")):
+            p = Path(dirpath, name)
+            out[p.relative_to(folder).as_posix()] = p.stat().st_size
+    return out
+
+
 @contextlib.contextmanager
 def atomic_folder(dest: str | os.PathLike):
     """Yield a fresh temp folder (``tmp_path(dest)``) to write ``dest``'s files into; when
-    the block ends, a ``COMPLETE`` marker is added and the folder renamed to ``dest``. If
-    another process put a finished ``dest`` there first, ours is dropped and theirs kept.
-    On an exception the temp folder is removed."""
+    the block ends, a ``COMPLETE`` marker listing every file and its size is added, every
+    file and folder fsynced, the folder
+    renamed to ``dest`` and ``dest``'s parent fsynced, so after a power loss ``dest`` is
+    either absent or whole. If another process put a finished ``dest`` there first, ours is
+    dropped and theirs kept; an unfinished one is discarded and ours put in its place; a
+    rename that still fails is a one-line ``StorageError``. On an exception the temp
+    folder is removed."""
+    from bench.core.errors import StorageError
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(dest)
     tmp.mkdir()
     try:
         yield tmp
-        (tmp / "COMPLETE").write_text("ok")
-        try:
-            os.rename(tmp, dest)
-        except OSError:      # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "COMPLETE").write_text(json.dumps({"files": _sizes(tmp)}))   # what a reader checks
+        _fsync_tree(tmp)
+        for attempt in (1, 2):
+            try:
+                os.rename(tmp, dest)
+                _fsync(dest.parent)
+                return
+            except OSError as e:
+                if (dest / "COMPLETE").is_file():       # another process finished it first: keep theirs
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+                if attempt == 1 and dest.is_dir() and not dest.is_symlink():
+                    discard(dest, "no COMPLETE marker (an unfinished folder)")
+                    continue
+                raise StorageError(f"{dest}: cannot put the finished folder in place ({e.strerror or e}) and "
+                                   f"no finished copy is there; remove {dest} (or free the path) and rerun") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why a finished artefact file cannot be read, or None. Checked by format, without
+    reading the data: ``.json`` parses, a ``.safetensors`` or ``.npy`` file is as long as
+    its header says, a ``.npz`` has its zip directory (written last); other files only
+    have to exist."""
+    import zipfile
+
+    import numpy as np
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if path.suffix == ".json":
+                json.loads(f.read())
+            elif path.suffix == ".safetensors":
+                n = int.from_bytes(f.read(8), "little")
+                if n > size:
+                    return f"{path.name}: a header of {n} bytes in a {size}-byte file (truncated?)"
+                header = json.loads(f.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if size < 8 + n + end:
+                    return f"{path.name}: truncated ({size} of {8 + n + end} bytes)"
+            elif path.suffix == ".npy":
+                fmt = np.lib.format
+                version = fmt.read_magic(f)
+                if version in ((1, 0), (2, 0)):
+                    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                    want = f.tell() + int(np.prod(shape)) * dtype.itemsize
+                    if not dtype.hasobject and size < want:
+                        return f"{path.name}: truncated ({size} of {want} bytes)"
+            elif path.suffix == ".npz":
+                zipfile.ZipFile(f).close()
+    except Exception as e:           # any parse error: a torn or foreign file
+        return f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"[:200]
+    return None
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why a finished artefact folder (``atomic_folder``) cannot be loaded, or None: no
+    ``COMPLETE`` marker, or a file it lists missing, of another size, or failing
+    ``file_problem``. Files added since (e.g. LoGra's query vectors, EK-FAC's scores) are
+    not its business; a marker from before the list (``ok``) has every file checked."""
+    folder = Path(folder)
+    try:
+        listed = json.loads((folder / "COMPLETE").read_text())["files"]
+    except FileNotFoundError:
+        return "no COMPLETE marker (an unfinished folder)"
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    for rel, size in (_sizes(folder) if listed is None else listed).items():
+        p = folder / rel
+        try:
+            now = p.stat().st_size
+        except OSError:
+            return f"{rel}: missing"
+        if listed is not None and now != size:
+            return f"{rel}: {now} bytes, {size} when it was finished"
+        why = file_problem(p)
+        if why:
+            return why
+    return None
+
+
+def discard(path: str | os.PathLike, why: str) -> None:
+    """Move a damaged artefact (file or folder) out of the way, under a temp name the sweep
+    would also remove, and delete it, printing one line; the caller then rebuilds it."""
+    path = Path(path)
+    aside = tmp_path(path)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return                        # another process discarded it first
+    print(f"[dvbench] {path}: {why}; removed, it is rebuilt")
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def reusable(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a finished artefact (a folder of ``atomic_folder``, or a file)
+    to load; a damaged one (``folder_problem`` / ``file_problem``) is discarded with one
+    printed line and False returned, so the caller rebuilds it."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    why = folder_problem(path) if path.is_dir() else file_problem(path)
+    if why is None:
+        return True
+    discard(path, why)
+    return False
 
 
 def check_folder(path: str | os.PathLike, field: str) -> None:

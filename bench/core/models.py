@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core.cache import atomic_folder
+from bench.core.cache import atomic_folder, reusable
 from bench.core.errors import ConfigError
 from bench.core.settings import Settings, setting
 
@@ -105,7 +105,7 @@ def _load_saved(path: Path):
 def load_base(spec: ModelSpec, task, cache_dir: str | Path):
     """Load (building and caching on first use) the base model and tokenizer."""
     cache = Path(cache_dir) / "models" / f"{spec.name}-{spec.cache_tag(task.fingerprint())}"
-    if (cache / "COMPLETE").exists():
+    if reusable(cache):               # a damaged folder (power loss, truncated file) is removed and rebuilt
         return _load_saved(cache)
     if spec.kind == "tiny":
         with atomic_folder(cache) as d:

@@ -2,8 +2,9 @@
 
 One ``.npy`` per watched layer ([N, k_out·k_in]), the projections
 (``projections.npz``), a ``meta.json`` and a ``COMPLETE`` marker, written into a
-temp folder beside the target and renamed into place (a crash leaves no
-half-written logs; if another process finished first, its logs are kept). The
+temp folder beside the target and renamed into place (``cache.atomic_folder``: a
+crash or a power loss leaves no half-written logs; if another process finished first,
+its logs are kept; damaged logs are removed and rebuilt). The
 folder is content-addressed by its caller (LoGra: the grand-coalition model's
 cache key, the training data, the projection, the loss and the dtype). Logs whose
 ``meta.json`` names another model, data or projection are refused (ConfigError).
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.core.cache import atomic_folder, atomic_write_bytes
+from bench.core.cache import atomic_folder, atomic_write_bytes, reusable
 from bench.core.errors import ConfigError
 from valuers.influence.hooks import GradientLogger, iter_projected
 from valuers.influence.subject import Subject
@@ -46,14 +47,19 @@ class GradientLogs:
 
     @staticmethod
     def open(path: Path, expected: dict, where: str = "valuer") -> "GradientLogs | None":
-        """The finished logs at ``path``, or None if absent. Logs written for another
-        model, data or projection are refused with a ConfigError naming ``<where>.logs_dir``."""
+        """The finished logs at ``path``, or None if absent. Damaged logs (a truncated file,
+        no COMPLETE marker beside our meta.json) are removed with one printed line and read
+        as absent, so they are rebuilt. Logs written for another model, data or projection,
+        and a folder that is not LoGra's, are refused with a ConfigError naming
+        ``<where>.logs_dir``."""
         path = Path(path)
         if not path.exists():
             return None
-        if not (path / "COMPLETE").exists() or not (path / "meta.json").exists():
+        if not (path / "COMPLETE").exists() and not (path / "meta.json").exists():
             raise ConfigError(f"{where}.logs_dir: {path} exists but holds no finished LoGra logs; "
                               f"delete it or point {where}.logs_dir elsewhere")
+        if not reusable(path):
+            return None
         meta = json.loads((path / "meta.json").read_text())
         for f in META_CHECKED:
             if meta.get(f) != expected.get(f):
