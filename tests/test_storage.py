@@ -335,3 +335,79 @@ def test_a_truncated_base_model_is_rebuilt(tmp_path, capsys, tiny_task):
     model, tok = load_base(SPEC, tiny_task, tmp_path)
     assert "model.safetensors" in capsys.readouterr().out and C.folder_problem(folder) is None
     assert model(**tok("Q: x\nA:", return_tensors="pt")).logits.isfinite().all()
+
+
+# ------------------------------------------------------------------ filesystems without flock, lock waits
+
+def _no_flock(monkeypatch):
+    import errno
+    import fcntl
+
+    def flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_a_folder_without_flock_is_refused_at_the_check_with_the_mount_and_the_fix(tmp_path, monkeypatch):
+    """Lustre without ``-o flock``: the job used to die at its first record (after the whole
+    exact reference) and the cache locks fell back to soft locks; now the folder checks say so."""
+    from bench.core.errors import StorageError
+    from bench.tracking import ResultsStore
+    _no_flock(monkeypatch)
+    mount, fs = C.mount_of(tmp_path)
+    for check, field in ((lambda: C.check_folder(tmp_path / "cache", "cache_dir"), "cache_dir"),
+                         (lambda: ResultsStore(tmp_path / "r").check_writable(), "results_dir")):
+        with pytest.raises(StorageError) as e:
+            check()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{field}: ") and f"mount {mount}, {fs}" in msg, msg
+        assert "-o flock" in msg and f"point {field} at a local disk" in msg, msg
+    assert _leftovers(tmp_path) == [] and not list(tmp_path.rglob(".probe*"))
+
+
+def test_cache_locks_and_appends_fail_in_one_line_without_flock_never_silently(tmp_path, monkeypatch):
+    from bench.core.errors import StorageError
+    from bench.tracking import ResultsStore
+    _no_flock(monkeypatch)
+    with pytest.raises(StorageError, match=r"^cache_dir: file locks \(flock\) fail .*Function not implemented"):
+        with DiskCache(tmp_path).lock("utility", "ab" * 32):
+            pass
+    import bench.tracking.store as S
+
+    def lock_descriptor(fd):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(S, "lock_descriptor", lock_descriptor)
+    with pytest.raises(StorageError, match=r"^results_dir: file locks \(flock\) fail"):
+        ResultsStore(tmp_path / "r").append({"experiment": "x"})
+
+
+def test_a_lock_wait_ends_with_a_clear_error_and_a_second_hold_in_one_thread_fails_at_once(tmp_path):
+    import threading
+
+    from bench.core.errors import StorageError
+    c = DiskCache(tmp_path)
+    key = "ef" * 32
+    held, release = threading.Event(), threading.Event()
+
+    def holder():                      # another holder (flock: another open file description)
+        with c.lock("utility", key):
+            held.set()
+            release.wait(30)
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        held.wait(30)
+        with pytest.raises(StorageError) as e:
+            with c.lock("utility", key, timeout_s=0.2):
+                pass
+        msg = str(e.value)
+        assert "\n" not in msg and str(c.lock_path("utility", key)) in msg and "fuser" in msg, msg
+    finally:
+        release.set()
+        t.join()
+    with c.lock("utility", key):
+        with pytest.raises(RuntimeError, match="holds this lock already"):
+            with c.lock("utility", key):
+                pass
+    with c.lock("utility", key, timeout_s=0.2):            # released: free again
+        pass

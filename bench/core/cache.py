@@ -14,6 +14,8 @@ writer's leftover from a live one's on a cache shared by several hosts (see ther
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -22,11 +24,18 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 TMP_MAX_AGE_S = 24 * 3600   # a temp entry untouched this long is a dead writer's, whichever host wrote it
+# The longest wait for an entry's lock. Its holder is training that entry: one coalition,
+# or one packed batch of them (game.pack), which takes seconds to minutes on the presets
+# (CPU) and well under an hour for a 135M model on a GPU; 6 h leaves room for models=hf
+# ten times larger, yet turns a hung holder (a stuck NFS client, a stopped process) into
+# an error the same working day instead of a job that waits until its time limit.
+LOCK_TIMEOUT_S = 6 * 3600
 _TMP_RE = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<boot>[0-9a-z]+)\.(?P<ns>[0-9]+)\.(?P<pid>[0-9]+)"
                      r"\.[0-9a-f]{8}\.tmp$")
 
@@ -252,7 +261,8 @@ def reusable(path: str | os.PathLike) -> bool:
 
 def check_folder(path: str | os.PathLike, field: str) -> None:
     """Fail in one line, before any work, when ``path`` cannot hold the cache: a file
-    where the folder should be, a file above it, or a folder that is not writable."""
+    where the folder should be, a file above it, a folder that is not writable, or a
+    filesystem whose ``flock`` fails (``probe_folder``)."""
     from bench.core.errors import ConfigError
     p = Path(path)
     above = next((q for q in [p, *p.parents] if q.exists()), None)
@@ -260,13 +270,53 @@ def check_folder(path: str | os.PathLike, field: str) -> None:
         raise ConfigError(f"{field}: {above} is a file, not a folder; point {field} at a folder "
                           f"(e.g. {field}=results/cache) or move the file")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = tmp_path(p / ".probe")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
+        probe_folder(p, field)
     except OSError as e:
         raise ConfigError(f"{field}: {p} is not writable ({e.strerror or e}); give a folder you can write, "
                           f"e.g. {field}=results/cache") from None
+
+
+def probe_folder(folder: Path, field: str) -> None:
+    """Create ``folder``, a probe file in it, and ``flock`` the probe: OSError when the folder
+    is not writable; a one-line ``StorageError`` naming the mount and the fix when its
+    filesystem has no working ``flock`` (Lustre without ``-o flock``: ENOSYS), which the
+    cache's locks and the results store's appends rely on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = tmp_path(folder / ".probe")
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # a fresh file: only a missing flock fails
+    except OSError as e:
+        raise no_flock(folder, field, e) from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def mount_of(path: str | os.PathLike) -> tuple[str, str]:
+    """(mount point, filesystem type) that holds ``path`` (from /proc/self/mounts), or ``("?", "?")``."""
+    real, best = os.path.realpath(path), ("?", "?")
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return best
+    for line in lines:                 # the longest mount point above ``real``; a later one shadows an earlier
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and (best[0] == "?" or len(mnt) >= len(best[0])):
+            best = (mnt, parts[2])
+    return best
+
+
+def no_flock(folder: str | os.PathLike, field: str, err: OSError):
+    """The one-line ``StorageError`` for a folder whose filesystem refuses ``flock``."""
+    from bench.core.errors import StorageError
+    mnt, fs = mount_of(folder)
+    return StorageError(f"{field}: file locks (flock) fail on {folder} ({err.strerror or err}; mount {mnt}, {fs}); "
+                        f"mount it with flock support (Lustre: -o flock), or point {field} at a local disk")
 
 
 def _alive(pid: int) -> bool:
@@ -334,6 +384,60 @@ def sweep_stale_tmp(root: str | Path, max_age_s: float = TMP_MAX_AGE_S) -> int:
     return removed
 
 
+_held = threading.local()    # the lock files this thread holds
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S, field: str = "cache_dir"):
+    """Hold an exclusive ``flock`` on ``path`` (created if absent). Waits at most
+    ``timeout_s``, then a one-line ``StorageError`` names the lock and what to do; a
+    filesystem without ``flock`` is a ``StorageError`` too (``no_flock``), not a soft lock
+    that a killed holder would leave behind. The same thread asking twice is a RuntimeError
+    (it would wait on itself). A lock file unlinked while we waited (``DiskCache.sweep_locks``)
+    is not a lock: we lock the file now at ``path`` instead."""
+    key = os.path.abspath(path)
+    mine = _held.__dict__.setdefault("paths", set())
+    if key in mine:
+        raise RuntimeError(f"{path}: this thread holds this lock already; a second wait on it would never end")
+    mine.add(key)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                _wait_flock(fd, path, deadline, timeout_s, field)
+            except BaseException:
+                os.close(fd)
+                raise
+            if os.fstat(fd).st_nlink:
+                break
+            os.close(fd)                # swept while we waited: the next holder uses the new file
+        try:
+            yield
+        finally:
+            os.close(fd)                # releases the flock
+    finally:
+        mine.discard(key)
+
+
+def _wait_flock(fd: int, path: Path, deadline: float, timeout_s: float, field: str) -> None:
+    from bench.core.errors import StorageError
+    pause = 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise no_flock(path.parent, field, e) from None
+        if time.monotonic() >= deadline:
+            raise StorageError(f"{path}: waited {timeout_s / 3600:.3g} h for this lock, which another process holds "
+                               f"(training the same entry?); if no other job runs, find the holder with "
+                               f"`fuser -v {path}` and end it, then rerun")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
+
+
 class DiskCache:
     """JSON records and tensor blobs under ``root/<kind>/<key[:2]>/<key>``."""
 
@@ -374,15 +478,18 @@ class DiskCache:
         torch.save({**obj, "key": key}, buf)
         atomic_write_bytes(self._path(kind, key, "pt"), buf.getvalue())
 
+    def lock_path(self, kind: str, key: str) -> Path:
+        return self.root / "locks" / kind / key[:2] / f"{key}.lock"
+
     @contextlib.contextmanager
-    def lock(self, kind: str, key: str):
-        """An exclusive inter-process lock on one entry (``filelock.UnixFileLock``, a
-        POSIX ``flock``: released by the OS if the holder dies, even by SIGKILL). Lock
-        files stay in ``root/locks`` (empty, reused); they are never read as entries."""
-        from filelock import UnixFileLock
-        p = self.root / "locks" / kind / f"{key}.lock"
+    def lock(self, kind: str, key: str, timeout_s: float = LOCK_TIMEOUT_S):
+        """An exclusive inter-process lock on one entry (``file_lock``: a POSIX ``flock``,
+        released by the OS if the holder dies, even by SIGKILL; an error, never a soft-lock
+        fallback, where the filesystem has none; a ``StorageError`` after ``timeout_s``).
+        Lock files live in ``root/locks/<kind>/<key[:2]>/``; they are never read as entries."""
+        p = self.lock_path(kind, key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        with UnixFileLock(p):
+        with file_lock(p, timeout_s, field="cache_dir"):
             yield
 
     def count(self, kind: str) -> int:

@@ -5,6 +5,7 @@ Records of any schema version are upgraded on read (``bench.tracking.schema``).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -17,7 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 from filelock import lock_descriptor
 
-from bench.core.cache import tmp_path
+from bench.core.cache import no_flock, probe_folder
 from bench.core.errors import ConfigError
 from bench.tracking.provenance import to_jsonable
 from bench.tracking.schema import upgrade
@@ -44,7 +45,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         # the file itself; readers share it (filelock has no shared lock, and an
         # exclusive one on a read-only descriptor fails on NFS), and a read-only file or
         # folder (a committed baseline) needs no lock file of its own.
-        fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+        except OSError as e:       # a filesystem without flock (a checkout on Lustre): read as is;
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):   # a torn line is skipped below
+                raise
         data = fh.read()
     out, bad = [], []
     for i, raw in enumerate(data.split(b"\n"), 1):
@@ -81,10 +86,7 @@ class ResultsStore:
     def check_writable(self) -> None:
         """Fail fast, before any expensive work, if records could not be saved."""
         try:
-            self.runs.mkdir(parents=True, exist_ok=True)
-            probe = tmp_path(self.runs / ".probe")
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            os.unlink(probe)
+            probe_folder(self.runs, "results_dir")     # writable, and flock works (appends need it)
         except OSError as e:
             raise self._unwritable(e) from e
 
@@ -106,7 +108,10 @@ class ResultsStore:
         except OSError as e:
             raise self._unwritable(e) from e
         try:
-            lock_descriptor(fd)
+            try:
+                lock_descriptor(fd)
+            except OSError as e:
+                raise no_flock(self.runs, "results_dir", e) from None
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line  # a crashed writer left half a line: keep ours separate
