@@ -411,3 +411,183 @@ def test_a_lock_wait_ends_with_a_clear_error_and_a_second_hold_in_one_thread_fai
                 pass
     with c.lock("utility", key, timeout_s=0.2):            # released: free again
         pass
+
+
+# ------------------------------------------------------------------ a full disk, for real (a tmpfs)
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(size)``: a tmpfs of ``size`` mounted for this test (root only), unmounted after."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(size: str = "64k") -> Path:
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
+                           text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _one_line_about_space(msg: str, path) -> bool:
+    return "\n" not in msg and "no space left on device" in msg and str(path) in msg and "free space" in msg
+
+
+def test_a_full_disk_mid_append_cuts_the_torn_line_back_and_says_so_in_one_line(small_disk, monkeypatch):
+    import subprocess
+
+    from bench.core.errors import StorageError
+    from bench.tracking import ResultsStore, read_jsonl
+    disk = small_disk("64k")
+    store = ResultsStore(disk)
+    cuts, ftruncate = [], os.ftruncate
+
+    def ftruncate_(fd, size):
+        cuts.append((os.fstat(fd).st_size, size))
+        return ftruncate(fd, size)
+    monkeypatch.setattr(os, "ftruncate", ftruncate_)
+    n = 0
+    with pytest.raises(StorageError) as e:
+        for n in range(1000):
+            store.append({"experiment": "x", "i": n, "pad": "p" * 3000})
+    path = store.path("x")
+    assert _one_line_about_space(str(e.value), path) and "results_dir" in str(e.value), str(e.value)
+    assert len(cuts) == 1 and cuts[0][0] > cuts[0][1], cuts            # half a line was on disk, and is cut
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and [r["i"] for r in read_jsonl(path)] == list(range(n))   # every record kept
+    subprocess.run(["mount", "-o", "remount,size=1m", "tmpfs", str(disk)], check=True)      # space freed
+    store.append({"experiment": "x", "i": n, "pad": "p"})               # the rerun goes on where it stopped
+    assert [r["i"] for r in read_jsonl(path)] == list(range(n + 1))
+
+
+def test_a_full_disk_in_a_cache_write_leaves_no_temp_and_one_line(small_disk):
+    from bench.core.errors import StorageError
+    disk = small_disk("64k")
+    c, key = DiskCache(disk), "12" * 32
+    with pytest.raises(StorageError) as e:
+        c.put_json("utility", key, {"pad": "p" * 200_000})
+    assert _one_line_about_space(str(e.value), c._path("utility", key, "json")), str(e.value)
+    with pytest.raises(StorageError):
+        c.put_tensors("stage", key, {"w": np.zeros(100_000)})
+    with pytest.raises(StorageError) as e:
+        with atomic_folder(disk / "models" / "m") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"w" * 200_000)
+    assert "\n" not in str(e.value) and str(disk / "models" / "m") in str(e.value)
+    assert _leftovers(disk) == [] and c.get_json("utility", key) is None
+    c.put_json("utility", key, {"v": 1})                               # what fits still works
+    assert c.get_json("utility", key)["v"] == 1
+
+
+def test_a_library_error_from_a_full_disk_is_the_same_line(small_disk):
+    """safetensors wraps ENOSPC in its own error (the issue's traceback); it is recognised."""
+    import torch
+    from safetensors.torch import save_file
+    disk = small_disk("64k")
+    with pytest.raises(Exception) as e:
+        save_file({"w": torch.zeros(100_000)}, str(disk / "model.safetensors"))
+    full = C.full_disk(e.value, disk / "model.safetensors")
+    assert full is not None and _one_line_about_space(str(full), disk / "model.safetensors"), (e.value, full)
+    assert C.full_disk(ValueError("x")) is None
+
+
+@pytest.mark.parametrize("writer", ["solve_memmap", "gradient_logs"])
+def test_a_memmap_on_a_full_disk_is_an_error_not_a_sigbus(small_disk, writer):
+    """numpy's memmaps are sparse files: a full disk used to be a SIGBUS when the map was
+    written, killing the job with no message. The blocks are now reserved first."""
+    import valuers.influence.logs as L
+    import valuers.influence.solve as S
+
+    from bench.core.errors import StorageError
+    disk = small_disk("64k")
+
+    def run():
+        try:
+            if writer == "solve_memmap":
+                S.PAIR_SCORES_RAM_BYTES = 0
+                S.pair_and_mean_scores([np.ones((20_000, 2))], [np.ones((2, 2))], [np.ones(2)], 0.1,
+                                       path=disk / "pair_scores" / "x.npy")
+            else:
+                class Logger:
+                    names = ["layer"]
+
+                    def k(self, name):
+                        return 4, 4
+                L.write_logs(disk / "logra" / "k", {}, None, Logger(), list(range(20_000)), None, "dpo", 2,
+                             np.float32)
+        except StorageError as e:
+            os._exit(0 if "no space left on device" in str(e) else 4)
+        os._exit(5)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run()
+        finally:
+            os._exit(6)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert _leftovers(disk) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_job_stops_it_in_one_line_keeps_the_records_and_a_rerun_resumes(small_disk, tmp_path,
+                                                                                         monkeypatch):
+    """End to end: the results folder on a tmpfs that holds the first records and not the
+    next. The job used to record the failure as the valuer's, or end in a traceback with a
+    torn line; now it stops with one line, the records before are whole, and once space is
+    freed the rerun finishes from the cache (nothing trained again). A valuer that hits a
+    full disk stops the job the same way, instead of a 'failed' record and the next valuer."""
+    import subprocess
+
+    from conftest import run_cli
+
+    import valuers.retraining as R
+    from bench.tracking import read_jsonl
+    args = ["experiment=smoke", "task.n_train_per_source=10", "task.n_eval_per_source=8", "partition.sizes=[8,5,5]",
+            "progress=false", "logger=none", "lds.n_subsets=0", "valuer=[random,loo]", f"cache_dir={tmp_path}/cache",
+            f"hydra.run.dir={tmp_path}/hydra"]
+    roomy = tmp_path / "disk9"                   # the same path length as the tmpfs's: the same record sizes
+    code, _, err = run_cli([*args, f"results_dir={roomy}"])
+    assert code == 0, err[-2000:]
+    sizes = [len(line) + 1 for line in (roomy / "runs" / "smoke.jsonl").read_bytes().splitlines()]
+    order = [r["valuer"] for r in read_jsonl(roomy / "runs" / "smoke.jsonl")]
+
+    def full(self, game, budget):                # the last valuer's own artefact write finds the disk full
+        raise OSError(28, "No space left on device", str(tmp_path / "cache" / "x.npy"))
+    with monkeypatch.context() as m:
+        m.setattr(R.LeaveOneOut, "value", full)
+        code, _, err = run_cli([*args, f"results_dir={roomy}"])
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and _one_line_about_space(errors[0], tmp_path / "cache" / "x.npy"), err
+    recs = read_jsonl(roomy / "runs" / "smoke.jsonl")[len(sizes):]
+    assert [r["valuer"] for r in recs] == order[:order.index("loo")] and all(r["status"] == "ok" for r in recs)
+
+    page, margin = 4096, 512                     # the results folder filling up: whole records kept
+    fits = next(k for k in range(2, len(sizes)) if -(-(sum(sizes[:k]) + margin) // page) * page + margin
+                < sum(sizes[:k + 1]))
+    pages = -(-(sum(sizes[:fits]) + margin) // page)
+    entries = sorted((tmp_path / "cache" / "utility").rglob("*.json"))
+
+    disk = small_disk(f"{pages * page // 1024}k")
+    assert disk.name == roomy.name.replace("9", "0")
+    code, out, err = run_cli([*args, f"results_dir={disk}"])
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    records = disk / "runs" / "smoke.jsonl"
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    assert _one_line_about_space(errors[0], records) and "results_dir" in errors[0], errors
+    assert records.read_bytes().endswith(b"\n") and len(read_jsonl(records)) == fits
+    assert _leftovers(disk) == []
+
+    subprocess.run(["mount", "-o", "remount,size=1m", "tmpfs", str(disk)], check=True)      # space freed
+    code, out, err = run_cli([*args, f"results_dir={disk}"])
+    assert code == 0, err[-2000:]
+    assert len(read_jsonl(records)) == fits + len(sizes)
+    assert sorted((tmp_path / "cache" / "utility").rglob("*.json")) == entries           # nothing retrained
+    print(f"records kept when the disk filled: {fits} of {len(sizes)}; the error: {errors[0]}")

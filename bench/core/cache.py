@@ -69,9 +69,60 @@ def tmp_path(final: str | os.PathLike) -> Path:
     return final.with_name(f".{final.name[:80]}.{'.'.join(_writer())}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull")   # libraries' wrapped OSErrors
+
+
+def full_disk(exc: BaseException, path: str | os.PathLike | None = None, field: str | None = None):
+    """The one-line ``StorageError`` when ``exc`` (or what caused it) is a full disk or quota:
+    an OSError ENOSPC/EDQUOT, or a library's error that wraps one (safetensors' I/O error);
+    None otherwise. It names the file (``path``, else the OSError's) and the fix."""
+    from bench.core.errors import StorageError
+    seen, e, where = 0, exc, path
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in _FULL:
+            where = where or e.filename
+            break
+        if any(w in str(e) for w in _FULL_WORDS):
+            break
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    else:
+        return None
+    mnt = f" (mount {mount_of(where)[0]})" if where else ""
+    fix = f"point {field} at another disk" if field else "point cache_dir / results_dir at another disk"
+    return StorageError(f"{field + ': ' if field else ''}no space left on device writing {where or 'a file'}{mnt}; "
+                        f"free space there, or {fix}, and rerun (the cache and the records written so far are kept)")
+
+
+@contextlib.contextmanager
+def stop_on_full_disk():
+    """Turn an error that a full disk caused, anywhere in the block, into ``full_disk``'s line."""
+    from bench.core.errors import ConfigError
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        full = full_disk(e)
+        if full is None:
+            raise
+        raise full from None
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate the blocks of ``path`` (a memmap just sized by numpy, sparse so far), so a
+    full disk is an ENOSPC now rather than a SIGBUS when the map is written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Replace ``path`` atomically with what ``write(file)`` writes (a ``tmp_path`` temp file,
-    fsync, rename; the folder is created). ``DVBENCH_KILL_AT=cache_write:<n>``
+    fsync, rename; the folder is created; on a full disk no temp is left and the error is
+    ``full_disk``'s one line). ``DVBENCH_KILL_AT=cache_write:<n>``
     (``bench.core.faults``) kills the writer between the fsync and the rename. Returns ``path``."""
     from bench.core.faults import die, should_kill
     path = Path(path)
@@ -86,11 +137,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         if should_kill("cache_write"):
             die()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        full = full_disk(e, path)
+        if full is not None:
+            raise full from None
         raise
     return path
 
@@ -136,7 +190,7 @@ def atomic_folder(dest: str | os.PathLike):
     either absent or whole. If another process put a finished ``dest`` there first, ours is
     dropped and theirs kept; an unfinished one is discarded and ours put in its place; a
     rename that still fails is a one-line ``StorageError``. On an exception the temp
-    folder is removed."""
+    folder is removed (a full disk: ``full_disk``'s one line)."""
     from bench.core.errors import StorageError
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +214,11 @@ def atomic_folder(dest: str | os.PathLike):
                     continue
                 raise StorageError(f"{dest}: cannot put the finished folder in place ({e.strerror or e}) and "
                                    f"no finished copy is there; remove {dest} (or free the path) and rerun") from None
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = full_disk(e, dest)
+        if full is not None:
+            raise full from None
         raise
 
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.core import metrics as M
 from bench.core import shapley
+from bench.core.cache import full_disk, stop_on_full_disk
 from bench.core.errors import ConfigError
 from bench.core.devices import GpuMeter
 from bench.core.game import Game
@@ -251,7 +252,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     lds_games = {int(s): game.with_seed(int(s)) for s in lds_cfg["seeds"]} if lds_cfg["n_subsets"] else {}
     lds_preds: dict[str, np.ndarray] = {}     # "<valuer>/s<seed>" -> [M, E] predicted targets (the artefact)
     t0 = time.perf_counter()
-    with ExitStack() as job_meters:
+    with stop_on_full_disk(), ExitStack() as job_meters:
         job_uses = [job_meters.enter_context(g.metered()) for g in [*games.values(), *lds_games.values()]]
         try:
             exacts = {s: exact_shapley(g) for s, g in games.items()}
@@ -309,6 +310,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                     except ConfigError:
                         raise
                     except Exception as e:   # a valuer crash is a failed record, with its traceback
+                        full = full_disk(e)
+                        if full is not None:     # the machine's fault, not the valuer's: stop, keeping
+                            raise full from None    # the records written so far (a rerun resumes)
                         rec.update(status="failed", error=f"{type(e).__name__}: {e}", owner_values=[], metrics={},
                                    cost={}, traceback=traceback.format_exc(limit=5))
                     if ref is not None:

@@ -5,6 +5,7 @@ Records of any schema version are upgraded on read (``bench.tracking.schema``).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -18,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 from filelock import lock_descriptor
 
-from bench.core.cache import no_flock, probe_folder
+from bench.core.cache import full_disk, no_flock, probe_folder
 from bench.core.errors import ConfigError
 from bench.tracking.provenance import to_jsonable
 from bench.tracking.schema import upgrade
@@ -96,7 +97,8 @@ class ResultsStore:
         Not a write-and-rename (``bench.core.cache.atomic_write_bytes``): the file grows
         by one line under an exclusive ``flock`` on the file itself (released by the OS
         if the writer dies), then fsync. A line a killed writer left half-written is
-        skipped by ``read_jsonl`` and never glued to the next record.
+        skipped by ``read_jsonl`` and never glued to the next record; one that failed to
+        write (a full disk) is cut back, and the error is one line (``cache.full_disk``).
         """
         if not record.get("experiment"):
             raise ValueError("record has no 'experiment'")
@@ -120,10 +122,16 @@ class ResultsStore:
                 os.write(fd, line[: len(line) // 2])
                 os.fsync(fd)
                 die()
-            n = os.write(fd, line)
-            while n < len(line):  # a short write to a regular file is near impossible
-                n += os.write(fd, line[n:])
-            os.fsync(fd)
+            try:
+                n = os.write(fd, line)
+                while n < len(line):  # a short write: the disk filled up (the next write says so)
+                    n += os.write(fd, line[n:])
+                os.fsync(fd)
+            except OSError as e:      # e.g. a full disk: cut the torn line back, keep the records before it
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                raise full_disk(e, path, "results_dir") or self._unwritable(e) from None
         finally:
             os.close(fd)  # releases the lock
         return path

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.core.cache import atomic_folder, atomic_write_bytes, reusable
+from bench.core.cache import atomic_folder, atomic_write_bytes, reserve, reusable
 from bench.core.errors import ConfigError
 from valuers.influence.hooks import GradientLogger, iter_projected
 from valuers.influence.subject import Subject
@@ -110,6 +110,7 @@ def write_logs(path: Path, meta: dict, subject: Subject, logger: GradientLogger,
             ko, ki = logger.k(n)
             mms.append(np.lib.format.open_memmap(tmp / f"layer_{i:04d}.npy", mode="w+", dtype=np_dtype,
                                                  shape=(N, ko * ki)))
+            reserve(tmp / f"layer_{i:04d}.npy")     # a full disk: ENOSPC now, not SIGBUS mid-log
         t0 = time.perf_counter()
         for idx, grads, _ in iter_projected(subject, logger, examples, ref, loss, batch_size):
             for mm, n in zip(mms, logger.names):

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench.core.cache import tmp_path
+from bench.core.cache import full_disk, reserve, tmp_path
 
 PAIR_SCORES_RAM_BYTES = 256 << 20      # a larger [N, E] score matrix is written to a memmap
 
@@ -145,6 +145,7 @@ def pair_and_mean_scores(train: list, pair_queries: list, mean_queries: list, da
         if memmap:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             pair = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(N, E))
+            reserve(tmp)                                        # a full disk: ENOSPC now, not SIGBUS
         else:
             pair = np.zeros((N, E))
         point, info = np.zeros(N), []
@@ -160,8 +161,11 @@ def pair_and_mean_scores(train: list, pair_queries: list, mean_queries: list, da
             del pair
             os.replace(tmp, path)
             pair = np.load(path, mmap_mode="r")
-    except BaseException:
+    except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        full = full_disk(e, path)
+        if full is not None:
+            raise full from None
         raise
     return pair, point, info
