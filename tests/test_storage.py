@@ -591,3 +591,59 @@ def test_a_full_disk_mid_job_stops_it_in_one_line_keeps_the_records_and_a_rerun_
     assert len(read_jsonl(records)) == fits + len(sizes)
     assert sorted((tmp_path / "cache" / "utility").rglob("*.json")) == entries           # nothing retrained
     print(f"records kept when the disk filled: {fits} of {len(sizes)}; the error: {errors[0]}")
+
+
+# ------------------------------------------------------------------ lock files, swept
+
+def test_lock_files_of_finished_entries_no_one_holds_are_swept(tmp_path):
+    c = DiskCache(tmp_path)
+    done, held, pending = "a1" * 32, "b2" * 32, "c3" * 32
+    for key in (done, held):
+        with c.lock("utility", key):
+            c.put_json("utility", key, {"v": 1})
+    with c.lock("utility", pending):                          # its entry never written (a killed run)
+        pass
+    flat = tmp_path / "locks" / "utility" / f"{done[::-1]}.lock"   # the older flat layout
+    c.put_json("utility", done[::-1], {"v": 2})
+    flat.touch()
+    with c.lock("utility", held):                             # held right now: kept
+        assert c.sweep_locks() == 2
+    assert not c.lock_path("utility", done).exists() and not flat.exists()
+    assert c.lock_path("utility", held).exists() and c.lock_path("utility", pending).exists()
+    with c.lock("utility", done):                             # and locking works as before
+        assert c.get_json("utility", done)["v"] == 1
+
+
+def test_a_waiter_on_a_swept_lock_file_locks_the_new_one(tmp_path):
+    """The classic race of removing a lock file: a process opened it, the sweep unlinked it,
+    then the process gets the flock of the unlinked file while a newcomer locks a new file
+    at the path; both would 'hold the lock'. ``file_lock`` sees the unlinked file and locks
+    the new one, so the newcomer waits."""
+    import fcntl
+    import threading
+
+    from bench.core.errors import StorageError
+    path = tmp_path / "k.lock"
+    sweeper = os.open(path, os.O_RDWR | os.O_CREAT)           # the sweep holds the old file's flock
+    fcntl.flock(sweeper, fcntl.LOCK_EX)
+    inside, leave, started = threading.Event(), threading.Event(), threading.Event()
+
+    def waiter():
+        started.set()
+        with C.file_lock(path):                               # opens the old file, waits for its flock
+            inside.set()
+            leave.wait(30)
+    t = threading.Thread(target=waiter)
+    t.start()
+    started.wait(30)
+    time.sleep(0.3)                                           # the waiter has opened the old file by now
+    os.unlink(path)                                           # the sweep removes it, then lets go
+    os.close(sweeper)
+    try:
+        assert inside.wait(30) and path.exists()              # it holds the file now at the path ...
+        with pytest.raises(StorageError):                     # ... so a newcomer waits, as it must
+            with C.file_lock(path, timeout_s=0.3):
+                pass
+    finally:
+        leave.set()
+        t.join()

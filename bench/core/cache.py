@@ -495,6 +495,24 @@ def _wait_flock(fd: int, path: Path, deadline: float, timeout_s: float, field: s
         pause = min(2 * pause, 0.5)
 
 
+def _unlink_if_free(lock: Path) -> int:
+    """Unlink ``lock`` if no one holds its flock, holding it meanwhile; 1 if removed."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(lock).st_ino:      # replaced since we opened it: not ours to judge
+            return 0
+        os.unlink(lock)
+        return 1
+    except OSError:                                           # held, no flock, gone: leave it
+        return 0
+    finally:
+        os.close(fd)
+
+
 class DiskCache:
     """JSON records and tensor blobs under ``root/<kind>/<key[:2]>/<key>``."""
 
@@ -548,6 +566,26 @@ class DiskCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(p, timeout_s, field="cache_dir"):
             yield
+
+    def sweep_locks(self) -> int:
+        """Remove the lock files of entries that exist and that no one holds (for a cache of
+        thousands of entries, thousands of files the start-of-job sweep would walk). Never
+        raises; returns how many were removed.
+
+        Safe with ``flock``: a file is unlinked only while we hold its flock ourselves (a
+        non-blocking one: a held lock is left), so no one holds it then; a process that had
+        opened it before and gets its flock after sees it unlinked (``st_nlink == 0``) and
+        locks the new file at the path instead (``file_lock``), so two holders never hold
+        two files of one key. Only keys whose entry exists are touched: a locker that still
+        finds the old file (an older dvbench without that check) then only reads the entry."""
+        removed = 0
+        locks = self.root / "locks"
+        for p in [*locks.glob("*/*/*.lock"), *locks.glob("*/*.lock")]:    # and the older flat layout
+            kind = (p.parent.parent if p.parent.parent != locks else p.parent).name
+            key = p.stem
+            if any(self._path(kind, key, ext).exists() for ext in ("json", "pt")):
+                removed += _unlink_if_free(p)
+        return removed
 
     def count(self, kind: str) -> int:
         return sum(1 for _ in (self.root / kind).glob("*/*.*")) if (self.root / kind).exists() else 0

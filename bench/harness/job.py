@@ -201,12 +201,13 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         cfg.game.device = device
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
-    from bench.core.cache import check_folder, sweep_stale_tmp
+    from bench.core.cache import DiskCache, check_folder, sweep_stale_tmp
     check_folder(cfg.cache_dir, "cache_dir")
     results = Path(cfg.results_dir)       # a killed earlier run's half-written temp files and folders
     for d in {Path(cfg.cache_dir), store.runs, results / "lds", results / "plots"}:
         if d.exists():
             sweep_stale_tmp(d)
+    DiskCache(cfg.cache_dir).sweep_locks()       # the lock files of finished entries no one holds
     shard = parse_shard(cfg.game.get("shard"))    # a malformed shard spec fails now
     built, sel = check_job(cfg)
     budget = Budget(**OmegaConf.to_container(cfg.budget))
