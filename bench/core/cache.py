@@ -1,7 +1,7 @@
 """A content-addressed on-disk store, written atomically, and the project's one file writer.
 
-``atomic_write`` (``atomic_write_bytes``) writes every file the project replaces whole (cache entries,
-embeddings, reports, plots, baselines): a temp file in the same folder, fsynced, then
+``atomic_write`` (``atomic_write_bytes``) writes every file the project replaces whole
+(cache entries, embeddings, reports, plots, baselines): a temp file in the same folder, fsynced, then
 ``os.replace``d into place, so a reader sees either the old file or the whole new one.
 ``atomic_folder`` does the same for folders (model, gradient-log, EK-FAC factor folders).
 A truncated or unreadable cache entry (a crash of another tool, a full disk) reads as
@@ -88,10 +88,14 @@ def full_disk(exc: BaseException, path: str | os.PathLike | None = None, field: 
         e, seen = e.__cause__ or e.__context__, seen + 1
     else:
         return None
-    mnt = f" (mount {mount_of(where)[0]})" if where else ""
+    kept = "and rerun (the cache and the records written so far are kept)"
+    if not where:                       # a library's error that does not say which file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        return StorageError(f"no space left on device ({first}); free space on the disk of cache_dir, results_dir "
+                            f"or TMPDIR, or point them at another disk, {kept}")
     fix = f"point {field} at another disk" if field else "point cache_dir / results_dir at another disk"
-    return StorageError(f"{field + ': ' if field else ''}no space left on device writing {where or 'a file'}{mnt}; "
-                        f"free space there, or {fix}, and rerun (the cache and the records written so far are kept)")
+    return StorageError(f"{field + ': ' if field else ''}no space left on device writing {where} "
+                        f"(mount {mount_of(where)[0]}); free space there, or {fix}, {kept}")
 
 
 @contextlib.contextmanager
@@ -185,9 +189,8 @@ def _sizes(folder: Path) -> dict[str, int]:
 def atomic_folder(dest: str | os.PathLike):
     """Yield a fresh temp folder (``tmp_path(dest)``) to write ``dest``'s files into; when
     the block ends, a ``COMPLETE`` marker listing every file and its size is added, every
-    file and folder fsynced, the folder
-    renamed to ``dest`` and ``dest``'s parent fsynced, so after a power loss ``dest`` is
-    either absent or whole. If another process put a finished ``dest`` there first, ours is
+    file and folder fsynced, the folder renamed to ``dest`` and ``dest``'s parent fsynced,
+    so after a power loss ``dest`` is either absent or whole. If another process put a finished ``dest`` there first, ours is
     dropped and theirs kept; an unfinished one is discarded and ours put in its place; a
     rename that still fails is a one-line ``StorageError``. On an exception the temp
     folder is removed (a full disk: ``full_disk``'s one line)."""
@@ -271,6 +274,8 @@ def folder_problem(folder: str | os.PathLike) -> str | None:
     except FileNotFoundError:
         return "no COMPLETE marker (an unfinished folder)"
     except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    if not isinstance(listed, dict):
         listed = None
     for rel, size in (_sizes(folder) if listed is None else listed).items():
         p = folder / rel
