@@ -242,21 +242,23 @@ def test_concurrent_writers_train_each_coalition_once(tmp_path, fresh_cache):
 
 
 def test_sweep_removes_a_dead_writers_temp_folder_and_never_raises(tmp_path):
-    """A killed EK-FAC run leaves a ``.<key>.<pid>.<random>.tmp`` *folder*; the sweep at the
-    next job's start called ``unlink`` on it (IsADirectoryError), so every later job
-    crashed at start-up."""
+    """A killed EK-FAC run leaves a temp *folder*; the sweep at the next job's start called
+    ``unlink`` on it (IsADirectoryError), so every later job crashed at start-up."""
     import subprocess
     import sys
 
-    from bench.core.cache import sweep_stale_tmp
+    from bench.core.cache import sweep_stale_tmp, tmp_path as temp_of
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    folder = tmp_path / "ekfac" / f".factors.{dead}.ab12cd34.tmp"
+
+    def as_dead(p):
+        return p.with_name(p.name.replace(f".{os.getpid()}.", f".{dead}."))
+    folder = as_dead(temp_of(tmp_path / "ekfac" / "factors"))
     (folder / "sub").mkdir(parents=True)
     (folder / "sub" / "lambda.safetensors").write_bytes(b"x" * 10)
-    f = tmp_path / f".entry.json.{dead}.k3j4.tmp"
+    f = as_dead(temp_of(tmp_path / "entry.json"))
     f.write_bytes(b"half")
-    live = tmp_path / f".entry.json.{os.getpid()}.zz99.tmp"
+    live = temp_of(tmp_path / "entry.json")
     live.write_bytes(b"mine")
     assert sweep_stale_tmp(tmp_path) == 2
     assert not folder.exists() and not f.exists() and live.exists()

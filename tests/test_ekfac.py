@@ -126,6 +126,28 @@ def test_ekfac_is_finite_cached_and_deterministic(game):
 
 
 @pytest.mark.parametrize("game", ["lora"], indirect=True)
+def test_truncated_factors_and_scores_are_redone(game, capsys):
+    """A factor file or the pair scores that lost their tail (a power loss before they were
+    fsynced): the next run removes them with one line each, redoes them, same numbers."""
+    from pathlib import Path
+    a = EKFAC(seed=3).value(game, Budget())
+    d = Path(a.extras["cache_dir"])
+    (factor,) = sorted(d.rglob("*lambda*.safetensors"))[:1]
+    for f in (factor, *sorted((d / "scores").glob("*.npy"))):
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size - 8)
+    b = EKFAC(seed=3).value(game, Budget())
+    assert not b.extras["factors_reused"] and not b.extras["scores_reused"]
+    assert factor.name in capsys.readouterr().out
+    np.testing.assert_array_equal(a.pair_scores, b.pair_scores)
+    with open(next((d / "scores").glob("*.npy")), "r+b") as fh:      # the scores alone: factors kept
+        fh.truncate(64)
+    c = EKFAC(seed=3).value(game, Budget())
+    assert c.extras["factors_reused"] and not c.extras["scores_reused"] and "removed" in capsys.readouterr().out
+    np.testing.assert_array_equal(a.pair_scores, c.pair_scores)
+
+
+@pytest.mark.parametrize("game", ["lora"], indirect=True)
 def test_sft_loss_and_other_strategies_run(game):
     for kw in (dict(train_loss="sft"), dict(train_loss="sft", fisher="empirical", strategy="kfac")):
         v = EKFAC(**kw).value(game, Budget())

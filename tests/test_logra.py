@@ -337,6 +337,19 @@ def test_logs_are_reused_atomic_and_refused_when_foreign(game, tmp_path):
         LoGra(k_in=4, k_out=4, logs_dir=str(half)).value(game, Budget())
 
 
+@pytest.mark.parametrize("game", ["lora"], indirect=True)
+def test_truncated_gradient_logs_are_rebuilt(game, capsys):
+    """A layer file of finished logs that lost its tail (a power loss before the logs were
+    fsynced): the next run says so in one line, logs them again and gets the same values."""
+    a = LoGra(k_in=4, k_out=4, seed=3).value(game, Budget())
+    layer = Path(a.extras["logs_dir"]) / "layer_0000.npy"
+    with open(layer, "r+b") as f:
+        f.truncate(layer.stat().st_size - 16)
+    b = LoGra(k_in=4, k_out=4, seed=3).value(game, Budget())
+    assert not b.extras["logs_reused"] and "layer_0000.npy" in capsys.readouterr().out
+    np.testing.assert_array_equal(a.point_values, b.point_values)
+
+
 def test_sft_loss_and_eigen_projection_run(game):
     v = LoGra(k_in=4, k_out=4, train_loss="sft", projection="eigen").value(game, Budget())
     assert np.all(np.isfinite(v.point_values)) and np.abs(v.point_values).max() > 0

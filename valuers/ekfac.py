@@ -41,9 +41,10 @@ with its weight, as Kronfluence does; ``logra`` / ``influence_naive`` watch weig
 
 Cache: factors under ``game.artefacts_dir("ekfac")/<key>/`` (key = the model's cache
 key, data fingerprint, strategy, fisher, seed, loss, layers, dtype); Kronfluence
-writes them into a temp folder renamed into place once finished. The pair scores
-go beside them (``scores/<key>.npy``, key adding the eval set and λ), written under
-a temp name and renamed. A rerun reuses both; another λ or eval set reuses the factors.
+writes them into a temp folder (``cache.atomic_folder``) renamed into place once
+finished. The pair scores go beside them (``scores/<key>.npy``, key adding the eval
+set and λ), written under a temp name and renamed (``cache.atomic_write``). A rerun
+reuses both; another λ or eval set reuses the factors.
 
 Budget: the game's ``check_budget`` runs before every batch Kronfluence asks a loss
 for and between the factor and score phases (``BudgetExhausted`` removes half-written
@@ -54,10 +55,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,7 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.core.cache import content_key
+from bench.core.cache import atomic_folder, atomic_write, atomic_write_bytes, content_key, reusable, tmp_path
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.data import Batch, collate, example_losses, row_logps, unwrap
@@ -265,8 +264,8 @@ class EKFAC:
         skey = content_key({"factors": fkey, "damping": s.damping, "n_eval": E,
                             "eval": content_key([asdict(p) for p in game.eval])})[:24]
         spath = fdir / "scores" / f"{skey}.npy"
-        factors_reused = (fdir / "COMPLETE").exists()
-        scores_reused = factors_reused and spath.exists()
+        factors_reused = reusable(fdir)          # damaged factors or scores are removed (one line) and redone
+        scores_reused = factors_reused and reusable(spath.with_suffix(".json")) and reusable(spath)
         times = {}
         if not scores_reused:
             import kronfluence
@@ -284,9 +283,7 @@ class EKFAC:
             fa, sa = self._arguments()
             with _on(device):
                 if not factors_reused:
-                    _rmtree(fdir)                 # a folder without COMPLETE is nobody's finished work
-                    tmp = root / f".{fkey}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-                    try:
+                    with atomic_folder(fdir) as tmp:      # keeps another process's, finished meanwhile
                         with meter.phase("fit_factors", own_compute=True):
                             t0 = time.perf_counter()
                             task.reseed()
@@ -297,19 +294,11 @@ class EKFAC:
                         (tmp / "meta.json").write_text(json.dumps(
                             {**meta, "kronfluence": kronfluence.__version__, "layers": names,
                              "factor_s": times["factor_s"]}, indent=1))
-                        (tmp / "COMPLETE").touch()
-                        try:
-                            os.rename(tmp, fdir)
-                        except OSError:            # another process finished the same factors first
-                            _rmtree(tmp)
-                    except BaseException:
-                        _rmtree(tmp)
-                        raise
                 subject.check_budget()
                 with meter.phase("scores", own_compute=True):
                     t0 = time.perf_counter()
                     an = self._analyzer(fdir, model, task, device)
-                    tmp_name = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                    tmp_name = tmp_path(spath).name       # Kronfluence writes scores_<it>/
                     try:
                         an.compute_pairwise_scores(tmp_name, "fit", query_dataset=query_ds,
                                                    train_dataset=train_ds, per_device_query_batch_size=s.batch_size,
@@ -340,16 +329,6 @@ class EKFAC:
 
     @staticmethod
     def _save_scores(path: Path, pair: np.ndarray, score_s: float) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp, tmp_meta = path.with_name(path.name + tag), path.with_name(path.stem + ".json" + tag)
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, pair)
-            tmp_meta.write_text(json.dumps({"score_s": score_s, "shape": list(pair.shape)}))
-            os.replace(tmp_meta, path.with_suffix(".json"))       # the .npy last: it marks the scores done
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            tmp_meta.unlink(missing_ok=True)
-            raise
+        meta = {"score_s": score_s, "shape": list(pair.shape)}
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
+        atomic_write(path, lambda f: np.save(f, pair))       # the .npy last: it marks the scores done

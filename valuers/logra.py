@@ -118,6 +118,8 @@ class LoGra:
                                        np.float64 if s.dtype == "float64" else np.float32)
             passes += len(ex)
             logs = GradientLogs.open(path, meta, where)
+            if logs is None:
+                raise RuntimeError(f"{where}: the gradient logs just written to {path} cannot be read back")
         by_name = dict(layers)
         missing = [n for n in logs.meta["layers"] if n not in by_name]
         if missing:

@@ -17,3 +17,9 @@ def fail(msg: object) -> NoReturn:
     """Print ``error: <msg>`` to stderr and exit with status 2."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class StorageError(ConfigError):
+    """The machine's storage failed in a way the user can fix: a full disk, a filesystem
+    without ``flock``, a lock held for hours, an artefact that cannot be put in place.
+    One line naming the path and the fix; it stops the job (finished work stays cached)."""

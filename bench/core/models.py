@@ -2,7 +2,7 @@
 
 ``load_base(spec, task)`` returns ``(model, tokenizer)`` in fp32 on the CPU (or the
 configured device). Everything built here is cached on disk under
-``<cache_dir>/models/<name>-<hash>`` and written atomically (temp dir + rename),
+``<cache_dir>/models/<name>-<hash>`` and written atomically (``cache.atomic_folder``: temp dir + rename),
 so a second call costs a plain ``from_pretrained``.
 
 Prompts are rendered by ``render_prompt`` so training and scoring see exactly
@@ -13,14 +13,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bench.core.cache import atomic_folder, reusable
 from bench.core.errors import ConfigError
 from bench.core.settings import Settings, setting
 
@@ -96,22 +94,6 @@ def render_response(spec: ModelSpec, response: str) -> str:
     return response if spec.chat_template else " " + response
 
 
-def _atomic_save(dest: Path, write) -> None:
-    """Call ``write(tmpdir)`` then rename into place; a crash leaves no half folder."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp"))
-    try:
-        write(tmp)
-        (tmp / "COMPLETE").write_text("ok")
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _load_saved(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
@@ -123,12 +105,14 @@ def _load_saved(path: Path):
 def load_base(spec: ModelSpec, task, cache_dir: str | Path):
     """Load (building and caching on first use) the base model and tokenizer."""
     cache = Path(cache_dir) / "models" / f"{spec.name}-{spec.cache_tag(task.fingerprint())}"
-    if (cache / "COMPLETE").exists():
+    if reusable(cache):               # a damaged folder (power loss, truncated file) is removed and rebuilt
         return _load_saved(cache)
     if spec.kind == "tiny":
-        _atomic_save(cache, lambda d: _build_tiny(spec, task, d))
+        with atomic_folder(cache) as d:
+            _build_tiny(spec, task, d)
     elif spec.kind == "smollm2":
-        _atomic_save(cache, lambda d: _convert_smollm2(d))
+        with atomic_folder(cache) as d:
+            _convert_smollm2(d)
     elif spec.kind == "hf":
         return _load_hf(spec)
     else:

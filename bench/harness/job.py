@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.core import metrics as M
 from bench.core import shapley
+from bench.core.cache import full_disk, stop_on_full_disk
 from bench.core.errors import ConfigError
 from bench.core.devices import GpuMeter
 from bench.core.game import Game
@@ -200,11 +201,13 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
         cfg.game.device = device
     store = ResultsStore(cfg.results_dir)
     store.check_writable()                    # before any expensive work
-    from bench.core.cache import check_folder, sweep_stale_tmp
+    from bench.core.cache import DiskCache, check_folder, sweep_stale_tmp
     check_folder(cfg.cache_dir, "cache_dir")
-    for d in {str(cfg.cache_dir), str(store.runs)}:   # a killed earlier run's half-written temp files
-        if Path(d).exists():
+    results = Path(cfg.results_dir)       # a killed earlier run's half-written temp files and folders
+    for d in {Path(cfg.cache_dir), store.runs, results / "lds", results / "plots"}:
+        if d.exists():
             sweep_stale_tmp(d)
+    DiskCache(cfg.cache_dir).sweep_locks()       # the lock files of finished entries no one holds
     shard = parse_shard(cfg.game.get("shard"))    # a malformed shard spec fails now
     built, sel = check_job(cfg)
     budget = Budget(**OmegaConf.to_container(cfg.budget))
@@ -254,7 +257,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     lds_games = {int(s): game.with_seed(int(s)) for s in lds_cfg["seeds"]} if lds_cfg["n_subsets"] else {}
     lds_preds: dict[str, np.ndarray] = {}     # "<valuer>/s<seed>" -> [M, E] predicted targets (the artefact)
     t0 = time.perf_counter()
-    with ExitStack() as job_meters:
+    with stop_on_full_disk(), ExitStack() as job_meters:
         job_uses = [job_meters.enter_context(g.metered()) for g in [*games.values(), *lds_games.values()]]
         try:
             exacts = {s: exact_shapley(g) for s, g in games.items()}
@@ -312,6 +315,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                     except ConfigError:
                         raise
                     except Exception as e:   # a valuer crash is a failed record, with its traceback
+                        full = full_disk(e)
+                        if full is not None:     # the machine's fault, not the valuer's: stop, keeping
+                            raise full from None    # the records written so far (a rerun resumes)
                         rec.update(status="failed", error=f"{type(e).__name__}: {e}", owner_values=[], metrics={},
                                    cost={}, traceback=traceback.format_exc(limit=5))
                     if ref is not None:

@@ -5,12 +5,13 @@ Records of any schema version are upgraded on read (``bench.tracking.schema``).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 from filelock import lock_descriptor
 
+from bench.core.cache import full_disk, no_flock, probe_folder
 from bench.core.errors import ConfigError
 from bench.tracking.provenance import to_jsonable
 from bench.tracking.schema import upgrade
@@ -44,7 +46,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         # the file itself; readers share it (filelock has no shared lock, and an
         # exclusive one on a read-only descriptor fails on NFS), and a read-only file or
         # folder (a committed baseline) needs no lock file of its own.
-        fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+        except OSError as e:       # a filesystem without flock (a checkout on Lustre): read as is;
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):   # a torn line is skipped below
+                raise
         data = fh.read()
     out, bad = [], []
     for i, raw in enumerate(data.split(b"\n"), 1):
@@ -81,10 +87,7 @@ class ResultsStore:
     def check_writable(self) -> None:
         """Fail fast, before any expensive work, if records could not be saved."""
         try:
-            self.runs.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.runs)
-            os.close(fd)
-            os.unlink(probe)
+            probe_folder(self.runs, "results_dir")     # writable, and flock works (appends need it)
         except OSError as e:
             raise self._unwritable(e) from e
 
@@ -94,7 +97,8 @@ class ResultsStore:
         Not a write-and-rename (``bench.core.cache.atomic_write_bytes``): the file grows
         by one line under an exclusive ``flock`` on the file itself (released by the OS
         if the writer dies), then fsync. A line a killed writer left half-written is
-        skipped by ``read_jsonl`` and never glued to the next record.
+        skipped by ``read_jsonl`` and never glued to the next record; one that failed to
+        write (a full disk) is cut back, and the error is one line (``cache.full_disk``).
         """
         if not record.get("experiment"):
             raise ValueError("record has no 'experiment'")
@@ -106,7 +110,10 @@ class ResultsStore:
         except OSError as e:
             raise self._unwritable(e) from e
         try:
-            lock_descriptor(fd)
+            try:
+                lock_descriptor(fd)
+            except OSError as e:
+                raise no_flock(self.runs, "results_dir", e) from None
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line  # a crashed writer left half a line: keep ours separate
@@ -115,10 +122,16 @@ class ResultsStore:
                 os.write(fd, line[: len(line) // 2])
                 os.fsync(fd)
                 die()
-            n = os.write(fd, line)
-            while n < len(line):  # a short write to a regular file is near impossible
-                n += os.write(fd, line[n:])
-            os.fsync(fd)
+            try:
+                n = os.write(fd, line)
+                while n < len(line):  # a short write: the disk filled up (the next write says so)
+                    n += os.write(fd, line[n:])
+                os.fsync(fd)
+            except OSError as e:      # e.g. a full disk: cut the torn line back, keep the records before it
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                raise full_disk(e, path, "results_dir") or self._unwritable(e) from None
         finally:
             os.close(fd)  # releases the lock
         return path

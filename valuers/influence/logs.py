@@ -2,8 +2,9 @@
 
 One ``.npy`` per watched layer ([N, k_out·k_in]), the projections
 (``projections.npz``), a ``meta.json`` and a ``COMPLETE`` marker, written into a
-temp folder beside the target and renamed into place (a crash leaves no
-half-written logs; if another process finished first, its logs are kept). The
+temp folder beside the target and renamed into place (``cache.atomic_folder``: a
+crash or a power loss leaves no half-written logs; if another process finished first,
+its logs are kept; damaged logs are removed and rebuilt). The
 folder is content-addressed by its caller (LoGra: the grand-coalition model's
 cache key, the training data, the projection, the loss and the dtype). Logs whose
 ``meta.json`` names another model, data or projection are refused (ConfigError).
@@ -16,9 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.core.cache import atomic_write_bytes
+from bench.core.cache import atomic_folder, atomic_write_bytes, reserve, reusable
 from bench.core.errors import ConfigError
 from valuers.influence.hooks import GradientLogger, iter_projected
 from valuers.influence.subject import Subject
@@ -49,14 +47,19 @@ class GradientLogs:
 
     @staticmethod
     def open(path: Path, expected: dict, where: str = "valuer") -> "GradientLogs | None":
-        """The finished logs at ``path``, or None if absent. Logs written for another
-        model, data or projection are refused with a ConfigError naming ``<where>.logs_dir``."""
+        """The finished logs at ``path``, or None if absent. Damaged logs (a truncated file,
+        no COMPLETE marker beside our meta.json) are removed with one printed line and read
+        as absent, so they are rebuilt. Logs written for another model, data or projection,
+        and a folder that is not LoGra's, are refused with a ConfigError naming
+        ``<where>.logs_dir``."""
         path = Path(path)
         if not path.exists():
             return None
-        if not (path / "COMPLETE").exists() or not (path / "meta.json").exists():
+        if not (path / "COMPLETE").exists() and not (path / "meta.json").exists():
             raise ConfigError(f"{where}.logs_dir: {path} exists but holds no finished LoGra logs; "
                               f"delete it or point {where}.logs_dir elsewhere")
+        if not reusable(path):
+            return None
         meta = json.loads((path / "meta.json").read_text())
         for f in META_CHECKED:
             if meta.get(f) != expected.get(f):
@@ -97,18 +100,17 @@ class GradientLogs:
 def write_logs(path: Path, meta: dict, subject: Subject, logger: GradientLogger, examples, ref, loss: str,
                batch_size: int, np_dtype) -> dict:
     """Stream projected train gradients into memmaps in a temp folder, then rename it
-    into place (atomic: a crash, or ``BudgetExhausted`` between batches, leaves no
-    half-written logs). Returns timing stats."""
+    into place (``atomic_folder``: a crash, or ``BudgetExhausted`` between batches, leaves
+    no half-written logs). Returns timing stats."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     N = len(examples)
-    try:
+    with atomic_folder(path) as tmp:
         mms = []
         for i, n in enumerate(logger.names):
             ko, ki = logger.k(n)
             mms.append(np.lib.format.open_memmap(tmp / f"layer_{i:04d}.npy", mode="w+", dtype=np_dtype,
                                                  shape=(N, ko * ki)))
+            reserve(tmp / f"layer_{i:04d}.npy")     # a full disk: ENOSPC now, not SIGBUS mid-log
         t0 = time.perf_counter()
         for idx, grads, _ in iter_projected(subject, logger, examples, ref, loss, batch_size):
             for mm, n in zip(mms, logger.names):
@@ -121,12 +123,4 @@ def write_logs(path: Path, meta: dict, subject: Subject, logger: GradientLogger,
                                               for i, n in enumerate(logger.names)
                                               for s, p in zip(("out", "in"), logger.proj[n]) if p is not None})
         (tmp / "meta.json").write_text(json.dumps({**meta, "n": N}, indent=1))
-        (tmp / "COMPLETE").write_text("ok")
-        try:
-            os.rename(tmp, path)
-        except OSError:          # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"log_s": log_s, "examples_per_s": N / log_s if log_s > 0 else float("inf")}

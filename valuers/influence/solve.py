@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from bench.core.cache import full_disk, reserve, tmp_path
+
 PAIR_SCORES_RAM_BYTES = 256 << 20      # a larger [N, E] score matrix is written to a memmap
 
 
@@ -138,11 +140,12 @@ def pair_and_mean_scores(train: list, pair_queries: list, mean_queries: list, da
         raise ValueError(f"pair_and_mean_scores: pair queries [E, D_l] and mean queries [D_l] per layer, got "
                          f"{[p.shape for p in Ps]} and {[m.shape for m in ms]}")
     memmap = path is not None and N * E * 8 > PAIR_SCORES_RAM_BYTES
-    tmp = None if not memmap else Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    tmp = tmp_path(path) if memmap else None
     try:
         if memmap:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             pair = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(N, E))
+            reserve(tmp)                                        # a full disk: ENOSPC now, not SIGBUS
         else:
             pair = np.zeros((N, E))
         point, info = np.zeros(N), []
@@ -158,8 +161,11 @@ def pair_and_mean_scores(train: list, pair_queries: list, mean_queries: list, da
             del pair
             os.replace(tmp, path)
             pair = np.load(path, mmap_mode="r")
-    except BaseException:
+    except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        full = full_disk(e, path)
+        if full is not None:
+            raise full from None
         raise
     return pair, point, info
