@@ -367,7 +367,7 @@ class Game(Metered):
                 out.append((it, *self._get_or_compute(it)))
             else:
                 by_key.setdefault(self._item_key(it), []).append(it)
-        todo = []
+        missing = set()
         with ExitStack() as locks:
             for key in sorted(by_key):
                 rec = self.cache.get_json("utility", key)
@@ -377,7 +377,8 @@ class Game(Metered):
                 if rec is not None:
                     out += [(it, rec, False) for it in by_key[key]]
                 else:
-                    todo.append(by_key[key][0])
+                    missing.add(key)
+            todo = [items[0] for key, items in by_key.items() if key in missing]     # in the batch's order
             if todo:
                 t0 = time.perf_counter()
                 try:
