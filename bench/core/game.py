@@ -18,7 +18,9 @@ model cache and compute coalitions in parallel (joblib) when ``n_jobs > 1``.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -60,8 +62,10 @@ def _freeze_long_lived() -> None:
 
 
 def _code_fingerprint(path: Path) -> str:
-    """The syntax tree of a source file without docstrings: comment, formatting and
-    docstring edits keep the cache, any change to what the code does drops it."""
+    """The source of a file as its syntax tree prints it, docstrings out
+    (``ast.unparse``: comments, formatting and docstring edits keep the cache, any
+    change to what the code does drops it; unlike ``ast.dump`` it does not change with
+    the Python version's AST fields)."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -69,19 +73,62 @@ def _code_fingerprint(path: Path) -> str:
                 and isinstance(getattr(body[0], "value", None), ast.Constant) \
                 and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree, annotate_fields=False)
+    return ast.unparse(tree)
 
 
+def utility_sources(root_module: str = "bench.core.game") -> list[Path]:
+    """Every ``bench`` source file the game's module imports, transitively (imports
+    inside functions included): the code a utility can depend on, found from the
+    import graph rather than listed by hand."""
+    package = Path(__file__).resolve().parents[1]          # .../bench
+    seen: dict[str, Path] = {}
+    todo = [root_module]
+    while todo:
+        name = todo.pop()
+        if name in seen or not name.startswith("bench."):
+            continue
+        rel = Path(*name.split(".")[1:])
+        path = package / rel.with_suffix(".py")
+        if not path.exists():
+            path = package / rel / "__init__.py"
+            if not path.exists():
+                continue                   # a name imported from a module, not a module
+        seen[name] = path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return sorted(seen.values())
+
+
+# the libraries whose version can change a fine-tune's numbers or its data
+NUMERIC_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "numpy",
+                     "safetensors")
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the sources that decide a utility, plus the library versions."""
-    import peft
-    import transformers
-    import trl
+    """Hash of the sources on the utility path (``utility_sources``) and of the
+    numerically relevant library versions, computed once per process: a worker
+    compares its own with the job's (``_compute_in_worker``), so code edited while a
+    job runs is refused rather than filed under the wrong key."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in ("game.py", "train.py", "models.py", "packed.py"):
-        h.update(_code_fingerprint(here / name).encode())
-    h.update(f"{torch.__version__}/{transformers.__version__}/{trl.__version__}/{peft.__version__}".encode())
+    root = Path(__file__).resolve().parents[1]
+    for path in utility_sources():
+        h.update(str(path.relative_to(root)).encode() + b"\0" + _code_fingerprint(path).encode())
+    h.update(json.dumps(library_versions(), sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
@@ -134,7 +181,7 @@ class Game(Metered):
         self.owner_sizes = [len(o) for o in self.owners]
         self._owner_fps = [_owner_fp(o) for o in self.owners]
         self._static = {"code": code_version(), "task": task.fingerprint(),
-                        "eval": _owner_fp(self.eval), "model": asdict(model), "train": train.key(),
+                        "eval": _owner_fp(self.eval), "model": model.key(), "train": train.key(),
                         "game": kind, "seed": seed, "device": torch.device(self.device).type}
         if self.pack > 1:     # packed adapters equal solo ones to fp rounding, not bit for bit: kept apart
             self._static["pack"] = self.pack
@@ -457,7 +504,7 @@ class Game(Metered):
         another beta, base model or tokenizer is meaningless (see valuers/dpo_arithmetic)."""
         _, tok = self.base()
         vocab = sorted(tok.get_vocab().items())
-        return {"beta": self.train.beta, "model": content_key(asdict(self.model_spec))[:16],
+        return {"beta": self.train.beta, "model": content_key(self.model_spec.key())[:16],
                 "base_task": self._static["task"] if self.model_spec.kind == "tiny" else None,
                 "tokenizer": content_key(vocab)[:16]}
 
@@ -528,6 +575,10 @@ class Game(Metered):
 
     def _train_stage(self, key: str, start_stages: list[dict], pairs, keep: bool) -> dict:
         st = self.cache.get_tensors("stage", key)
+        if st is not None and (st.get("meta") or {}).get("model") not in (None, self.stage_meta()["model"]):
+            print(f"[dvbench] stage {key[:12]}: trained on another base than this game's "
+                  f"({st['meta']['model']} vs {self.stage_meta()['model']}); retraining it", flush=True)
+            st = None
         if st is not None:
             return st
         model, tok = self.base()
@@ -678,4 +729,8 @@ def _init_worker(n_jobs: int) -> None:
 
 
 def _compute_in_worker(game: Game, batch: tuple):
+    if code_version() != game._static["code"]:
+        raise RuntimeError(f"the code on the utility path changed on disk since this job started (job "
+                           f"{game._static['code']}, worker {code_version()}): its fine-tunes would be filed under "
+                           f"the wrong key; finished ones are cached: rerun the job")
     return [(item, rec) for item, rec, _ in game._get_or_compute_batch(batch)]

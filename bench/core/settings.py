@@ -169,6 +169,19 @@ class Settings:
         return dataclasses.asdict(self)
 
 
+def normalised(settings: Settings) -> dict:
+    """``asdict`` of ``settings`` with every float-typed field a float: ``epochs=5`` and
+    ``epochs=5.0`` are one setting, and one cache key."""
+    d = dataclasses.asdict(settings)
+    hints = typing.get_type_hints(type(settings))
+    for f in fields(settings):
+        kinds, _ = _kinds(hints[f.name])
+        v = d[f.name]
+        if float in kinds and int not in kinds and isinstance(v, int) and not isinstance(v, bool):
+            d[f.name] = float(v)
+    return d
+
+
 def describe(cls) -> str:
     """One line per field: name, type, default, help (for --help and docs)."""
     hints = typing.get_type_hints(cls)

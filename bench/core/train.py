@@ -23,7 +23,7 @@ import torch
 
 from bench.core.devices import PRECISIONS, resolve_precision
 from bench.core.models import ModelSpec, render_prompt, render_response
-from bench.core.settings import Settings, setting
+from bench.core.settings import Settings, normalised, setting
 
 
 class FineTuneDiverged(RuntimeError):
@@ -68,7 +68,7 @@ class TrainSettings(Settings):
     def key(self) -> dict:
         """The fields that shape a fine-tune (``precision`` as resolved on the device:
         the game resolves ``auto`` before it keys anything)."""
-        d = asdict(self)
+        d = normalised(self)
         d.pop("score_batch_size")     # does not change results
         return d
 
