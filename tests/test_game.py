@@ -644,3 +644,30 @@ def test_twin_owners_in_one_pack_are_trained_and_locked_once(fresh_cache, tiny_t
         table = game.table(twins)
         assert table[0b0010] == table[0b1000] and table[0b0011] == table[0b1001]
         assert [game.record(m)["packed"] for m in twins] == [2, 2, 2, 2]
+
+
+def test_a_kept_sequential_stage_is_trained_under_its_lock_and_read_after_it(fresh_cache, make_game, monkeypatch):
+    """Shards that need the same sequential prefix: the stage is trained under a lock
+    and a process that waited reads the stored weights instead of training its own
+    (the last rename won before, and a GPU's rounding made the scored model differ)."""
+    import contextlib
+
+    from bench.core.cache import DiskCache
+    game = make_game(fresh_cache, kind="sequential")
+    taken = []
+    real = DiskCache.lock
+
+    @contextlib.contextmanager
+    def spy(self, kind, key, **kw):
+        taken.append(kind)
+        with real(self, kind, key, **kw):
+            if kind == "stage" and len(taken) == 2:      # "another process" finished it while we waited
+                other = game._fit_stage(key, [], list(game.owners[0]), keep=True)
+                other["stats"]["by"] = "the other process"
+                game.cache.put_tensors("stage", key, other)
+            yield
+    monkeypatch.setattr(DiskCache, "lock", spy)
+    rec = game.record(0b001)
+    assert taken == ["utility", "stage"]
+    assert game.cache.get_tensors("stage", game.key(0b001))["stats"]["by"] == "the other process"
+    assert rec["stats"]["by"] == "the other process"            # scored the stored weights

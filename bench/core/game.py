@@ -574,13 +574,27 @@ class Game(Metered):
         return self._train_stage(self.key(mask), start_stages, pairs, self.kept(mask))
 
     def _train_stage(self, key: str, start_stages: list[dict], pairs, keep: bool) -> dict:
+        """The stage of ``key``: from the cache, or trained (and kept when ``keep``). A
+        kept stage is trained under its lock, so shards that need the same sequential
+        prefix train it once and score the weights that were stored (stage locks are
+        only ever taken inside a utility's lock, never the other way round)."""
+        if not keep:
+            return self._cached_stage(key) or self._fit_stage(key, start_stages, pairs, keep)
+        st = self._cached_stage(key)
+        if st is not None:
+            return st
+        with self.cache.lock("stage", key):
+            return self._cached_stage(key) or self._fit_stage(key, start_stages, pairs, keep)
+
+    def _cached_stage(self, key: str) -> dict | None:
         st = self.cache.get_tensors("stage", key)
         if st is not None and (st.get("meta") or {}).get("model") not in (None, self.stage_meta()["model"]):
             print(f"[dvbench] stage {key[:12]}: trained on another base than this game's "
                   f"({st['meta']['model']} vs {self.stage_meta()['model']}); retraining it", flush=True)
-            st = None
-        if st is not None:
-            return st
+            return None
+        return st
+
+    def _fit_stage(self, key: str, start_stages: list[dict], pairs, keep: bool) -> dict:
         model, tok = self.base()
         start = materialize(model, start_stages) if start_stages else model
         t0 = time.perf_counter()
