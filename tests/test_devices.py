@@ -167,6 +167,33 @@ def test_gpu_hours_are_wall_time_held_and_cpu_phases_are_apart():
     assert m.fields() == {"gpus": 0, "gpu_hours": 0.0, "peak_gpu_mem_bytes": None}
 
 
+
+def test_peak_gpu_memory_per_utility_and_per_valuer_across_resets(monkeypatch):
+    """Each utility opens its own peak window (``reset_gpu_peak``); the valuer's meter
+    still reports the largest peak of its whole span, and the largest of the utilities
+    its pool workers computed (a fake CUDA allocator stands in for the GPU)."""
+    import bench.core.devices as D
+    from bench.core.metering import UseLog, fresh_peak_gpu
+    state = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=0))
+    with D.GpuMeter("cuda") as m:
+        D.reset_gpu_peak()
+        state["peak"] = 7 << 30                      # utility 1 peaks at 7 GiB
+        assert D.gpu_peak_bytes() == 7 << 30
+        D.reset_gpu_peak()
+        state["peak"] = 3 << 30                      # utility 2 at 3 GiB
+        assert D.gpu_peak_bytes() == 3 << 30
+    log = UseLog()
+    log.add(1, {"peak_gpu_mem": 9 << 30}, True)       # a worker's utility
+    log.add(2, {"peak_gpu_mem": 12 << 30}, False)     # read from the cache: not this valuer's memory
+    assert m.fields()["peak_gpu_mem_bytes"] == 7 << 30
+    assert m.fields(fresh_peak_gpu(log))["peak_gpu_mem_bytes"] == 9 << 30
+
+
 def test_precision_auto_is_bf16_only_where_the_device_computes_it(monkeypatch):
     import bench.core.devices as D
     from bench.core.errors import ConfigError

@@ -28,6 +28,7 @@ COLUMNS = [
     ("compute s", "cost", "device_s", ".1f", False),
     ("wall s", "cost", "wall_s", ".1f", False),
     ("GPU-h", "cost", "gpu_hours", ".3g", False),
+    ("peak GPU GiB", "cost", "peak_gpu_mem_bytes", ".2f", False),     # per valuer, max over its utilities
 ]
 
 BRIEF = ("fidelity ρ", "pearson", "rel-L2 (scale-free)", "one-seed exact ρ", "R² v(S)", "ceiling R²", "detection AUROC",
@@ -40,6 +41,8 @@ def _cell(records: list[dict], section: str, key: str, spec: str, ci: bool) -> s
     m, h = stat[0], half_width(stat)
     if math.isnan(m):
         return "—"
+    if key.endswith("_bytes"):
+        m, h = m / 2**30, h / 2**30
     return f"{m:{spec}} ± {h:{spec}}" if ci and not math.isnan(h) else f"{m:{spec}}"
 
 

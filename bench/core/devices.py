@@ -141,9 +141,14 @@ class GpuMeter:
         self.wall_s = time.perf_counter() - self._t0
         return False
 
-    def fields(self) -> dict:
-        """The ``Cost`` fields it measures: gpus, gpu_hours (wall × GPUs / 3600), peak_gpu_mem_bytes."""
-        return {"gpus": self.gpus, "gpu_hours": self.wall_s * self.gpus / 3600, "peak_gpu_mem_bytes": self.peak_bytes}
+    def fields(self, workers_peak: int | None = None) -> dict:
+        """The ``Cost`` fields it measures: gpus, gpu_hours (wall × GPUs / 3600: time held,
+        so workers sharing the GPU are not counted twice), peak_gpu_mem_bytes (this
+        process's, or the largest of the utilities its pool workers computed,
+        ``workers_peak``)."""
+        peaks = [p for p in (self.peak_bytes, workers_peak) if p is not None]
+        return {"gpus": self.gpus, "gpu_hours": self.wall_s * self.gpus / 3600,
+                "peak_gpu_mem_bytes": max(peaks) if peaks else None}
 
 
 # ------------------------------------------------------------------ precision

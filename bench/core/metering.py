@@ -26,7 +26,8 @@ class UseLog:
     def add(self, key, rec: dict, fresh: bool) -> None:
         if key not in self.entries or fresh:
             self.entries[key] = {"fresh": fresh, "compute_s": rec.get("train_s", 0) + rec.get("eval_s", 0),
-                                 "peak_rss": rec.get("peak_rss", 0), "trained": rec.get("n_train", 0) > 0}
+                                 "peak_rss": rec.get("peak_rss", 0), "trained": rec.get("n_train", 0) > 0,
+                                 "peak_gpu": rec.get("peak_gpu_mem")}
 
     def fine_tunes(self) -> int:
         return sum(e["trained"] for e in self.entries.values())
@@ -42,6 +43,13 @@ class UseLog:
             if new and self.fine_tunes() + new > b.max_fine_tunes:
                 raise BudgetExhausted(f"budget.max_fine_tunes={b.max_fine_tunes}: {self.fine_tunes()} used, "
                                       f"{new} more asked for")
+
+
+def fresh_peak_gpu(log: UseLog) -> int | None:
+    """The largest peak GPU memory of the utilities a game computed (in this process or
+    its workers; None when none ran on a GPU)."""
+    peaks = [e["peak_gpu"] for e in log.entries.values() if e["fresh"] and e.get("peak_gpu")]
+    return max(peaks) if peaks else None
 
 
 def fresh_compute_s(log: UseLog) -> float:

@@ -38,7 +38,7 @@ from bench.core.game import Game
 from bench.core.lds import LdsTargets, aggregate_lds, pair_lds
 from bench.core.lds import predictions as lds_predictions
 from bench.core.lds import lds_targets as lds_targets_of
-from bench.core.metering import fresh_compute_s
+from bench.core.metering import fresh_compute_s, fresh_peak_gpu
 from bench.core.partition import Planted
 from bench.core.shard import ASSEMBLE, missing, missing_message, parse_shard, run_shard
 from bench.core.train import FineTuneDiverged
@@ -300,7 +300,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         if val.pair_scores is not None and ref.lds is not None:
                             lds_preds[f"{name}/s{seed}"] = lds_predictions(val.pair_scores, ref.lds)
                         rec.update(owner_values=val.owner_values, stderr=val.stderr,
-                                   cost={**val.cost.to_dict(), **gpu.fields()},    # GPU time held, measured here
+                                   cost={**val.cost.to_dict(), **gpu.fields(fresh_peak_gpu(use))},
                                    metrics=metrics, valuation=valuation_fields(val), extras=val.extras)
                         if val.point_values is not None:
                             rec["point_values"] = val.point_values
