@@ -29,7 +29,7 @@ venv: $(STAMP)  ## create .venv and install the project
 bench: $(STAMP)  ## fingerprint, the preset that fits (CPU: default), report + baseline candidate (PRESET= ARGS= STRICT=1)
 	$(BIN)/python -m bench hardware bench $(if $(PRESET),--preset $(PRESET)) $(if $(STRICT),--strict) -- $(ARGS)
 
-bench-quick: $(STAMP)  ## tiny tier, 6 owners, 8 seeds, per-pair LDS (64 subsets x 2 LDS seeds); ~35 min from an empty cache on 2 cores
+bench-quick: $(STAMP)  ## tiny tier, 6 owners, 8 seeds, per-pair LDS (64 subsets x 2 LDS seeds); 6 seeds took ~30 min from an empty cache on 2 shared cores, 8 not yet timed
 	$(BIN)/python -m bench experiment=quick
 
 test: $(STAMP)  ## fast test suite (CPU, no network)
