@@ -2,7 +2,7 @@
 
     dvbench [run] <hydra overrides>      one experiment job (the default sub-command)
     dvbench assemble <hydra overrides>   check a sharded ground truth is complete, then run
-    dvbench report | compare | budget | selection | scaling | hardware | logra-bench | profile | pack-bench  [--help]
+    dvbench report | compare | budget | selection | scaling | hardware | logra-bench | profile | pack-bench | gpu-smoke  [--help]
 
 Sub-command modules are imported only when chosen, so ``--help`` of one never
 imports the training stack of another.
@@ -24,6 +24,7 @@ COMMANDS = {
     "logra-bench": ("bench.cli.logra_bench", "LoGra vs naive per-example gradients: speed, memory, accuracy"),
     "profile": ("bench.cli.profile", "where a coalition fine-tune's wall time goes, and its fine-tune efficiency"),
     "pack-bench": ("bench.cli.pack_bench", "K LoRA fine-tunes in one pass vs one by one: speed-up, difference"),
+    "gpu-smoke": ("bench.cli.gpu_smoke", "every device path once (make gpu-smoke): status, GPU memory, GPU-hours"),
 }
 
 
