@@ -11,7 +11,7 @@ so nothing of the user's results or cache is read or written:
     b  the packed trainer against one by one (pack-bench on the same tiny tier)
     c  make bench's preset choice (hardware bench) on a shrunk default_gpu: 2 seeds,
        3 owners of 6 pairs (one flipped, one copy), 4 adapters per pass,
-       3 LDS subsets, 3 valuers (logra on the last block)
+       3 LDS subsets, 3 valuers
 
 After each stage it prints one table: a row per record with its status, device, GPUs,
 GPU-hours, peak GPU memory, wall seconds and error (pack-bench writes no records; its
@@ -52,8 +52,7 @@ SHRUNK_GPU = ("seeds=[0,1]", "task.sources=[arithmetic,capitals]", "task.n_train
               "task.n_eval_per_source=6", "partition.owner_sources=[arithmetic,capitals]",
               "partition.sizes=[6,6]", "partition.noisy_owners=[1]", "partition.duplicate_pairs=[[2,0]]",
               "game.pack=4", "lds.n_subsets=3", "valuer=[retrain_shapley,logra,dpo_arithmetic_gen]",
-              "valuer.dpo_arithmetic_gen.n_prompts=4", "valuer.dpo_arithmetic_gen.max_new_tokens=4",
-              "valuer.logra.layers=layers.29.")    # the last block: the same device path, less work
+              "valuer.dpo_arithmetic_gen.n_prompts=4", "valuer.dpo_arithmetic_gen.max_new_tokens=4")
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ STAGES = {s.key: s for s in (
     Stage("b", "packed trainer vs one by one (pack-bench)", 60, records=False),
     Stage("c", f"make bench's preset choice on a shrunk {GPU_PRESET}", 240),
 )}
-CPU_TIMEOUT_FACTOR = 10   # the dry run; on 2 shared cores stage c alone took over 20 minutes
+CPU_TIMEOUT_FACTOR = 10   # the dry run: on 2 shared cores stage c alone took 29 minutes
 
 
 def stage_command(key: str, device: str, work: Path) -> list[str]:
