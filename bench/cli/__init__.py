@@ -2,7 +2,8 @@
 
     dvbench [run] <hydra overrides>      one experiment job (the default sub-command)
     dvbench assemble <hydra overrides>   check a sharded ground truth is complete, then run
-    dvbench report | compare | budget | selection | scaling | hardware | logra-bench | profile | pack-bench | precision  [--help]
+    dvbench report | compare | budget | selection | scaling | hardware | logra-bench | profile | pack-bench | precision
+            | gpu-smoke  [--help]
 
 Sub-command modules are imported only when chosen, so ``--help`` of one never
 imports the training stack of another.
@@ -25,6 +26,7 @@ COMMANDS = {
     "profile": ("bench.cli.profile", "where a coalition fine-tune's wall time goes, and its fine-tune efficiency"),
     "pack-bench": ("bench.cli.pack_bench", "K LoRA fine-tunes in one pass vs one by one: speed-up, difference"),
     "precision": ("bench.cli.precision", "bf16 vs fp32 fine-tunes: utility differences beside seed-to-seed, speed"),
+    "gpu-smoke": ("bench.cli.gpu_smoke", "every device path once (make gpu-smoke): status, GPU memory, GPU-hours"),
 }
 
 

@@ -17,7 +17,8 @@ difference is float rounding: the packed batch is right-padded to its longest ro
 and attention over more (masked) keys may round otherwise, which Adam amplifies in
 near-zero gradient components (SmolLM2, CPU, 6 steps: ~1e-3 on weights of ~0.04, as
 much as ``dpo_train`` moves when only its own batches are padded further; the eval
-log-probs then differ by ~1e-4). See ``bench.core.packed``.
+log-probs then differ by ~1e-4). See ``bench.core.packed``. On a GPU it also prints
+the peak memory torch allocated there over the whole run (``make gpu-smoke`` shows it).
 
 Both paths first train one batch's worth of the first coalition untimed, so neither
 pays the process's one-time costs (kernels, allocator, lazy imports). Packed training
@@ -60,6 +61,14 @@ def _sync() -> None:
     import torch
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _peak_gpu(device: str) -> str:
+    """The most torch allocated on the GPU in this process (both paths and the warm-up)."""
+    import torch
+    if device != "cuda":
+        return f"       -   ({device})"
+    return f"{torch.cuda.max_memory_allocated() / 2**30:8.2f} GiB   (torch.cuda.max_memory_allocated, whole run)"
 
 
 def compare(game, args):
@@ -144,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = (("one by one (dpo_train)", f"{solo_s:8.2f} s"),
             (f"packed, {args.k} per pass (dpo_train_packed)", f"{pack_s:8.2f} s"),
             ("speed-up (one by one / packed)", f"{solo_s / pack_s:8.2f}x"),
-            ("max |adapter difference|", f"{diff:8.1e}   (packed vs one by one: same coalition, every adapter weight)"))
+            ("max |adapter difference|", f"{diff:8.1e}   (packed vs one by one: same coalition, every adapter weight)"),
+            ("peak GPU memory", _peak_gpu(device)))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
