@@ -11,7 +11,9 @@ from bench.core.metering import UseLog
 
 class SleepyGame:
     def __init__(self, n_jobs: int = 2):
+        from bench.core.game import code_version
         self.n_jobs, self.pack, self.log = n_jobs, 1, UseLog()
+        self._static = {"code": code_version()}        # what a worker checks against its own code
 
     def _get_or_compute_batch(self, batch: tuple) -> list[tuple]:
         seconds, pid_file = batch
