@@ -588,9 +588,10 @@ class Game(Metered):
 
     def _cached_stage(self, key: str) -> dict | None:
         st = self.cache.get_tensors("stage", key)
-        if st is not None and (st.get("meta") or {}).get("model") not in (None, self.stage_meta()["model"]):
-            print(f"[dvbench] stage {key[:12]}: trained on another base than this game's "
-                  f"({st['meta']['model']} vs {self.stage_meta()['model']}); retraining it", flush=True)
+        theirs = (st or {}).get("meta", {}).get("model")
+        if theirs is not None and theirs != (ours := self.stage_meta()["model"]):   # stage_meta hashes the vocab
+            print(f"[dvbench] stage {key[:12]}: trained on another base than this game's ({theirs} vs {ours}); "
+                  f"retraining it", flush=True)
             return None
         return st
 
