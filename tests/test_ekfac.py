@@ -161,13 +161,14 @@ def test_time_budget_stops_it_inside_the_factor_fit(game, monkeypatch, tmp_path)
     is the first factor batch) stops the valuer and leaves no half-written cache."""
     budget = Budget(max_seconds=600)
     root = game.artefacts_dir("ekfac")
-    before = set(root.iterdir()) if root.exists() else set()
+    entries = lambda: {p for p in root.iterdir() if not p.name.endswith(".lock")} if root.exists() else set()  # noqa: E731
+    before = entries()
     with game.metered(budget) as log:
         seen = time_runs_out_at(game, log, 3, monkeypatch)
         with pytest.raises(BudgetExhausted, match="max_seconds=600"):
             EKFAC(seed=7, batch_size=4).value(game, budget)
     assert len(seen) == 3
-    assert set(root.iterdir()) == before
+    assert entries() == before            # the build lock (a hidden .lock) is not a half-written cache
 
 
 @pytest.mark.parametrize("kw, field", [(dict(strategy="eigen"), "strategy"), (dict(damping=0), "damping"),
@@ -207,3 +208,25 @@ def test_harness_runs_ekfac_end_to_end(tmp_path):
         print(name, "owner values", r["owner_values"], "exact", r["exact_values"], "fidelity",
               r["metrics"]["fidelity"], "point detection", r["metrics"]["detection_points"], "pair LDS", lp["lds"])
     assert recs["ekfac"]["extras"]["strategy"] == "ekfac" and recs["ekfac_identity"]["extras"]["strategy"] == "identity"
+
+
+@pytest.mark.parametrize("game", ["lora"], indirect=True)
+def test_factors_and_scores_are_built_under_their_build_locks(game, monkeypatch):
+    """Two jobs sharing a cache fit the factors once: the factor folder and the pair scores
+    are each built under ``build_lock`` (its cross-process behaviour: tests/test_storage.py)."""
+    from pathlib import Path
+
+    import valuers.ekfac as EK
+    from bench.core.cache import build_lock
+    held = []
+
+    def recording(path, *a, **kw):
+        held.append(Path(path))
+        return build_lock(path, *a, **kw)
+    monkeypatch.setattr(EK, "build_lock", recording)
+    v = EKFAC(damping=3e-3, seed=11).value(game, Budget())
+    d = Path(v.extras["cache_dir"])
+    assert [p.relative_to(d.parent) for p in held] == [Path(d.name), Path(d.name, "scores", held[1].name)]
+    assert held[1].suffix == ".npy" and not v.extras["factors_reused"]
+    EKFAC(damping=3e-3, seed=11).value(game, Budget())
+    assert len(held) == 2                                   # both finished: no lock taken

@@ -528,3 +528,22 @@ def test_benchmark_throughput_and_memory_ratios(benchmark, session_cache, tiny_b
         benchmark.extra_info[f"{m}_peak_mem_bytes"] = r["peak_mem_bytes"]
     assert all(v > 0 for v in out["ratios"].values())
     assert out["methods"]["logra"]["out_dim"] == out["methods"]["naive"]["out_dim"]
+
+
+@pytest.mark.parametrize("game", ["lora"], indirect=True)
+def test_logs_and_query_are_built_under_their_build_locks(game, monkeypatch, tmp_path):
+    """Two jobs sharing a cache write one set of logs: the logs folder and the query vectors
+    are each built under ``build_lock`` (its cross-process behaviour: tests/test_storage.py)."""
+    import valuers.logra as LG
+    from bench.core.cache import build_lock
+    held = []
+
+    def recording(path, *a, **kw):
+        held.append(Path(path))
+        return build_lock(path, *a, **kw)
+    monkeypatch.setattr(LG, "build_lock", recording)
+    logs = tmp_path / "logs"
+    first = LoGra(k_in=4, k_out=4, batch_size=4, logs_dir=str(logs)).value(game, Budget())
+    assert held == [logs, logs / "query.npz"] and not first.extras["logs_reused"]
+    again = LoGra(k_in=4, k_out=4, batch_size=4, logs_dir=str(logs)).value(game, Budget())
+    assert held == [logs, logs / "query.npz"] and again.extras["logs_reused"]      # finished: no lock taken

@@ -122,8 +122,9 @@ def test_each_writers_leftover_after_a_kill_is_swept(writer, tmp_path, monkeypat
     pid = _killed_mid_write(run)
     left = _leftovers(tmp_path)
     assert len(left) == 1 and f".{pid}." in left[0].name, left
-    assert sweep_stale_tmp(tmp_path) == 1
-    assert _leftovers(tmp_path) == []
+    locks = list(tmp_path.rglob(".*.lock"))          # a killed build's lock (build_lock), free now: swept too
+    assert sweep_stale_tmp(tmp_path) == 1 + len(locks)
+    assert _leftovers(tmp_path) == [] and not any(p.exists() for p in locks)
 
 
 # ------------------------------------------------------------------ the sweep's rules
@@ -330,7 +331,7 @@ def test_a_truncated_base_model_is_rebuilt(tmp_path, capsys, tiny_task):
 
     from bench.core.models import load_base
     load_base(SPEC, tiny_task, tmp_path)
-    (folder,) = (tmp_path / "models").iterdir()
+    (folder,) = [p for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")]
     _truncate(folder / "model.safetensors")       # what a power loss did to the old writer's folders
     model, tok = load_base(SPEC, tiny_task, tmp_path)
     assert "model.safetensors" in capsys.readouterr().out and C.folder_problem(folder) is None
@@ -647,3 +648,73 @@ def test_a_waiter_on_a_swept_lock_file_locks_the_new_one(tmp_path):
     finally:
         leave.set()
         t.join()
+
+
+# ------------------------------------------------------------------ one build per shared artefact
+
+_BUILDER = r"""
+import os, sys, time
+from pathlib import Path
+from bench.core.cache import atomic_write_bytes, build_lock, reusable
+p = Path(sys.argv[1])
+if not reusable(p):
+    with build_lock(p):
+        if not reusable(p):
+            with open(sys.argv[2], "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep(1.0)                       # a long build: the other process arrives meanwhile
+            atomic_write_bytes(p, b"built")
+print(p.read_bytes().decode())
+"""
+
+
+def test_two_processes_build_one_artefact_once(tmp_path):
+    """Two processes that need the same artefact: one builds it, the other waits on the
+    build lock and reads it (before: both built it, e.g. EK-FAC factors fitted twice)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+    art, log = tmp_path / "a" / "artefact.bin", tmp_path / "builds"
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILDER, str(art), str(log)], cwd=REPO,
+                              env=subprocess_env(), stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and [o.strip() for o in outs] == ["built", "built"]
+    assert len(log.read_text().split()) == 1
+    assert sweep_stale_tmp(tmp_path) == 1 and not (art.parent / ".artefact.bin.lock").exists()   # the free lock swept
+
+
+def test_threads_embed_and_build_the_base_once(tmp_path, monkeypatch, tiny_task):
+    """The embeddings (SHED, K-means owners) and the base model: two threads (flock is per
+    open file, so threads contend like processes) build each once, then share it."""
+    import threading
+
+    from conftest import SPEC
+
+    from bench.core import embed, models
+    calls = {"embed": 0, "base": 0}
+
+    def slow_embed(texts, batch_size=64, device="cpu"):
+        calls["embed"] += 1
+        time.sleep(0.5)
+        return np.ones((len(texts), 3), dtype=np.float32)
+    monkeypatch.setattr(embed, "embed_texts", slow_embed)
+    real_build = models._build_tiny
+
+    def slow_build(*a):
+        calls["base"] += 1
+        time.sleep(0.5)
+        real_build(*a)
+    monkeypatch.setattr(models, "_build_tiny", slow_build)
+    out = []
+
+    def work():
+        out.append((embed.embed_cached(["a", "b"], tmp_path / "emb")[1]["cached"],
+                    models.load_base(SPEC, tiny_task, tmp_path)[0].config.vocab_size))
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert calls == {"embed": 1, "base": 1}
+    assert sorted(c for c, _ in out) == [False, True] and len({v for _, v in out}) == 1

@@ -64,7 +64,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.core.cache import atomic_folder, atomic_write, atomic_write_bytes, content_key, reusable, tmp_path
+from bench.core.cache import (atomic_folder, atomic_write, atomic_write_bytes, build_lock, content_key, reusable,
+                              tmp_path)
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.data import Batch, collate, example_losses, row_logps, unwrap
@@ -266,9 +267,7 @@ class EKFAC:
         spath = fdir / "scores" / f"{skey}.npy"
         factors_reused = reusable(fdir)          # damaged factors or scores are removed (one line) and redone
         scores_reused = factors_reused and reusable(spath.with_suffix(".json")) and reusable(spath)
-        times = {}
         if not scores_reused:
-            import kronfluence
             _register_conv1d()
             names = [n for n, _ in layers]
             with meter.phase("reference", own_compute=True):       # π0's log-probs, before any wrapping
@@ -283,33 +282,15 @@ class EKFAC:
             fa, sa = self._arguments()
             with _on(device):
                 if not factors_reused:
-                    with atomic_folder(fdir) as tmp:      # keeps another process's, finished meanwhile
-                        with meter.phase("fit_factors", own_compute=True):
-                            t0 = time.perf_counter()
-                            task.reseed()
-                            an = self._analyzer(tmp, model, task, device)
-                            an.fit_all_factors("fit", dataset=train_ds, per_device_batch_size=s.batch_size,
-                                               dataloader_kwargs=dl, factor_args=fa)
-                            times["factor_s"] = time.perf_counter() - t0
-                        (tmp / "meta.json").write_text(json.dumps(
-                            {**meta, "kronfluence": kronfluence.__version__, "layers": names,
-                             "factor_s": times["factor_s"]}, indent=1))
+                    with build_lock(fdir):                # one process fits them; the others wait and read them
+                        factors_reused = reusable(fdir)
+                        if not factors_reused:
+                            self._fit(fdir, meta, model, task, device, train_ds, dl, fa, meter)
                 subject.check_budget()
-                with meter.phase("scores", own_compute=True):
-                    t0 = time.perf_counter()
-                    an = self._analyzer(fdir, model, task, device)
-                    tmp_name = tmp_path(spath).name       # Kronfluence writes scores_<it>/
-                    try:
-                        an.compute_pairwise_scores(tmp_name, "fit", query_dataset=query_ds,
-                                                   train_dataset=train_ds, per_device_query_batch_size=s.batch_size,
-                                                   per_device_train_batch_size=s.batch_size,
-                                                   dataloader_kwargs=dl, score_args=sa)
-                        sc = an.load_pairwise_scores(tmp_name)["all_modules"]          # [E, N]
-                    finally:
-                        _rmtree(an.scores_output_dir(tmp_name))
-                    pair = np.ascontiguousarray(sc.double().cpu().numpy().T)            # [N, E]
-                    times["score_s"] = time.perf_counter() - t0
-                    self._save_scores(spath, pair, times["score_s"])
+                with build_lock(spath):
+                    scores_reused = reusable(spath.with_suffix(".json")) and reusable(spath)
+                    if not scores_reused:
+                        self._scores(fdir, spath, model, task, device, train_ds, query_ds, dl, sa, meter)
         stored = json.loads((fdir / "meta.json").read_text())
         if stored.get("model_key") != subject.key or stored.get("data") != meta["data"]:
             raise RuntimeError(f"{where}: the factor cache {fdir} is not for this model and data; delete it")
@@ -326,6 +307,40 @@ class EKFAC:
             "factor_s": stored["factor_s"], "score_s": score_meta["score_s"],
             "factors_reused": factors_reused, "scores_reused": scores_reused, "cache_dir": str(fdir),
             "kronfluence": stored["kronfluence"], "sign": SIGN})
+
+    def _fit(self, fdir: Path, meta: dict, model, task, device, train_ds, dl, fa, meter) -> None:
+        """Fit the factors into a temp folder renamed to ``fdir`` (``atomic_folder``)."""
+        import kronfluence
+        s = self.settings
+        with atomic_folder(fdir) as tmp:
+            with meter.phase("fit_factors", own_compute=True):
+                t0 = time.perf_counter()
+                task.reseed()
+                an = self._analyzer(tmp, model, task, device)
+                an.fit_all_factors("fit", dataset=train_ds, per_device_batch_size=s.batch_size,
+                                   dataloader_kwargs=dl, factor_args=fa)
+                factor_s = time.perf_counter() - t0
+            (tmp / "meta.json").write_text(json.dumps(
+                {**meta, "kronfluence": kronfluence.__version__, "layers": task.get_influence_tracked_modules(), "factor_s": factor_s},
+                indent=1))
+
+    def _scores(self, fdir: Path, spath: Path, model, task, device, train_ds, query_ds, dl, sa, meter) -> None:
+        """Pairwise scores with the factors in ``fdir``, saved to ``spath`` (.npy, [N, E])."""
+        s = self.settings
+        with meter.phase("scores", own_compute=True):
+            t0 = time.perf_counter()
+            an = self._analyzer(fdir, model, task, device)
+            tmp_name = tmp_path(spath).name       # Kronfluence writes scores_<it>/
+            try:
+                an.compute_pairwise_scores(tmp_name, "fit", query_dataset=query_ds,
+                                           train_dataset=train_ds, per_device_query_batch_size=s.batch_size,
+                                           per_device_train_batch_size=s.batch_size,
+                                           dataloader_kwargs=dl, score_args=sa)
+                sc = an.load_pairwise_scores(tmp_name)["all_modules"]          # [E, N]
+            finally:
+                _rmtree(an.scores_output_dir(tmp_name))
+            pair = np.ascontiguousarray(sc.double().cpu().numpy().T)            # [N, E]
+            self._save_scores(spath, pair, time.perf_counter() - t0)
 
     @staticmethod
     def _save_scores(path: Path, pair: np.ndarray, score_s: float) -> None:

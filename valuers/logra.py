@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.core.cache import content_key
+from bench.core.cache import build_lock, content_key
 from bench.core.errors import ConfigError
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
@@ -102,24 +102,28 @@ class LoGra:
         logs = GradientLogs.open(path, meta, where)
         reused, stats, passes = logs is not None, {}, 0
         if logs is None:
-            with meter.phase("reference", own_compute=True):
-                ex, ref = loss_inputs(subject, pairs, s.train_loss)
-            if s.projection == "random":
-                proj = random_projections(shapes, s.seed)
-            else:
-                with meter.phase("eigen", own_compute=True):
-                    covs = estimate_covariances(subject, layers, ex, ref, s.train_loss, s.batch_size)
-                    proj = eigen_projections(shapes, covs)
-                passes += len(ex)
-            meta_w = {**meta, "layers": [n for n, _ in layers], "dims": [list(shapes[n][:2]) for n, _ in layers]}
-            with meter.phase("log_train", own_compute=True):
-                with GradientLogger(subject.model, layers, proj) as lg:
-                    stats = write_logs(path, meta_w, subject, lg, ex, ref, s.train_loss, s.batch_size,
-                                       np.float64 if s.dtype == "float64" else np.float32)
-            passes += len(ex)
-            logs = GradientLogs.open(path, meta, where)
-            if logs is None:
-                raise RuntimeError(f"{where}: the gradient logs just written to {path} cannot be read back")
+            with build_lock(path):             # one process logs; the others wait and read its logs
+                logs = GradientLogs.open(path, meta, where)
+                reused = logs is not None
+                if logs is None:
+                    with meter.phase("reference", own_compute=True):
+                        ex, ref = loss_inputs(subject, pairs, s.train_loss)
+                    if s.projection == "random":
+                        proj = random_projections(shapes, s.seed)
+                    else:
+                        with meter.phase("eigen", own_compute=True):
+                            covs = estimate_covariances(subject, layers, ex, ref, s.train_loss, s.batch_size)
+                            proj = eigen_projections(shapes, covs)
+                        passes += len(ex)
+                    meta_w = {**meta, "layers": [n for n, _ in layers], "dims": [list(shapes[n][:2]) for n, _ in layers]}
+                    with meter.phase("log_train", own_compute=True):
+                        with GradientLogger(subject.model, layers, proj) as lg:
+                            stats = write_logs(path, meta_w, subject, lg, ex, ref, s.train_loss, s.batch_size,
+                                               np.float64 if s.dtype == "float64" else np.float32)
+                    passes += len(ex)
+                    logs = GradientLogs.open(path, meta, where)
+                    if logs is None:
+                        raise RuntimeError(f"{where}: the gradient logs just written to {path} cannot be read back")
         by_name = dict(layers)
         missing = [n for n in logs.meta["layers"] if n not in by_name]
         if missing:
@@ -127,16 +131,20 @@ class LoGra:
                               f"(e.g. {missing[0]}); delete them")
         E = len(game.eval)
         q = logs.query()
-        if q is None or q["pair_vectors"] is None or q["n_eval"] != E:
-            with meter.phase("log_query", own_compute=True):
-                with GradientLogger(subject.model, [(n, by_name[n]) for n in logs.meta["layers"]],
-                                    logs.projections) as lg:
-                    rows, vecs, eval_loss = pair_query_vectors(subject, lg, game.eval, s.train_loss, s.batch_size)
-                if q is not None and q["n_eval"] == E:      # logs from before the per-pair rows: keep their mean
-                    vecs, eval_loss = q["vectors"], q["eval_loss"]
-                logs.save_query(vecs, eval_loss, E, rows)
-                q = {"vectors": vecs, "pair_vectors": rows, "eval_loss": eval_loss, "n_eval": E}
-                passes += E
+        stale = lambda q: q is None or q["pair_vectors"] is None or q["n_eval"] != E   # noqa: E731
+        if stale(q):
+            with build_lock(path / "query.npz"), meter.phase("log_query", own_compute=True):
+                old, q = q, logs.query()                 # written by another process while we waited?
+                if stale(q):
+                    with GradientLogger(subject.model, [(n, by_name[n]) for n in logs.meta["layers"]],
+                                        logs.projections) as lg:
+                        rows, vecs, eval_loss = pair_query_vectors(subject, lg, game.eval, s.train_loss,
+                                                                   s.batch_size)
+                    if old is not None and old["n_eval"] == E:   # logs from before the per-pair rows: keep their mean
+                        vecs, eval_loss = old["vectors"], old["eval_loss"]
+                    logs.save_query(vecs, eval_loss, E, rows)
+                    q = {"vectors": vecs, "pair_vectors": rows, "eval_loss": eval_loss, "n_eval": E}
+                    passes += E
         with meter.phase("influence", own_compute=True):
             key = content_key({**meta, "damping_scale": s.damping_scale,
                                "eval": content_key([asdict(p) for p in game.eval])})[:24]

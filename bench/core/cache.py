@@ -423,13 +423,16 @@ def sweep_stale_tmp(root: str | Path, max_age_s: float = TMP_MAX_AGE_S) -> int:
     that died: this host's and this boot's whose pid is gone, this host's from an earlier
     boot, and anyone's untouched for ``max_age_s`` (another host's younger ones are kept:
     they may be live). Folders go with ``rmtree``; ``root/locks`` is not walked
-    (``DiskCache.sweep_locks``). Never raises: an entry it cannot remove (gone already, no
+    (``DiskCache.sweep_locks``); build locks (``build_lock``) go when no one holds them. Never raises: an entry it cannot remove (gone already, no
     permission) is left, and the job goes on. Returns how many were removed."""
     root = Path(root)
     removed, now = 0, time.time()
     for dirpath, dirs, files in os.walk(root):       # os.walk skips what it cannot list
         if Path(dirpath) == root and "locks" in dirs:
             dirs.remove("locks")
+        for name in files:              # build locks (``build_lock``) no one holds
+            if name.startswith(".") and name.endswith(".lock"):
+                removed += _unlink_if_free(Path(dirpath, name))
         for name in [n for n in dirs + files if n.endswith(".tmp")]:
             p = Path(dirpath, name)
             try:
@@ -480,6 +483,25 @@ def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S, field: str = "cache
             os.close(fd)                # releases the flock
     finally:
         mine.discard(key)
+
+
+@contextlib.contextmanager
+def build_lock(path: str | os.PathLike, timeout_s: float = LOCK_TIMEOUT_S, field: str = "cache_dir"):
+    """Hold the lock that guards building the artefact at ``path`` (a folder of
+    ``atomic_folder`` or a file), so processes that need the same artefact build it once:
+    the others wait, then find it finished. The caller checks again under the lock::
+
+        if not reusable(p):
+            with build_lock(p):
+                if not reusable(p):      # finished by another process while we waited
+                    build(p)
+
+    The lock file is a hidden ``.<name>.lock`` beside ``path`` (``file_lock``), removed by
+    ``sweep_stale_tmp`` when no one holds it (safe: see ``DiskCache.sweep_locks``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_name(f".{path.name}.lock"), timeout_s, field):
+        yield
 
 
 def _wait_flock(fd: int, path: Path, deadline: float, timeout_s: float, field: str) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.core.cache import atomic_write_bytes, content_key
+from bench.core.cache import atomic_write_bytes, build_lock, content_key
 from bench.core.errors import ConfigError
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -102,19 +102,32 @@ def embed_cached(texts: list[str], folder: str | Path | None, batch_size: int = 
     """
     texts = list(texts)
     key = embedding_key(texts)
-    if folder is not None:
-        root = Path(folder)
-        arr = _load(root / f"{key}.npy")
-        if arr is not None and arr.ndim == 2 and arr.shape[0] == len(texts) and np.isfinite(arr).all():
-            try:
-                meta = json.loads((root / f"{key}.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-                meta = {}
-            return arr, {"key": key, "cached": True, "embed_s": float(meta.get("embed_s", 0.0))}
+    if folder is None:
+        return _embed(texts, None, key, batch_size, device)
+    root = Path(folder)
+    hit = _cached(root, key, len(texts))
+    if hit is not None:
+        return hit
+    with build_lock(root / f"{key}.npy"):        # one process embeds; the others wait and read it
+        return _cached(root, key, len(texts)) or _embed(texts, root, key, batch_size, device)
+
+
+def _cached(root: Path, key: str, n: int) -> tuple[np.ndarray, dict] | None:
+    arr = _load(root / f"{key}.npy")
+    if arr is None or arr.ndim != 2 or arr.shape[0] != n or not np.isfinite(arr).all():
+        return None
+    try:
+        meta = json.loads((root / f"{key}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        meta = {}
+    return arr, {"key": key, "cached": True, "embed_s": float(meta.get("embed_s", 0.0))}
+
+
+def _embed(texts: list[str], root: Path | None, key: str, batch_size: int, device: str) -> tuple[np.ndarray, dict]:
     t0 = time.perf_counter()
     arr = embed_texts(texts, batch_size=batch_size, device=device)
     embed_s = time.perf_counter() - t0
-    if folder is not None:
+    if root is not None:
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         # sidecar first: a reader that finds the .npy always finds its cost

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core.cache import atomic_folder, reusable
+from bench.core.cache import atomic_folder, build_lock, reusable
 from bench.core.errors import ConfigError
 from bench.core.settings import Settings, normalised, setting
 
@@ -117,18 +117,15 @@ def _load_saved(path: Path):
 def load_base(spec: ModelSpec, task, cache_dir: str | Path):
     """Load (building and caching on first use) the base model and tokenizer."""
     cache = Path(cache_dir) / "models" / f"{spec.name}-{spec.cache_tag(task.fingerprint())}"
-    if reusable(cache):               # a damaged folder (power loss, truncated file) is removed and rebuilt
-        return _load_saved(cache)
-    if spec.kind == "tiny":
-        with atomic_folder(cache) as d:
-            _build_tiny(spec, task, d)
-    elif spec.kind == "smollm2":
-        with atomic_folder(cache) as d:
-            _convert_smollm2(d)
-    elif spec.kind == "hf":
+    if spec.kind == "hf":
         return _load_hf(spec)
-    else:
+    if spec.kind not in ("tiny", "smollm2"):
         raise ConfigError(f"model.kind: unknown {spec.kind!r}; choose tiny, smollm2 or hf")
+    if not reusable(cache):           # a damaged folder (power loss, truncated file) is removed and rebuilt
+        with build_lock(cache):       # one process builds it; the others wait and load it
+            if not reusable(cache):
+                with atomic_folder(cache) as d:
+                    (_build_tiny(spec, task, d) if spec.kind == "tiny" else _convert_smollm2(d))
     return _load_saved(cache)
 
 
