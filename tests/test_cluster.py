@@ -5,8 +5,8 @@
 - a 2 x 2 sweep gives the same records as the same sweep run locally;
 - one game's ground truth as an array of k shards into the shared cache, then ``assemble``:
   values bit-identical to the unsharded local run, each coalition trained exactly once;
-- a shard job killed (``scancel --signal=KILL``) mid-coalition and requeued
-  (``scontrol requeue``): the rerun finishes, nothing that had landed is trained again,
+- a shard job that kills itself mid-coalition (a fixed entry, after asking SLURM to requeue
+  it: ``bench.core.faults``): the rerun finishes, nothing that had landed is trained again,
   the values are unchanged;
 - the jobs run offline with the project's venv whatever the submitting shell's environment
   (offline variables unset, the venv off PATH; and with ``SBATCH_EXPORT=NONE``, no variable
@@ -288,46 +288,27 @@ def test_sharded_truth_as_an_array_then_assemble(cluster, shared, local_truth):
             f"random, retrain_shapley x 2 seeds)", *sacct(job)])
 
 
+KILL_AT = 4          # task 0 dies writing its 4th ground-truth entry: 3 landed, the 4th trained and lost
+
+
 @cluster_test
 def test_a_shard_killed_mid_coalition_and_requeued(cluster, shared, local_truth):
+    """The kill is placed by the job itself (``bench.core.faults``): array task 0, on its
+    first attempt, asks SLURM to requeue it and SIGKILLs itself while writing its
+    ``KILL_AT``-th utility entry (fine-tuned, fsynced, not yet renamed into place). So the
+    same entry is lost on every run, the job never shows FAILED to the launcher (it goes
+    RUNNING -> REQUEUED -> PENDING), and the rerun must find exactly ``KILL_AT - 1`` entries
+    of its own and train the rest. (Before: the test killed from outside after a sleep,
+    and raced the launcher's state polling.)"""
     k = 2
     results = shared / "requeued"
     sweep_dir = results / "multirun"
+    env = shell_env(DVBENCH_KILL_AT=f"cache_write/utility:{KILL_AT}@SLURM_ARRAY_TASK_ID=0", DVBENCH_KILL_REQUEUE="1")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([VENV_PYTHON, "-m", "bench", *_shards(results, k)], cwd=REPO, env=shell_env(),
+    proc = subprocess.Popen([VENV_PYTHON, "-m", "bench", *_shards(results, k)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # wait for task 0 to run and some coalitions to land, then kill it while it trains the next one
-        deadline = time.monotonic() + 600
-        while len(entries(results)) < 8 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.3)
-        job = array_id(job_logs(sweep_dir))
-        task = f"{job}_0"
-        landed = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in entries(results)}
-        kill = subprocess.run(["scancel", "--signal=KILL", task], capture_output=True, text=True, timeout=30)
-        t_kill = time.perf_counter() - t0
-        assert kill.returncode == 0, kill.stderr
-        tries = []
-        for _ in range(40):                           # a job still completing cannot be requeued yet
-            requeue = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True, timeout=30)
-            tries.append(requeue.stderr.strip() or "ok")
-            if requeue.returncode == 0:
-                break
-            time.sleep(0.25)
-        assert requeue.returncode == 0, tries
-        squeue, waited = [], False
-        for _ in range(60):                           # what the scheduler says after the requeue, until it reruns
-            q = subprocess.run(["squeue", "-h", "-j", task, "-o", "%i %T %r %S"], capture_output=True, text=True)
-            state = q.stdout.strip() or "(not in squeue)"
-            if not squeue or state.split(" ", 2)[1:2] != squeue[-1].split(": ", 1)[1].split(" ", 2)[1:2]:
-                squeue.append(f"+{time.perf_counter() - t0 - t_kill:.1f} s: {state}")
-            waited = waited or "PENDING" in state
-            if (waited and "RUNNING" in state) or not q.stdout.strip():
-                break
-            time.sleep(0.5)
-        out, err = proc.communicate(timeout=1200)
+        out, err = proc.communicate(timeout=1800)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -336,28 +317,24 @@ def test_a_shard_killed_mid_coalition_and_requeued(cluster, shared, local_truth)
     assert proc.returncode == 0, err[-3000:]
 
     logs = job_logs(sweep_dir)
+    job = array_id(logs)
+    task = f"{job}_0"
     check_job_env(logs)
     runs = [(int(m.group(3)), m.group(1)) for m in JOB_LINE.finditer(logs[task])]
     assert [r for r, _ in runs] == [0, 1], runs       # task 0 ran twice: the first attempt and the requeued one
     lines = {x[0]: x for x in shard_lines(logs)}
     assert sorted(lines) == [0, 1]                    # the killed attempt printed no shard line; the rerun did
     _, _, n0, _, trained0, cached0 = lines[0]
-    # nothing that had landed was trained again: every entry on disk at the kill is the same file
-    # (a rewrite is a new inode: atomic_write_bytes renames a new file into place)
-    now = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in entries(results)}
-    assert all(now.get(p) == sig for p, sig in landed.items())
-    assert len(now) == N_TRUTH
-    assert cached0 >= 1 and trained0 + cached0 == n0              # the rerun found the first attempt's entries
-    assert trained0 + cached0 + lines[1][4] == N_TRUTH == len(now)  # so each coalition was trained once
-    assert lines[1][5] == 0
+    assert cached0 == KILL_AT - 1 and trained0 == n0 - cached0     # the landed entries reused, the lost one redone
+    assert lines[1][5] == 0 and lines[1][4] == lines[1][2]         # task 1 (never killed) trained its own
+    now = entries(results)
+    assert len(now) == N_TRUTH == n0 + lines[1][2]                 # so each coalition was trained exactly once
     assert not list(results.rglob(".*.tmp")), "a stray temp file of the killed writer"
     _assemble_equals(results, local_truth)
-    report("a shard killed mid-coalition and requeued (sweep_tiny, 2 shards)",
-           [f"scancel --signal=KILL {task} at +{t_kill:.1f} s, {len(landed)} of {N_TRUTH} entries on disk then; "
-            f"scontrol requeue {task}: {tries}", *squeue,
+    report("a shard killed mid-coalition by itself and requeued (sweep_tiny, 2 shards)",
+           [f"task 0, first attempt: scontrol requeue + SIGKILL at its utility write {KILL_AT}",
             f"rerun of shard 0/2: {trained0} trained, {cached0} cached (landed before the kill); shard 1/2: "
-            f"{lines[1][4]} trained; entries {len(now)} = {N_TRUTH}; the {len(landed)} landed files untouched "
-            f"(inode, mtime); values == the local run's; total wall {wall:.1f} s",
+            f"{lines[1][4]} trained; entries {len(now)} = {N_TRUTH}; values == the local run's; total wall {wall:.1f} s",
             *[m.group(0) for m in JOB_LINE.finditer(logs[task])], *sacct(job)])
 
 

@@ -718,3 +718,22 @@ def test_threads_embed_and_build_the_base_once(tmp_path, monkeypatch, tiny_task)
         t.join(60)
     assert calls == {"embed": 1, "base": 1}
     assert sorted(c for c, _ in out) == [False, True] and len({v for _, v in out}) == 1
+
+
+# ------------------------------------------------------------------ the fault switch the kill tests place kills with
+
+def test_kill_point_counts_one_kind_and_holds_only_where_its_conditions_do(monkeypatch):
+    from bench.core import faults
+    monkeypatch.setattr(faults, "_counts", {})
+    monkeypatch.setenv("DVBENCH_KILL_AT", "cache_write/utility:2@SLURM_ARRAY_TASK_ID=0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert not any(faults.should_kill("cache_write", "utility") for _ in range(3))     # task 1: never
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    seen = [faults.should_kill("cache_write", k) for k in ("stage", "utility", "base_eval", "utility", "utility")]
+    assert seen == [False, False, False, True, False]          # the 2nd utility write, whatever came between
+    monkeypatch.setattr(faults, "_counts", {})
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")              # the requeued attempt runs through
+    assert not any(faults.should_kill("cache_write", "utility") for _ in range(3))
+    monkeypatch.setenv("DVBENCH_KILL_AT", "cache_write:1")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert faults.should_kill("cache_write", "stage")           # no kind: every cache write counts

@@ -126,7 +126,7 @@ def reserve(path: str | os.PathLike) -> None:
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Replace ``path`` atomically with what ``write(file)`` writes (a ``tmp_path`` temp file,
     fsync, rename; the folder is created; on a full disk no temp is left and the error is
-    ``full_disk``'s one line). ``DVBENCH_KILL_AT=cache_write:<n>``
+    ``full_disk``'s one line). ``DVBENCH_KILL_AT=cache_write[/<kind>]:<n>``
     (``bench.core.faults``) kills the writer between the fsync and the rename. Returns ``path``."""
     from bench.core.faults import die, should_kill
     path = Path(path)
@@ -138,7 +138,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if should_kill("cache_write"):
+        if should_kill("cache_write", path.parent.parent.name):     # kind: root/<kind>/<key[:2]>/<key>
             die()
         os.replace(tmp, path)
     except BaseException as e:
