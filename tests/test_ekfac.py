@@ -230,3 +230,18 @@ def test_factors_and_scores_are_built_under_their_build_locks(game, monkeypatch)
     assert held[1].suffix == ".npy" and not v.extras["factors_reused"]
     EKFAC(damping=3e-3, seed=11).value(game, Budget())
     assert len(held) == 2                                   # both finished: no lock taken
+
+
+def test_kronfluences_grad_scaler_warning_is_filtered_in_user_runs():
+    """Kronfluence builds the deprecated ``torch.cuda.amp.GradScaler`` ~30 times a run; a
+    user's run (``quiet_libraries``) shows none of it, other FutureWarnings still pass."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+    code = ("import warnings, torch\nfrom bench.core.env import quiet_libraries\nquiet_libraries()\n"
+            "torch.cuda.amp.GradScaler(enabled=False)\nwarnings.warn('other', FutureWarning)\n")
+    p = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=REPO, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "GradScaler" not in p.stderr and "FutureWarning: other" in p.stderr

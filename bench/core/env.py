@@ -66,6 +66,10 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
+    # Kronfluence 1.0.1 builds torch.cuda.amp.GradScaler (deprecated name), disabled, about 30
+    # times per EK-FAC run: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
+                            category=FutureWarning)
     # torch.func's vmap over CPU attention (influence_naive's per-example gradients) warns
     # once per process that it loops instead of batching: a speed note, not a problem
     warnings.filterwarnings("ignore", message=r"There is a performance drop because we have not yet implemented "
