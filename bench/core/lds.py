@@ -44,8 +44,10 @@ treat values equal within ``ranks.RTOL`` as tied.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -101,11 +103,20 @@ class Draws:
         return cls(rng.integers(0, n_subsets, (n_boot, n_subsets)), rng.integers(0, n_pairs, (n_boot, n_pairs)))
 
 
+@contextlib.contextmanager
+def _nan_ok():
+    """A NaN-aware mean of an all-NaN slice is NaN by design here (an eval pair or a draw
+    with no defined ρ, e.g. constant targets on a tiny game): no RuntimeWarning for it."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _replicates(pred: np.ndarray, target: np.ndarray, draws: Draws) -> np.ndarray:
     """Mean over resampled eval pairs of the per-pair Spearman ρ over resampled subsets,
     per draw ([B]); ``pred``, ``target``: [M, E] with ties merged."""
     out = np.empty(len(draws.m))
-    with np.errstate(all="ignore"):
+    with _nan_ok():
         for b, (m, z) in enumerate(zip(draws.m, draws.z)):
             out[b] = np.nanmean(_rho_columns(pred[m], target[m])[z])
     return out
@@ -147,7 +158,7 @@ class LdsTargets:
         idx = np.arange(self.n_subsets) if m is None else m
         if T.shape[0] < 2:
             return np.full(T.shape[2], np.nan)
-        with np.errstate(all="ignore"):
+        with _nan_ok():
             return np.nanmean([_rho_columns(snap_ties(T[a][idx]), snap_ties(T[b][idx]))
                                for a, b in itertools.combinations(range(T.shape[0]), 2)], axis=0)
 
@@ -157,7 +168,7 @@ class LdsTargets:
         a mean of per-pair ceilings falls below what a perfect predictor reaches (1.13×
         at M = 16 in the simulation); the ceiling of the mean is above the mean of the
         true per-pair ceilings (Jensen), so a perfect predictor stays at or below it."""
-        with np.errstate(all="ignore"):
+        with _nan_ok():
             r = float(np.nanmean(agreement)) if np.isfinite(agreement).any() else float("nan")
         return float(sb_ceiling(r, len(self.seeds))) if math.isfinite(r) else float("nan")
 
@@ -221,7 +232,7 @@ def pair_lds(pair_scores, targets: LdsTargets) -> dict:
     (two-way bootstrap of this valuation alone), n_pairs, ceiling, ratio, per_pair [E],
     replicates [B], target}``."""
     pred = snap_ties(predictions(pair_scores, targets))
-    with np.errstate(all="ignore"):
+    with _nan_ok():
         per_pair = _rho_columns(pred, targets.target)
     reps = _replicates(pred, targets.target, targets.draws)
     m = float(np.nanmean(per_pair)) if np.isfinite(per_pair).any() else float("nan")
@@ -256,7 +267,7 @@ def combine(per_seed: list[dict], minus: list[dict] | None = None, ceiling_reps=
 
     def interval(v, R, bound):
         S = len(v)
-        with np.errstate(all="ignore"):
+        with _nan_ok():
             vb = float(np.nanvar(np.nanmean(R, axis=0), ddof=1))
         vs = float(np.var(v, ddof=1)) / S if S > 1 else 0.0
         var = vb + vs
@@ -270,7 +281,8 @@ def combine(per_seed: list[dict], minus: list[dict] | None = None, ceiling_reps=
     out = {"lds": m, "lo": lo, "hi": hi, "se": se, "df": df, "p": p, "n_seeds": len(seeds)}
     if ceiling_reps is not None and not b:
         c = np.array([np.nan if x is None else x for x in ceiling_reps], float)
-        c0 = float(np.nanmean(c))
+        with _nan_ok():
+            c0 = float(np.nanmean(c))
         per_seed_ceiling = a[seeds[0]].get("ceiling") or c0
         r, rlo, rhi, *_ = interval(val / per_seed_ceiling, reps / c[None, :], math.inf)
         out.update(ceiling=per_seed_ceiling, ratio=r, ratio_lo=rlo, ratio_hi=rhi)
