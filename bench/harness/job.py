@@ -47,6 +47,7 @@ from bench.core.valuation import Budget, BudgetExhausted, Valuation
 from bench.analysis.verdicts import fidelity_ci, verdict_tables
 from bench.harness.build import build_game, build_task, build_valuer, check_trainable
 from bench.harness.checks import check_config
+from bench.harness.eta import estimate_line, history_own_s, plan_line, plan_of, warm_up
 from bench.tracking import ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
 
@@ -166,7 +167,7 @@ def process_age_s() -> float | None:
 
 
 def overhead_line(t_start: float, fine_tune_s: float, valuer_own_s: float, worker_s: float | None = None,
-                  n_jobs: int = 1) -> str:
+                  n_jobs: int = 1, estimate_s: float | None = None) -> str:
     """Where the job's wall time went: the wall seconds spent producing fresh
     fine-tunes + evals (in this process or its workers), valuers' own work, and the
     rest (imports, model loading, bookkeeping, metrics, logging) = harness overhead.
@@ -175,8 +176,9 @@ def overhead_line(t_start: float, fine_tune_s: float, valuer_own_s: float, worke
     wall = age if age is not None else time.time() - t_start
     rest = max(wall - fine_tune_s - valuer_own_s, 0.0)
     workers = f" ({worker_s:.1f} s of compute on {n_jobs} workers)" if n_jobs > 1 and worker_s is not None else ""
+    est = f"; estimated {estimate_s:.1f} s ({wall / estimate_s:.2f}x)" if estimate_s else ""
     return (f"[dvbench] wall {wall:.1f} s = fine-tunes+evals {fine_tune_s:.1f} s{workers} + valuers' own work "
-            f"{valuer_own_s:.1f} s + harness overhead {rest:.1f} s ({100 * rest / max(wall, 1e-9):.1f}%)")
+            f"{valuer_own_s:.1f} s + harness overhead {rest:.1f} s ({100 * rest / max(wall, 1e-9):.1f}%){est}")
 
 
 # ------------------------------------------------------------------ checks before any work
@@ -259,7 +261,12 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     t0 = time.perf_counter()
     with stop_on_full_disk(), ExitStack() as job_meters:
         job_uses = [job_meters.enter_context(g.metered()) for g in [*games.values(), *lds_games.values()]]
+        estimate_s = None
         try:
+            if shard is None:                # the plan and the estimate, before any other fine-tune
+                estimate_s = announce(list(games.values()), list(lds_games.values()), lds_cfg, store,
+                                      str(cfg.experiment_name), base["hardware"].get("id"), list(built),
+                                      time.time() - t_start)
             exacts = {s: exact_shapley(g) for s, g in games.items()}
             by_utility = {u: consensus_of({s: exacts[s] if u == game.metric else exact_under(g, u)
                                            for s, g in games.items()}) for u in UTILITIES}
@@ -289,7 +296,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         tv = time.time()
                         with g.metered(budget) as use, GpuMeter(g.device_kind) as gpu:
                             val = valuer.value(g, budget)
-                        valuer_own_s += max(time.time() - tv - use.busy_s, 0.0)
+                        rec["own_s"] = max(time.time() - tv - use.busy_s, 0.0)   # outside fine-tunes
+                        valuer_own_s += rec["own_s"]
                         val.check(g.n, len(example_ids), len(g.eval))
                         if val.point_values is not None and ref.lds is None and lds_games:
                             # the first point-valued valuation: retrain the LDS subsets (the harness's
@@ -342,8 +350,22 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
             log_point_values(wb, records)
     fine_tune_s = sum(u.busy_s for u in job_uses) + selection_s
     worker_s = sum(fresh_compute_s(u) for u in job_uses) + selection_worker_s
-    print(overhead_line(t_start, fine_tune_s, valuer_own_s, worker_s, game.n_jobs))
+    print(overhead_line(t_start, fine_tune_s, valuer_own_s, worker_s, game.n_jobs, estimate_s))
     return records
+
+
+def announce(games: list, lds_games: list, lds_cfg: dict, store, experiment: str, hardware_id: str | None,
+             valuers: list[str], elapsed_s: float) -> float | None:
+    """Print the plan (fine-tunes per phase, cached or not), train and time the warm-up
+    batch, print the estimate (``bench.harness.eta``); returns the estimated wall seconds."""
+    plan = plan_of(games, lds_games, lds_cfg)
+    print(plan_line(plan, len(games), games[0].n, len(lds_games), lds_cfg.get("n_subsets") or 0), flush=True)
+    t0 = time.time()
+    warm = warm_up(games) if plan.truth > plan.truth_cached else None
+    own = history_own_s(store.read(experiment), experiment, hardware_id, valuers, len(games))
+    line, total = estimate_line(plan, warm, own, elapsed_s + time.time() - t0)     # the warm-up's time included
+    print(line, flush=True)
+    return total
 
 
 def consensus_line(cons: Consensus) -> str:

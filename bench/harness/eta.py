@@ -1,0 +1,117 @@
+"""What a job will train and how long it will take, said before its first fine-tune.
+
+``plan_of`` counts, from the config and the cache, the fine-tunes of the two phases every
+job has: the exact ground truth (every coalition under every seed; the empty coalition
+is the base model, scored but not trained) and the LDS subsets (``lds.n_subsets`` under
+each of ``lds.seeds``), and how many of each are cached already. ``warm_up`` trains the
+first batch of the ground truth (``game.pack`` × ``n_jobs`` coalitions, which the job
+needs anyway) and times it: that is the seconds per fine-tune on this machine, in this
+job's setting (packing, workers, precision). The estimate is
+
+    fresh fine-tunes × seconds per fine-tune  +  valuers' own work
+
+where the valuers' own work (gradients, embeddings, generation, solves: their wall time
+outside fine-tunes) is read from the latest earlier job of this experiment on this
+hardware in the results store (each record's ``own_s``), or said to be unknown. Not
+counted: fine-tunes a valuer asks for beyond these two phases (selection curves, SHED's
+proxy sets, point-level Monte Carlo), which the closing line's comparison shows.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from bench.core.game import Subset
+from bench.core.lds import lds_subsets
+
+
+@dataclass(frozen=True)
+class Plan:
+    truth: int              # ground-truth fine-tunes (coalitions but the empty one, × seeds)
+    truth_cached: int
+    lds: int                # LDS subset fine-tunes (subsets × lds.seeds)
+    lds_cached: int
+
+    @property
+    def fresh(self) -> int:
+        return self.truth - self.truth_cached + self.lds - self.lds_cached
+
+
+def _cached(game, item) -> bool:
+    return game.cache.get_json("utility", game._item_key(item)) is not None
+
+
+def plan_of(games: list, lds_games: list, lds_cfg: dict) -> Plan:
+    """Fine-tunes per phase and how many are cached (one cache lookup each, no training)."""
+    truth = [(g, m) for g in games for m in range(1, 2 ** g.n)]
+    lds = []
+    if lds_games and lds_cfg.get("n_subsets"):
+        pairs = [p for o in lds_games[0].owners for p in o]
+        sets = [tuple(pairs[i] for i in s)
+                for s in lds_subsets(len(pairs), lds_cfg["n_subsets"], lds_cfg["frac"], lds_cfg["seed"])]
+        lds = [(g, Subset(s)) for g in lds_games for s in sets]
+    return Plan(len(truth), sum(_cached(g, m) for g, m in truth), len(lds), sum(_cached(g, s) for g, s in lds))
+
+
+def warm_up(games: list) -> tuple[float, int] | None:
+    """Train the first uncached batch of the ground truth (``pack`` × ``n_jobs`` coalitions
+    of the first game that has any) and return (seconds per fine-tune, fine-tunes trained),
+    or None when the ground truth is cached."""
+    for g in games:
+        todo = [m for m in range(1, 2 ** g.n) if not _cached(g, m)]
+        if todo:
+            if g.kind != "union":          # sequential: prefixes first (the game trains them anyway)
+                todo.sort(key=lambda m: bin(m).count("1"))
+            batch = todo[:max(1, g.pack) * max(1, g.n_jobs)]
+            t0 = time.perf_counter()
+            g.prefetch(batch)
+            return (time.perf_counter() - t0) / len(batch), len(batch)
+    return None
+
+
+def history_own_s(records: list[dict], experiment: str, hardware_id: str | None, valuers: list[str],
+                  seeds: int) -> tuple[float, str] | None:
+    """The valuers' own work of the latest earlier job of ``experiment`` on this hardware
+    that recorded it (``own_s``), per valuer and seed, scaled to this job's ``seeds``:
+    (seconds, that job's id), or None."""
+    mine = [r for r in records if r.get("experiment") == experiment and r.get("own_s") is not None
+            and (r.get("hardware") or {}).get("id") == hardware_id]
+    if not mine:
+        return None
+    job = mine[-1]["job"]
+    per = {}
+    for r in mine:
+        if r["job"] == job:
+            per.setdefault(r["valuer"], []).append(float(r["own_s"]))
+    known = [v for v in valuers if v in per]
+    if not known:
+        return None
+    return sum(sum(per[v]) / len(per[v]) for v in known) * seeds, job
+
+
+def fmt_s(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def plan_line(plan: Plan, seeds: int, n: int, lds_seeds: int, n_subsets: int) -> str:
+    lds = (f"; LDS {plan.lds} ({n_subsets} subsets × {lds_seeds} lds.seeds), {plan.lds_cached} cached"
+           if plan.lds else "")
+    return (f"[dvbench] plan: ground truth {plan.truth} fine-tunes ({seeds} seeds × {2 ** n - 1} coalitions), "
+            f"{plan.truth_cached} cached{lds}; {plan.fresh} to train")
+
+
+def estimate_line(plan: Plan, warm: tuple[float, int] | None, own: tuple[float, str] | None,
+                  elapsed_s: float) -> tuple[str, float | None]:
+    """The estimate line and the estimated wall seconds of the whole job (None: nothing measured)."""
+    own_s, own_txt = (own[0], f"valuers' own work ~{fmt_s(own[0])} (job {own[1]} on this hardware)") if own \
+        else (0.0, "valuers' own work unknown (no earlier job of this experiment on this hardware)")
+    if warm is None:
+        if plan.fresh:
+            return "[dvbench] estimate: none (nothing measured)", None
+        total = elapsed_s + own_s
+        return f"[dvbench] estimate: ~{fmt_s(total)} in all: every fine-tune cached; {own_txt}", total
+    per, done = warm
+    left = max(plan.fresh - done, 0)
+    total = elapsed_s + left * per + own_s
+    return (f"[dvbench] estimate: ~{fmt_s(total)} in all: {left} more fine-tunes × {per:.1f} s (measured on the "
+            f"first {done}) + {own_txt}", total)

@@ -1,0 +1,60 @@
+"""The plan and the estimate a job prints before its first fine-tune (bench.harness.eta)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench.harness.eta import Plan, estimate_line, history_own_s, plan_of, warm_up
+
+
+def test_plan_counts_the_phases_and_what_is_cached(make_game, fresh_cache):
+    games = [make_game(fresh_cache, seed=s) for s in (0, 1)]
+    lds = [make_game(fresh_cache, seed=100)]
+    cfg = {"n_subsets": 4, "frac": 0.5, "seed": 0}
+    n = games[0].n
+    plan = plan_of(games, lds, cfg)
+    assert plan == Plan(truth=2 * (2 ** n - 1), truth_cached=0, lds=4, lds_cached=0)
+    games[1].pack = 1
+    warm = warm_up(games)
+    assert warm is not None and warm[1] == 1 and warm[0] > 0         # one coalition: pack 1 x 1 worker
+    assert plan_of(games, lds, cfg).truth_cached == 1                # the warm-up's fine-tune is the job's
+    games[0].table()                                                 # seed 0's ground truth, all of it
+    after = plan_of(games, lds, cfg)
+    assert after.truth_cached == 2 ** n - 1 and after.fresh == plan.fresh - (2 ** n - 1)
+    assert warm_up(games)[1] == 1 and plan_of(games, lds, cfg).truth_cached == 2 ** n   # now seed 1's first
+
+
+def _rec(job, valuer, own, hw="h1", experiment="quick"):
+    return {"job": job, "valuer": valuer, "own_s": own, "experiment": experiment, "hardware": {"id": hw}}
+
+
+def test_valuers_own_work_comes_from_the_latest_job_on_this_hardware():
+    recs = [_rec("a", "logra", 10.0), _rec("a", "logra", 12.0), _rec("a", "shed", 4.0),
+            _rec("b", "logra", 100.0, hw="other"), _rec("c", "logra", 20.0), _rec("c", "logra", 22.0),
+            _rec("d", "logra", 1.0, experiment="default")]
+    own, job = history_own_s(recs, "quick", "h1", ["logra", "shed"], seeds=3)
+    assert job == "c" and own == pytest.approx(21.0 * 3)             # job c has no shed: only what it measured
+    assert history_own_s(recs, "quick", "h2", ["logra"], 3) is None          # no job on this hardware
+    assert history_own_s(recs, "quick", "h1", ["trak"], 3) is None
+
+
+def test_estimate_line():
+    plan = Plan(truth=45, truth_cached=0, lds=32, lds_cached=2)
+    line, total = estimate_line(plan, (20.0, 5), (300.0, "c"), 110.0)
+    assert total == pytest.approx(110 + 70 * 20 + 300) and "70 more fine-tunes × 20.0 s" in line and "job c" in line
+    line, total = estimate_line(Plan(45, 45, 0, 0), None, None, 12.0)
+    assert total == 12.0 and "every fine-tune cached" in line and "unknown" in line
+
+
+def test_a_job_prints_plan_and_estimate_and_compares_at_the_end(smoke_run):
+    out = smoke_run.stdout
+    plan = re.search(r"\[dvbench\] plan: ground truth (\d+) fine-tunes \((\d+) seeds × (\d+) coalitions\), "
+                     r"(\d+) cached", out)
+    assert plan and int(plan[1]) == int(plan[2]) * int(plan[3]) and plan[4] == "0"
+    assert re.search(r"\[dvbench\] estimate: ~.* in all: \d+ more fine-tunes × [\d.]+ s \(measured on the first 1\)",
+                     out), out[-3000:]
+    assert out.index("[dvbench] plan:") < out.index("[dvbench] estimate:")
+    ratio = re.search(r"\[dvbench\] wall .*; estimated [\d.]+ s \(([\d.]+)x\)", out)
+    assert ratio and float(ratio[1]) > 0
+    assert all(r.get("own_s") is not None for r in smoke_run.records if r["status"] == "ok")
