@@ -227,3 +227,16 @@ def make_game(tiny_task, tiny_partition):
         return Game(task or tiny_task, partition or tiny_partition, SPEC, train, kind=kind, seed=seed,
                     metric=metric, cache_dir=cache_dir, progress=False)
     return make
+
+
+def record_build_locks(monkeypatch, module) -> list:
+    """Make ``module.build_lock`` record each artefact path it locks (then lock it as
+    usual); returns the list the paths are appended to."""
+    from bench.core.cache import build_lock
+    held = []
+
+    def recording(path, *a, **kw):
+        held.append(Path(path))
+        return build_lock(path, *a, **kw)
+    monkeypatch.setattr(module, "build_lock", recording)
+    return held

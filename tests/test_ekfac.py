@@ -216,14 +216,10 @@ def test_factors_and_scores_are_built_under_their_build_locks(game, monkeypatch)
     are each built under ``build_lock`` (its cross-process behaviour: tests/test_storage.py)."""
     from pathlib import Path
 
-    import valuers.ekfac as EK
-    from bench.core.cache import build_lock
-    held = []
+    from conftest import record_build_locks
 
-    def recording(path, *a, **kw):
-        held.append(Path(path))
-        return build_lock(path, *a, **kw)
-    monkeypatch.setattr(EK, "build_lock", recording)
+    import valuers.ekfac as EK
+    held = record_build_locks(monkeypatch, EK)
     v = EKFAC(damping=3e-3, seed=11).value(game, Budget())
     d = Path(v.extras["cache_dir"])
     assert [p.relative_to(d.parent) for p in held] == [Path(d.name), Path(d.name, "scores", held[1].name)]

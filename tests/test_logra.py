@@ -534,14 +534,10 @@ def test_benchmark_throughput_and_memory_ratios(benchmark, session_cache, tiny_b
 def test_logs_and_query_are_built_under_their_build_locks(game, monkeypatch, tmp_path):
     """Two jobs sharing a cache write one set of logs: the logs folder and the query vectors
     are each built under ``build_lock`` (its cross-process behaviour: tests/test_storage.py)."""
-    import valuers.logra as LG
-    from bench.core.cache import build_lock
-    held = []
+    from conftest import record_build_locks
 
-    def recording(path, *a, **kw):
-        held.append(Path(path))
-        return build_lock(path, *a, **kw)
-    monkeypatch.setattr(LG, "build_lock", recording)
+    import valuers.logra as LG
+    held = record_build_locks(monkeypatch, LG)
     logs = tmp_path / "logs"
     first = LoGra(k_in=4, k_out=4, batch_size=4, logs_dir=str(logs)).value(game, Budget())
     assert held == [logs, logs / "query.npz"] and not first.extras["logs_reused"]
