@@ -199,7 +199,7 @@ class FakeRuns:
         self.calls.append(list(cmd))
         rc, out, err = 0, "", ""
         sub = cmd[3] if len(cmd) > 3 else ""
-        if cmd[1:3] == ["-m", "bench"] and sub.startswith("experiment="):
+        if cmd[1:3] == ["-m", "bench"] and (sub.startswith("experiment=") or sub == "assemble"):
             names = [a.split("=", 1)[1] for a in cmd[3:] if a.startswith(("experiment=", "experiment_name="))]
             store = ResultsStore(self.results)
             for v in ("exact", "loo") if self.writes_records else ():
@@ -395,3 +395,40 @@ def test_makefile_wires_the_drivers():
     assert dry("bench-micro").endswith("-m bench hardware micro --tolerance 25 --")
     assert dry("bench-micro", "BENCH_TOL=10", "ARGS=-k shapley").endswith(
         "micro --tolerance 10 -- -k shapley")
+
+
+def test_bench_on_several_gpus_runs_one_shard_per_gpu_then_assembles(driver, monkeypatch, capsys):
+    """A node with G GPUs: make bench trains the ground truth as G processes, one per GPU
+    (game.shard=i/G game.device=cuda:i, at once), then `assemble` runs the valuers from the
+    shared cache; a failed shard stops it before assemble. A user's own shard or device is
+    left alone."""
+    make, results, _ = driver
+    fp = hardware.hardware_fingerprint()
+    monkeypatch.setattr(hardware, "hardware_fingerprint", lambda **k: {**fp, "device": "cuda", "devices": [
+        {"index": i, "name": "GPU", "memory_bytes": 80 * 2**30, "capability": "9.0"} for i in range(3)]})
+    _fake_device(monkeypatch, "cuda", (80, 80, 80))
+    launched = []
+
+    def parallel(cmds, rcs=(0, 0, 0)):
+        launched.append(cmds)
+        return list(rcs)
+    monkeypatch.setattr(hardware, "_run_parallel", parallel)
+    fake = make()
+    assert hardware.bench_main(None, [f"results_dir={results}"]) == 0
+    (shards,) = launched
+    assert [c[3:6] for c in shards] == [["experiment=default_gpu", f"game.shard={i}/3", f"game.device=cuda:{i}"]
+                                       for i in range(3)]
+    assert fake.calls[0][3:] == ["assemble", "experiment=default_gpu", f"results_dir={results}"]
+    assert "3 GPUs: the ground truth as 3 shards" in capsys.readouterr().out
+
+    launched.clear()
+    monkeypatch.setattr(hardware, "_run_parallel", lambda cmds: parallel(cmds, (0, 3, 0)))
+    fake = make()
+    assert hardware.bench_main(None, [f"results_dir={results}"]) == 3
+    assert not any("assemble" in c for c in fake.calls) and "shard 1/3 exited with status 3" in capsys.readouterr().err
+
+    launched.clear()
+    monkeypatch.setattr(hardware, "_run_parallel", parallel)
+    fake = make()
+    hardware.bench_main(None, [f"results_dir={results}", "game.device=cuda:1"])
+    assert not launched and fake.calls[0][3:5] == ["experiment=default_gpu", f"results_dir={results}"]

@@ -162,6 +162,36 @@ def write_report(results: Path, experiment: str, commit: str) -> Path | None:
     return report
 
 
+def _run_parallel(cmds: list[list[str]]) -> list[int]:
+    """Child processes at once, output streaming through (tests replace this); their exit statuses."""
+    procs = [subprocess.Popen(c) for c in cmds]
+    try:
+        return [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+
+
+def _ground_truth_on_every_gpu(preset: str, overrides: Sequence[str], gpus: int) -> int:
+    """On a node with several GPUs: the ground truth as one shard per GPU, one process each
+    (``game.shard=i/G game.device=cuda:i``, README "Several GPUs"), into the shared cache;
+    the caller then runs ``assemble`` (the valuers, on the first GPU). The first non-zero
+    exit status of a shard, or 0."""
+    cmds = [[sys.executable, "-m", "bench", f"experiment={preset}", f"game.shard={i}/{gpus}", f"game.device=cuda:{i}",
+             *overrides] for i in range(gpus)]
+    print(f"{gpus} GPUs: the ground truth as {gpus} shards, one process per GPU, then assemble on cuda:0", flush=True)
+    for c in cmds:
+        print("$ " + shlex.join(c), flush=True)
+    rcs = _run_parallel(cmds)
+    bad = [(i, rc) for i, rc in enumerate(rcs) if rc]
+    if bad:
+        print(f"\nbench: shard {bad[0][0]}/{gpus} exited with status {bad[0][1]}; rerun make bench (the shards "
+              "resume from the cache)", file=sys.stderr)
+        return bad[0][1]
+    return 0
+
+
 def bench_main(preset: str | None, overrides: Sequence[str], strict: bool = False) -> int:
     """``make bench``: see the module docstring. Returns the exit status."""
     from bench.analysis.compare import write_baseline
@@ -185,15 +215,21 @@ def bench_main(preset: str | None, overrides: Sequence[str], strict: bool = Fals
     experiment = _override(overrides, "experiment_name") or preset
     commit = git_info()["commit"]      # before the run: records are stamped with it
     cmd = [sys.executable, "-m", "bench", f"experiment={preset}", *overrides]
-    print("$ " + shlex.join(cmd), flush=True)
+    gpus = len(fp.get("devices") or []) if fp.get("device") == "cuda" else 0
     try:
-        rc = _run(cmd).returncode
+        if gpus > 1 and _override(overrides, "game.shard") is None and _override(overrides, "game.device") is None:
+            rc = _ground_truth_on_every_gpu(preset, overrides, gpus)
+            cmd = [sys.executable, "-m", "bench", "assemble", f"experiment={preset}", *overrides]
+        else:
+            rc = 0
+        if rc == 0:
+            print("$ " + shlex.join(cmd), flush=True)
+            rc = _run(cmd).returncode
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     if rc:
-        print(f"\nbench: `python -m bench experiment={preset}` exited with status {rc}",
-              file=sys.stderr)
+        print(f"\nbench: `{shlex.join(['python', *cmd[1:4]])} …` exited with status {rc}", file=sys.stderr)
 
     records = ResultsStore(results).read(experiment) if (results / "runs").is_dir() else []
     if not any(str(r.get("commit", "")) == commit for r in records):
