@@ -58,3 +58,23 @@ def test_a_job_prints_plan_and_estimate_and_compares_at_the_end(smoke_run):
     ratio = re.search(r"\[dvbench\] wall .*; estimated [\d.]+ s \(([\d.]+)x\)", out)
     assert ratio and float(ratio[1]) > 0
     assert all(r.get("own_s") is not None for r in smoke_run.records if r["status"] == "ok")
+
+
+def test_a_job_files_its_summary_and_the_readme_says_its_wall_time(smoke_run):
+    """Each job appends its wall time, where it went and its estimate to
+    ``<results>/jobs/<experiment>.jsonl``; ``make report`` turns it into the sentence under
+    the job's leaderboard (a job published before summaries says it was not recorded)."""
+    from bench.analysis.report import job_time
+    from bench.analysis.tables import summarize
+    from bench.tracking import ResultsStore
+    store = ResultsStore(smoke_run.results)
+    jobs = [j for j in store.read_jobs() if j["job"] == smoke_run.records[0]["job"]]
+    assert len(jobs) == 1
+    j = jobs[0]
+    assert j["experiment"] == "smoke" and j["n_records"] == len(smoke_run.records) and j["estimate_s"] > 0
+    assert j["wall_s"] >= j["fine_tune_s"] + j["valuer_own_s"] > 0 and j["commit"] == smoke_run.records[0]["commit"]
+    assert store.read("smoke") == ResultsStore(smoke_run.results).read("smoke")      # records untouched by it
+    (by_valuer,) = [v for k, v in summarize(smoke_run.records).items() if k[0] == "smoke"]
+    text = job_time(by_valuer, store.read_jobs())
+    assert text.startswith(f"Job wall time: {j['wall_s'] / 60:.1f} min on ") and "estimated before its first" in text
+    assert "not recorded" in job_time(by_valuer, [])

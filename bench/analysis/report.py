@@ -79,13 +79,35 @@ def job_summary(by_valuer: dict[str, list[dict]]) -> str:
             f"{', ' + str(len(hw.get('gpus') or [])) + ' GPU' if hw.get('gpus') else ''}.")
 
 
-def readme_block(records: list[dict]) -> str:
-    """The README's results: per (experiment, game) the leaderboard, the LDS table and the
-    job's consensus paragraph, generated from records."""
+def job_time(by_valuer: dict[str, list[dict]], jobs: list[dict]) -> str:
+    """One sentence: the job's wall time and where it went, from its summary (``jobs``:
+    ``ResultsStore.read_jobs``), or that it was not recorded."""
+    ids = {r.get("job") for rs in by_valuer.values() for r in rs} - {None}
+    mine = [j for j in jobs if j.get("job") in ids]
+    if not mine:
+        return "Job wall time: not recorded (this job ran before jobs wrote their summaries)."
+    j = mine[-1]
+    hw = j.get("hardware") or {}
+    where = (f"{hw.get('n_cpus', '?')} × {hw.get('cpu_name') or hw.get('cpu')}"
+             f"{', ' + str(len(hw.get('gpus') or [])) + ' GPU' if hw.get('gpus') else ''}")
+    wall = j["wall_s"]
+    rest = max(wall - j["fine_tune_s"] - j["valuer_own_s"], 0.0)
+    est = (f"; estimated before its first fine-tune: {j['estimate_s'] / 60:.1f} min ({wall / j['estimate_s']:.2f}×)"
+           if j.get("estimate_s") else "")
+    return (f"Job wall time: {wall / 60:.1f} min on {where} = fine-tunes + evals {j['fine_tune_s'] / 60:.1f} min + "
+            f"valuers' own work {j['valuer_own_s'] / 60:.1f} min + harness {rest / 60:.1f} min{est} "
+            f"(one run; commit {str(j.get('commit'))[:7]}).")
+
+
+def readme_block(records: list[dict], jobs: list[dict] | None = None) -> str:
+    """The README's results: per (experiment, game) the leaderboard, the LDS table, the
+    job's consensus paragraph and its wall time (``jobs``: the job summaries), generated
+    from records."""
     parts = [README_BEGIN, ""]
     for key, by_valuer in summarize(records).items():
         sub = [r for rs in by_valuer.values() for r in rs]
-        parts += [format_leaderboard(sub, markdown=True), "", job_summary(by_valuer), ""]
+        parts += [format_leaderboard(sub, markdown=True), "",
+                  f"{job_summary(by_valuer)} {job_time(by_valuer, jobs or [])}".strip(), ""]
         util = format_utilities(sub, markdown=True)
         if util:
             parts += [util, ""]
@@ -96,7 +118,8 @@ def readme_block(records: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def update_readme(path: str | Path, records: list[dict], allow_dirty: bool = False) -> Path:
+def update_readme(path: str | Path, records: list[dict], allow_dirty: bool = False,
+                  jobs: list[dict] | None = None) -> Path:
     """Replace the generated results block of ``path`` (between ``README_BEGIN`` and
     ``README_END``), atomically. Records made from a dirty tree (no commit reproduces
     them) are refused unless ``allow_dirty``; then they are marked † in the tables."""
@@ -114,5 +137,5 @@ def update_readme(path: str | Path, records: list[dict], allow_dirty: bool = Fal
                           f"{README_BEGIN!r} and {README_END!r} where the results go")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    atomic_write_bytes(path, (head + readme_block(records) + tail).encode())
+    atomic_write_bytes(path, (head + readme_block(records, jobs) + tail).encode())
     return path

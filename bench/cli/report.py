@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "or pass --results DIR")
     if args.readme:
         from bench.analysis.report import update_readme
-        print(f"wrote {update_readme(args.readme, records, allow_dirty=args.allow_dirty)}", file=sys.stderr)
+        path = update_readme(args.readme, records, allow_dirty=args.allow_dirty, jobs=store.read_jobs())
+        print(f"wrote {path}", file=sys.stderr)
         return 0
     print(format_leaderboard(records, markdown=args.markdown))
     print()

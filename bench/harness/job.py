@@ -351,6 +351,12 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     fine_tune_s = sum(u.busy_s for u in job_uses) + selection_s
     worker_s = sum(fresh_compute_s(u) for u in job_uses) + selection_worker_s
     print(overhead_line(t_start, fine_tune_s, valuer_own_s, worker_s, game.n_jobs, estimate_s))
+    age = process_age_s()
+    store.append_job({k: base[k] for k in ("schema", "experiment", "game", "job", "seeds", "commit", "dirty",
+                                           "hardware", "timestamp", "numerics") if k in base}
+                     | {"kind": "job_summary", "wall_s": age if age is not None else time.time() - t_start,
+                        "fine_tune_s": fine_tune_s, "valuer_own_s": valuer_own_s, "worker_s": worker_s,
+                        "n_jobs": game.n_jobs, "estimate_s": estimate_s, "n_records": len(records)})
     return records
 
 

@@ -102,10 +102,11 @@ class ResultsStore:
         """
         if not record.get("experiment"):
             raise ValueError("record has no 'experiment'")
-        line = dumps_line(record)
-        path = self.path(record["experiment"])
+        return self._append_line(self.path(record["experiment"]), dumps_line(record))
+
+    def _append_line(self, path: Path, line: bytes) -> Path:
         try:
-            self.runs.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
             raise self._unwritable(e) from e
@@ -138,6 +139,20 @@ class ResultsStore:
 
     def experiments(self) -> list[str]:
         return sorted(p.stem for p in self.runs.glob("*.jsonl"))
+
+    def jobs_path(self, experiment: str) -> Path:
+        return self.root / "jobs" / f"{_safe_name(experiment)}.jsonl"
+
+    def append_job(self, summary: dict) -> Path:
+        """Append a job's summary (its wall time and where it went, its estimate) to
+        ``<root>/jobs/<experiment>.jsonl``, the way ``append`` appends a record."""
+        if not summary.get("experiment"):
+            raise ValueError("job summary has no 'experiment'")
+        return self._append_line(self.jobs_path(summary["experiment"]), dumps_line(summary))
+
+    def read_jobs(self) -> list[dict]:
+        """Every job summary, in file order (none for jobs from before summaries)."""
+        return [r for p in sorted((self.root / "jobs").glob("*.jsonl")) for r in read_jsonl(p)]
 
     def read(self, experiment: str | None = None) -> list[dict]:
         """All records (of one experiment, if given), in file order."""
