@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from bench.harness.eta import Plan, estimate_line, history_own_s, plan_of, warm_up
+from bench.harness.eta import Plan, estimate_line, history_valuer_s, plan_of, warm_up
 
 
 def test_plan_counts_the_phases_and_what_is_cached(make_game, fresh_cache):
@@ -25,18 +25,21 @@ def test_plan_counts_the_phases_and_what_is_cached(make_game, fresh_cache):
     assert warm_up(games)[1] == 1 and plan_of(games, lds, cfg).truth_cached == 2 ** n   # now seed 1's first
 
 
-def _rec(job, valuer, own, hw="h1", experiment="quick"):
-    return {"job": job, "valuer": valuer, "own_s": own, "experiment": experiment, "hardware": {"id": hw}}
+def _rec(job, valuer, wall, hw="h1", experiment="quick", t="2026-12-01"):
+    return {"job": job, "valuer": valuer, "cost": {"wall_s": wall}, "experiment": experiment, "status": "ok",
+            "hardware": {"id": hw}, "timestamp": t}
 
 
-def test_valuers_own_work_comes_from_the_latest_job_on_this_hardware():
-    recs = [_rec("a", "logra", 10.0), _rec("a", "logra", 12.0), _rec("a", "shed", 4.0),
-            _rec("b", "logra", 100.0, hw="other"), _rec("c", "logra", 20.0), _rec("c", "logra", 22.0),
-            _rec("d", "logra", 1.0, experiment="default")]
-    own, job = history_own_s(recs, "quick", "h1", ["logra", "shed"], seeds=3)
+def test_the_valuers_time_comes_from_the_latest_job_on_this_hardware():
+    recs = [_rec("a", "logra", 10.0, t="2026-12-01"), _rec("a", "logra", 12.0, t="2026-12-01"),
+            _rec("a", "shed", 4.0, t="2026-12-01"), _rec("b", "logra", 100.0, hw="other", t="2026-12-03"),
+            _rec("c", "logra", 20.0, t="2026-12-02"), _rec("c", "logra", 22.0, t="2026-12-02"),
+            _rec("d", "logra", 1.0, experiment="default", t="2026-12-04")]
+    own, job = history_valuer_s(recs, "quick", "h1", ["logra", "shed"], seeds=3)
     assert job == "c" and own == pytest.approx(21.0 * 3)             # job c has no shed: only what it measured
-    assert history_own_s(recs, "quick", "h2", ["logra"], 3) is None          # no job on this hardware
-    assert history_own_s(recs, "quick", "h1", ["trak"], 3) is None
+    assert history_valuer_s(recs[::-1], "quick", "h1", ["logra"], 3)[1] == "c"      # newest by time, not order
+    assert history_valuer_s(recs, "quick", "h2", ["logra"], 3) is None          # no job on this hardware
+    assert history_valuer_s(recs, "quick", "h1", ["trak"], 3) is None
 
 
 def test_estimate_line():

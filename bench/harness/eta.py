@@ -8,13 +8,13 @@ first batch of the ground truth (``game.pack`` × ``n_jobs`` coalitions, which t
 needs anyway) and times it: that is the seconds per fine-tune on this machine, in this
 job's setting (packing, workers, precision). The estimate is
 
-    fresh fine-tunes × seconds per fine-tune  +  valuers' own work
+    fresh fine-tunes × seconds per fine-tune  +  the valuers' time
 
-where the valuers' own work (gradients, embeddings, generation, solves: their wall time
-outside fine-tunes) is read from the latest earlier job of this experiment on this
-hardware in the results store (each record's ``own_s``), or said to be unknown. Not
-counted: fine-tunes a valuer asks for beyond these two phases (selection curves, SHED's
-proxy sets, point-level Monte Carlo), which the closing line's comparison shows.
+where the valuers' time (gradients, embeddings, generation, solves, and fine-tunes a
+valuer asks for beyond the two phases, e.g. SHED's proxy sets) is read from the latest
+earlier job of this experiment on this hardware in the results store or the published
+records (each record's ``cost.wall_s``), or said to be unknown. It assumes that job's
+cache state; not counted: selection curves. The closing line compares.
 """
 from __future__ import annotations
 
@@ -69,20 +69,22 @@ def warm_up(games: list) -> tuple[float, int] | None:
     return None
 
 
-def history_own_s(records: list[dict], experiment: str, hardware_id: str | None, valuers: list[str],
+def history_valuer_s(records: list[dict], experiment: str, hardware_id: str | None, valuers: list[str],
                   seeds: int) -> tuple[float, str] | None:
-    """The valuers' own work of the latest earlier job of ``experiment`` on this hardware
-    that recorded it (``own_s``), per valuer and seed, scaled to this job's ``seeds``:
-    (seconds, that job's id), or None."""
-    mine = [r for r in records if r.get("experiment") == experiment and r.get("own_s") is not None
+    """The valuers' wall time in the latest earlier job of ``experiment`` on this hardware
+    (each record's ``cost.wall_s``: its own work plus any fine-tune it asked for beyond the
+    ground truth, e.g. SHED's proxy sets), per valuer and seed, scaled to this job's
+    ``seeds``: (seconds, that job's id), or None."""
+    mine = [r for r in records if r.get("experiment") == experiment and r.get("status") == "ok"
+            and (r.get("cost") or {}).get("wall_s") is not None and r.get("job")
             and (r.get("hardware") or {}).get("id") == hardware_id]
     if not mine:
         return None
-    job = mine[-1]["job"]
+    job = max((str(r.get("timestamp") or ""), r["job"]) for r in mine)[1]
     per = {}
     for r in mine:
         if r["job"] == job:
-            per.setdefault(r["valuer"], []).append(float(r["own_s"]))
+            per.setdefault(r["valuer"], []).append(float(r["cost"]["wall_s"]))
     known = [v for v in valuers if v in per]
     if not known:
         return None
@@ -103,8 +105,8 @@ def plan_line(plan: Plan, seeds: int, n: int, lds_seeds: int, n_subsets: int) ->
 def estimate_line(plan: Plan, warm: tuple[float, int] | None, own: tuple[float, str] | None,
                   elapsed_s: float) -> tuple[str, float | None]:
     """The estimate line and the estimated wall seconds of the whole job (None: nothing measured)."""
-    own_s, own_txt = (own[0], f"valuers' own work ~{fmt_s(own[0])} (job {own[1]} on this hardware)") if own \
-        else (0.0, "valuers' own work unknown (no earlier job of this experiment on this hardware)")
+    own_s, own_txt = (own[0], f"valuers ~{fmt_s(own[0])} (their wall time in job {own[1]} on this hardware)") if own \
+        else (0.0, "the valuers' time unknown (no earlier job of this experiment on this hardware)")
     if warm is None:
         if plan.fresh:
             return "[dvbench] estimate: none (nothing measured)", None

@@ -47,8 +47,8 @@ from bench.core.valuation import Budget, BudgetExhausted, Valuation
 from bench.analysis.verdicts import fidelity_ci, verdict_tables
 from bench.harness.build import build_game, build_task, build_valuer, check_trainable
 from bench.harness.checks import check_config
-from bench.harness.eta import estimate_line, history_own_s, plan_line, plan_of, warm_up
-from bench.tracking import ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
+from bench.harness.eta import estimate_line, history_valuer_s, plan_line, plan_of, warm_up
+from bench.tracking import REPO_DIR, ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
 
 
@@ -368,7 +368,10 @@ def announce(games: list, lds_games: list, lds_cfg: dict, store, experiment: str
     print(plan_line(plan, len(games), games[0].n, len(lds_games), lds_cfg.get("n_subsets") or 0), flush=True)
     t0 = time.time()
     warm = warm_up(games) if plan.truth > plan.truth_cached else None
-    own = history_own_s(store.read(experiment), experiment, hardware_id, valuers, len(games))
+    published = ResultsStore(REPO_DIR / "results" / "published")      # the committed records, when nothing newer
+    history = (published.read(experiment) if published.root.resolve() != store.root.resolve() else []) \
+        + store.read(experiment)
+    own = history_valuer_s(history, experiment, hardware_id, valuers, len(games))
     line, total = estimate_line(plan, warm, own, elapsed_s + time.time() - t0)     # the warm-up's time included
     print(line, flush=True)
     return total
