@@ -6,7 +6,9 @@ is the base model, scored but not trained) and the LDS subsets (``lds.n_subsets`
 each of ``lds.seeds``), and how many of each are cached already. ``warm_up`` trains the
 first batch of the ground truth (``game.pack`` × ``n_jobs`` coalitions, which the job
 needs anyway) and times it: that is the seconds per fine-tune on this machine, in this
-job's setting (packing, workers, precision). The estimate is
+job's setting (packing, workers, precision). What a process does once (loading the base,
+preparing the training pool, scoring the base) is done before the clock starts; with
+``n_jobs > 1`` the workers' start-up is inside the warm-up, so the estimate errs high. The estimate is
 
     fresh fine-tunes × seconds per fine-tune  +  the valuers' time
 
@@ -63,6 +65,9 @@ def warm_up(games: list) -> tuple[float, int] | None:
             if g.kind != "union":          # sequential: prefixes first (the game trains them anyway)
                 todo.sort(key=lambda m: bin(m).count("1"))
             batch = todo[:max(1, g.pack) * max(1, g.n_jobs)]
+            if g.n_jobs <= 1:               # once-per-process work first, untimed: it is not a fine-tune's
+                g.examples(g.flat_pairs())  # (the base, the training pool with its reference log-probs)
+                g.record(0)                 # (the base scored on the eval pairs)
             t0 = time.perf_counter()
             g.prefetch(batch)
             return (time.perf_counter() - t0) / len(batch), len(batch)
