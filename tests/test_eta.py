@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bench.harness.eta import Plan, estimate_line, history_valuer_s, plan_of, warm_up
+from bench.harness.eta import Plan, Warm, estimate_line, history_valuer_s, plan_of, warm_up
 
 
 def test_plan_counts_the_phases_and_what_is_cached(make_game, fresh_cache):
@@ -15,15 +15,17 @@ def test_plan_counts_the_phases_and_what_is_cached(make_game, fresh_cache):
     cfg = {"n_subsets": 4, "frac": 0.5, "seed": 0}
     n = games[0].n
     plan = plan_of(games, lds, cfg)
-    assert plan == Plan(truth=2 * (2 ** n - 1), truth_cached=0, lds=4, lds_cached=0)
-    games[1].pack = 1
+    sizes = [sum(games[0].owner_sizes[i] for i in range(n) if m >> i & 1) for m in range(1, 2 ** n)]
+    half = round(0.5 * sum(games[0].owner_sizes))
+    assert plan == Plan(truth=2 * (2 ** n - 1), truth_cached=0, lds=4, lds_cached=0, sizes=(*sizes, *sizes, *[half] * 4))
     warm = warm_up(games)
-    assert warm is not None and warm[1] == 1 and warm[0] > 0         # one coalition: pack 1 x 1 worker
+    assert warm.n == 1 and warm.pairs == sizes[0] and 0 < warm.train_s < warm.wall_s   # one coalition: pack 1 x 1 worker
+    assert plan_of(games, lds, cfg).sizes == plan.sizes[1:]
     assert plan_of(games, lds, cfg).truth_cached == 1                # the warm-up's fine-tune is the job's
     games[0].table()                                                 # seed 0's ground truth, all of it
     after = plan_of(games, lds, cfg)
     assert after.truth_cached == 2 ** n - 1 and after.fresh == plan.fresh - (2 ** n - 1)
-    assert warm_up(games)[1] == 1 and plan_of(games, lds, cfg).truth_cached == 2 ** n   # now seed 1's first
+    assert warm_up(games).n == 1 and plan_of(games, lds, cfg).truth_cached == 2 ** n   # now seed 1's first
 
 
 def _rec(job, valuer, wall, hw="h1", experiment="quick", t="2026-12-01"):
@@ -43,10 +45,17 @@ def test_the_valuers_time_comes_from_the_latest_job_on_this_hardware():
     assert history_valuer_s(recs, "quick", "h1", ["trak"], 3) is None
 
 
-def test_estimate_line():
-    plan = Plan(truth=45, truth_cached=0, lds=32, lds_cached=2)
-    line, total = estimate_line(plan, (20.0, 5), (300.0, "c"), 110.0)
-    assert total == pytest.approx(110 + 70 * 20 + 300) and "70 more fine-tunes × 20.0 s" in line and "job c" in line
+def test_estimate_line_scales_training_with_the_pairs():
+    """A fine-tune's training grows with its pairs, its scoring does not: the warm-up's one
+    fine-tune of 10 pairs (8 s training + 4 s the rest) predicts 4 + 8 × 30 / 10 s for 30 pairs."""
+    warm = Warm(n=1, pairs=10, wall_s=12.0, train_s=8.0)
+    assert warm.seconds([30, 10]) == pytest.approx((4 + 24) + (4 + 8))
+    left = Plan(truth=45, truth_cached=1, lds=32, lds_cached=2, sizes=(30, 10))
+    line, total = estimate_line(left, warm, (300.0, "c"), 110.0)
+    assert total == pytest.approx(110 + 40 + 300) and "for 2 more fine-tunes" in line and "0.80 s per training pair" in line
+    assert "job c" in line
+    packed = Warm(n=4, pairs=40, wall_s=20.0, train_s=0.0)        # a pack: per fine-tune, not per pair
+    assert packed.seconds([30, 10, 5]) == pytest.approx(15.0)
     line, total = estimate_line(Plan(45, 45, 0, 0), None, None, 12.0)
     assert total == 12.0 and "every fine-tune cached" in line and "unknown" in line
 
@@ -56,8 +65,8 @@ def test_a_job_prints_plan_and_estimate_and_compares_at_the_end(smoke_run):
     plan = re.search(r"\[dvbench\] plan: ground truth (\d+) fine-tunes \((\d+) seeds × (\d+) coalitions\), "
                      r"(\d+) cached", out)
     assert plan and int(plan[1]) == int(plan[2]) * int(plan[3]) and plan[4] == "0"
-    assert re.search(r"\[dvbench\] estimate: ~.* in all: \d+ more fine-tunes × [\d.]+ s \(measured on the first 1\)",
-                     out), out[-3000:]
+    assert re.search(r"\[dvbench\] estimate: ~.* in all: .* for \d+ more fine-tunes \(measured on the first 1: "
+                     r"[\d.]+ s each, [\d.]+ s per training pair\)", out), out[-3000:]
     assert out.index("[dvbench] plan:") < out.index("[dvbench] estimate:")
     ratio = re.search(r"\[dvbench\] wall .*; estimated [\d.]+ s \(([\d.]+)x\)", out)
     assert ratio and float(ratio[1]) > 0
@@ -97,5 +106,5 @@ def test_the_warm_up_times_a_fine_tune_not_the_once_per_process_work(make_game, 
             time.sleep(3)
         return real(pairs)
     monkeypatch.setattr(g, "examples", examples)
-    per, n = warm_up([g])
-    assert slow and n == 1 and per < 3
+    warm = warm_up([g])
+    assert slow and warm.n == 1 and warm.wall_s < 3

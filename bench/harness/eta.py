@@ -33,18 +33,43 @@ class Plan:
     truth_cached: int
     lds: int                # LDS subset fine-tunes (subsets × lds.seeds)
     lds_cached: int
+    sizes: tuple = ()       # training pairs of each fine-tune still to train
 
     @property
     def fresh(self) -> int:
         return self.truth - self.truth_cached + self.lds - self.lds_cached
 
 
+@dataclass(frozen=True)
+class Warm:
+    """The warm-up batch: ``n`` fine-tunes of ``pairs`` training pairs in all, ``wall_s``
+    seconds, of which ``train_s`` in training (the records' ``train_s``)."""
+    n: int
+    pairs: int
+    wall_s: float
+    train_s: float
+
+    def seconds(self, sizes) -> float:
+        """Estimated seconds of fine-tunes of ``sizes`` training pairs: training scales with
+        the pairs (steps = pairs / batch × epochs), the rest (scoring the eval pairs, building
+        the trainer, caching) is the same for every fine-tune."""
+        if self.pairs <= 0 or not 0 < self.train_s <= self.wall_s:
+            return len(sizes) * self.wall_s / self.n
+        return len(sizes) * (self.wall_s - self.train_s) / self.n + sum(sizes) * self.train_s / self.pairs
+
+
 def _cached(game, item) -> bool:
     return game.cache.get_json("utility", game._item_key(item)) is not None
 
 
+def _size(game, item) -> int:
+    return len(item.pairs) if isinstance(item, Subset) else sum(game.owner_sizes[i] for i in range(game.n)
+                                                                 if item >> i & 1)
+
+
 def plan_of(games: list, lds_games: list, lds_cfg: dict) -> Plan:
-    """Fine-tunes per phase and how many are cached (one cache lookup each, no training)."""
+    """Fine-tunes per phase, how many are cached (one cache lookup each, no training), and
+    the training pairs of each one still to train."""
     truth = [(g, m) for g in games for m in range(1, 2 ** g.n)]
     lds = []
     if lds_games and lds_cfg.get("n_subsets"):
@@ -52,13 +77,14 @@ def plan_of(games: list, lds_games: list, lds_cfg: dict) -> Plan:
         sets = [tuple(pairs[i] for i in s)
                 for s in lds_subsets(len(pairs), lds_cfg["n_subsets"], lds_cfg["frac"], lds_cfg["seed"])]
         lds = [(g, Subset(s)) for g in lds_games for s in sets]
-    return Plan(len(truth), sum(_cached(g, m) for g, m in truth), len(lds), sum(_cached(g, s) for g, s in lds))
+    cached = {id(it): _cached(g, m) for it in (*truth, *lds) for g, m in [it]}
+    sizes = tuple(_size(g, m) for it in (*truth, *lds) if not cached[id(it)] for g, m in [it])
+    return Plan(len(truth), sum(cached[id(it)] for it in truth), len(lds), sum(cached[id(it)] for it in lds), sizes)
 
 
-def warm_up(games: list) -> tuple[float, int] | None:
+def warm_up(games: list) -> Warm | None:
     """Train the first uncached batch of the ground truth (``pack`` × ``n_jobs`` coalitions
-    of the first game that has any) and return (seconds per fine-tune, fine-tunes trained),
-    or None when the ground truth is cached."""
+    of the first game that has any) and time it, or None when the ground truth is cached."""
     for g in games:
         todo = [m for m in range(1, 2 ** g.n) if not _cached(g, m)]
         if todo:
@@ -70,7 +96,11 @@ def warm_up(games: list) -> tuple[float, int] | None:
                 g.record(0)                 # (the base scored on the eval pairs)
             t0 = time.perf_counter()
             g.prefetch(batch)
-            return (time.perf_counter() - t0) / len(batch), len(batch)
+            wall = time.perf_counter() - t0
+            recs = [g.record(m) for m in batch]
+            # a packed batch's records each carry the whole pack's training: not per coalition
+            train = sum(r.get("train_s") or 0.0 for r in recs) if g.pack == 1 and g.n_jobs <= 1 else 0.0
+            return Warm(len(batch), sum(_size(g, m) for m in batch), wall, train)
     return None
 
 
@@ -107,9 +137,10 @@ def plan_line(plan: Plan, seeds: int, n: int, lds_seeds: int, n_subsets: int) ->
             f"{plan.truth_cached} cached{lds}; {plan.fresh} to train")
 
 
-def estimate_line(plan: Plan, warm: tuple[float, int] | None, own: tuple[float, str] | None,
+def estimate_line(plan: Plan, warm: Warm | None, own: tuple[float, str] | None,
                   elapsed_s: float) -> tuple[str, float | None]:
-    """The estimate line and the estimated wall seconds of the whole job (None: nothing measured)."""
+    """The estimate line and the estimated wall seconds of the whole job (None: nothing
+    measured); ``plan``: what is left after the warm-up."""
     own_s, own_txt = (own[0], f"valuers ~{fmt_s(own[0])} (their wall time in job {own[1]} on this hardware)") if own \
         else (0.0, "the valuers' time unknown (no earlier job of this experiment on this hardware)")
     if warm is None:
@@ -117,8 +148,11 @@ def estimate_line(plan: Plan, warm: tuple[float, int] | None, own: tuple[float, 
             return "[dvbench] estimate: none (nothing measured)", None
         total = elapsed_s + own_s
         return f"[dvbench] estimate: ~{fmt_s(total)} in all: every fine-tune cached; {own_txt}", total
-    per, done = warm
-    left = max(plan.fresh - done, 0)
-    total = elapsed_s + left * per + own_s
-    return (f"[dvbench] estimate: ~{fmt_s(total)} in all: {left} more fine-tunes × {per:.1f} s (measured on the "
-            f"first {done}) + {own_txt}", total)
+    left = plan.sizes                       # (the plan after the warm-up: what is left to train)
+    fits = warm.seconds(left)
+    total = elapsed_s + fits + own_s
+    how = (f"{fmt_s(fits)} for {len(left)} more fine-tunes (measured on the first {warm.n}: "
+           f"{warm.wall_s / warm.n:.1f} s each, {warm.train_s / max(warm.pairs, 1):.2f} s per training pair)"
+           if warm.train_s else f"{len(left)} more fine-tunes × {warm.wall_s / warm.n:.1f} s (measured on the first "
+           f"{warm.n})")
+    return f"[dvbench] estimate: ~{fmt_s(total)} in all: {how} + {own_txt}", total

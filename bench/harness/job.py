@@ -372,7 +372,8 @@ def announce(games: list, lds_games: list, lds_cfg: dict, store, experiment: str
     history = (published.read(experiment) if published.root.resolve() != store.root.resolve() else []) \
         + store.read(experiment)
     own = history_valuer_s(history, experiment, hardware_id, valuers, len(games))
-    line, total = estimate_line(plan, warm, own, elapsed_s + time.time() - t0)     # the warm-up's time included
+    left = plan_of(games, lds_games, lds_cfg) if warm else plan      # what the warm-up left to train
+    line, total = estimate_line(left, warm, own, elapsed_s + time.time() - t0)     # the warm-up's time included
     print(line, flush=True)
     return total
 
