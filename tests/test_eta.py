@@ -18,14 +18,14 @@ def test_plan_counts_the_phases_and_what_is_cached(make_game, fresh_cache):
     sizes = [sum(games[0].owner_sizes[i] for i in range(n) if m >> i & 1) for m in range(1, 2 ** n)]
     half = round(0.5 * sum(games[0].owner_sizes))
     assert plan == Plan(truth=2 * (2 ** n - 1), truth_cached=0, lds=4, lds_cached=0, sizes=(*sizes, *sizes, *[half] * 4))
-    warm = warm_up(games)
-    assert warm.n == 1 and warm.pairs == sizes[0] and 0 < warm.train_s < warm.wall_s   # one coalition: pack 1 x 1 worker
-    assert plan_of(games, lds, cfg).sizes == plan.sizes[1:]
-    assert plan_of(games, lds, cfg).truth_cached == 1                # the warm-up's fine-tune is the job's
+    warm = warm_up(games)               # a burn-in coalition, then one timed (pack 1 x 1 worker)
+    assert warm.n == 1 and warm.pairs == sizes[1] and 0 < warm.train_s < warm.wall_s
+    assert plan_of(games, lds, cfg).sizes == plan.sizes[2:]
+    assert plan_of(games, lds, cfg).truth_cached == 2                # the warm-up's fine-tunes are the job's
     games[0].table()                                                 # seed 0's ground truth, all of it
     after = plan_of(games, lds, cfg)
     assert after.truth_cached == 2 ** n - 1 and after.fresh == plan.fresh - (2 ** n - 1)
-    assert warm_up(games).n == 1 and plan_of(games, lds, cfg).truth_cached == 2 ** n   # now seed 1's first
+    assert warm_up(games).n == 1 and plan_of(games, lds, cfg).truth_cached == 2 ** n + 1   # seed 1's first two
 
 
 def _rec(job, valuer, wall, hw="h1", experiment="quick", t="2026-12-01"):
@@ -65,7 +65,7 @@ def test_a_job_prints_plan_and_estimate_and_compares_at_the_end(smoke_run):
     plan = re.search(r"\[dvbench\] plan: ground truth (\d+) fine-tunes \((\d+) seeds × (\d+) coalitions\), "
                      r"(\d+) cached", out)
     assert plan and int(plan[1]) == int(plan[2]) * int(plan[3]) and plan[4] == "0"
-    assert re.search(r"\[dvbench\] estimate: ~.* in all: .* for \d+ more fine-tunes \(measured on the first 1: "
+    assert re.search(r"\[dvbench\] estimate: ~.* in all: .* for \d+ more fine-tunes \(timed on 1 after a burn-in: "
                      r"[\d.]+ s each, [\d.]+ s per training pair\)", out), out[-3000:]
     assert out.index("[dvbench] plan:") < out.index("[dvbench] estimate:")
     ratio = re.search(r"\[dvbench\] wall .*; estimated [\d.]+ s \(([\d.]+)x\)", out)
