@@ -489,7 +489,7 @@ def test_harness_runs_logra_end_to_end(tmp_path):
     print("pair LDS", lp["lds"], [lp["lo"], lp["hi"]], "ceiling", lp["ceiling"], "aggregate", r["metrics"]["lds"])
     assert lp["target"] == "margin" and lp["n_pairs"] > 0 and len(lp["per_pair"]) == 90
     assert np.isfinite(lp["lds"]) and np.isfinite(lp["ceiling"]) and lp["lo"] <= lp["lds"] <= lp["hi"]
-    assert r["lds_targets"]["n_subsets"] == 6 and r["lds_targets"]["seeds"] == [0, 1]
+    assert r["lds_targets"]["n_subsets"] == 6 and r["lds_targets"]["seeds"] == [100, 101]   # lds.seeds, disjoint
     assert "lds" in r["metrics"] and "lds_pair" not in recs["retrain_shapley"]["metrics"]
 
 

@@ -400,7 +400,7 @@ def test_cli_smoke_with_shed(tmp_path):
     assert code == 0, err[-3000:]
     recs = [json.loads(x) for x in (res / "runs" / "smoke.jsonl").read_text().splitlines()]
     shed = [r for r in recs if r["valuer"] == "shed"]
-    assert len(shed) == 1 and shed[0]["status"] == "ok", shed
+    assert [r["seed"] for r in shed] == [0, 1] and all(r["status"] == "ok" for r in shed), shed   # smoke: 2 seeds
     r = shed[0]
     assert len(r["owner_values"]) == 3 and len(r["point_values"]) == 100
     assert r["extras"]["n_clusters"] == 10 and len(r["extras"]["proxies"]) == 10
