@@ -77,9 +77,10 @@ def plan_of(games: list, lds_games: list, lds_cfg: dict) -> Plan:
         sets = [tuple(pairs[i] for i in s)
                 for s in lds_subsets(len(pairs), lds_cfg["n_subsets"], lds_cfg["frac"], lds_cfg["seed"])]
         lds = [(g, Subset(s)) for g in lds_games for s in sets]
-    cached = {id(it): _cached(g, m) for it in (*truth, *lds) for g, m in [it]}
-    sizes = tuple(_size(g, m) for it in (*truth, *lds) if not cached[id(it)] for g, m in [it])
-    return Plan(len(truth), sum(cached[id(it)] for it in truth), len(lds), sum(cached[id(it)] for it in lds), sizes)
+    truth_todo = [(g, m) for g, m in truth if not _cached(g, m)]
+    lds_todo = [(g, s) for g, s in lds if not _cached(g, s)]
+    return Plan(len(truth), len(truth) - len(truth_todo), len(lds), len(lds) - len(lds_todo),
+                tuple(_size(g, m) for g, m in (*truth_todo, *lds_todo)))
 
 
 def warm_up(games: list) -> Warm | None:
