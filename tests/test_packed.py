@@ -110,9 +110,11 @@ def test_four_coalitions_at_once_match_their_solo_runs(tiny_base, coalitions, re
 def test_the_only_difference_is_the_padding(tiny_base, coalitions, ready, monkeypatch):
     """With every batch padded to one length (TRL's ``pad_to_multiple_of`` = max_length),
     packing adds no padding: K = 4 is then bit-identical to the solo runs on the CPU
-    (BLAS gives each row the same bits whatever the number of rows)."""
+    (BLAS gives each row the same bits whatever the number of rows). The solo runs with
+    TRL's two rows per pair, as the packed step runs them (``train.SHARED_PROMPT``)."""
     model, tok = tiny_base
     clipped = T._dpo_config
+    monkeypatch.setattr(T, "SHARED_PROMPT", False)
 
     def config(*args, **kwargs):
         c = clipped(*args, **kwargs)
@@ -193,11 +195,14 @@ def test_pack_bench_refuses_bad_counts():
         assert code == 2 and flag in err and one_line(err)
 
 
-def test_bf16_autocast_packs_like_its_solo_run_and_really_runs_in_bf16(tiny_base, coalitions, ready, solo):
+def test_bf16_autocast_packs_like_its_solo_run_and_really_runs_in_bf16(tiny_base, coalitions, ready, solo,
+                                                                     monkeypatch):
     """``train.precision=bf16``: the packed forward runs under the trainers' autocast,
-    as TRL's prepared model does, so K = 1 reproduces ``dpo_train`` under bf16; and
-    bf16 is not fp32 under another name (the adapters differ beyond float rounding)."""
+    as TRL's prepared model does, so K = 1 reproduces ``dpo_train`` under bf16 (with
+    TRL's two rows per pair, as the packed step runs them); and bf16 is not fp32 under
+    another name (the adapters differ beyond float rounding)."""
     model, tok = tiny_base
+    monkeypatch.setattr(T, "SHARED_PROMPT", False)
     sb = dataclasses.replace(S, precision="bf16")
     want = dpo_train(model, tok, SPEC, coalitions[0], sb, 0, examples=ready)
     (got,) = dpo_train_packed(model, tok, SPEC, [coalitions[0]], sb, 0, ready)

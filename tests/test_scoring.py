@@ -1,7 +1,8 @@
 """Scoring a utility: both responses of a pair in one forward pass (``sequence_logps`` via
 ``shared_prompt_batch``) equal the two rows prompt + chosen, prompt + rejected scored apart,
 to float rounding, on the tiny GPT-2 (learned positions) and on a Llama (rotary positions,
-SmolLM2's architecture)."""
+SmolLM2's architecture). Training alike: TRL's DPO loss on the shared-prompt forward
+(``SharedPromptPolicy``) has TRL's own loss and gradients."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 from conftest import SPEC
 
-from bench.core.train import response_logps, sequence_logps, shared_prompt_batch, tokenize_pair
+from bench.core.train import (SharedPromptPolicy, TrainSettings, coalition_trainer, prepare_examples, response_logps,
+                              sequence_logps, shared_prompt_batch, tokenize_pair)
 
 
 def _two_rows(model, items) -> np.ndarray:
@@ -72,3 +74,77 @@ def test_a_llama_with_rotary_positions_and_responses_of_unequal_lengths():
     b = shared_prompt_batch(items[:1], 0)
     assert not b["mask"][0, 0, 7 + 3, 7:10].any() and b["mask"][0, 0, 7 + 3, :7].all()
     assert b["positions"][0].tolist() == [*range(10), *range(7, 12)]
+
+
+def _loss_and_grads(trainer, inputs, shared: bool):
+    """TRL's DPO loss of one batch and the gradient of every trained weight, with the
+    policy's forward as TRL runs it (two rows per pair) or with the prompt shared."""
+    from trl import DPOTrainer
+    model = trainer.model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    compute = type(trainer)._compute_loss if shared else DPOTrainer._compute_loss
+    loss = compute(trainer, model, inputs, False)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss), grads, dict(trainer._metrics["train"])
+
+
+def _llama_base(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch,lora_r,max_length", [("gpt2", None, 128), ("gpt2", 4, 128), ("llama", 4, 128),
+                                                    ("gpt2", 4, 0)])
+def test_shared_prompt_training_has_trls_loss_and_gradients(tiny_base, tiny_task, tmp_path, arch, lora_r, max_length):
+    """One batch of 8 pairs through TRL's loss: the same loss, the same gradient of every
+    weight TRL trains (LoRA or the full model), the same logged metrics; also with TRL's
+    ``max_length`` cut inside the responses (``max_length=0``: the longest prompt + 1)."""
+    base, tok = tiny_base
+    if arch == "llama":
+        base = _llama_base(tok)
+    pairs = tiny_task.train[:8]
+    if not max_length:
+        max_length = max(len(tokenize_pair(tok, SPEC, p)[0]) for p in pairs) + 1
+    s = TrainSettings(epochs=1, batch_size=8, lora_r=lora_r, lora_alpha=8, max_length=max_length)
+    examples = prepare_examples(base, tok, SPEC, pairs, s)
+    trainer = coalition_trainer(base, tok, SPEC, pairs, s, 0, str(tmp_path), examples)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    split = SharedPromptPolicy(trainer.model, inputs["completion_mask"])._split(inputs["input_ids"],
+                                                                                 inputs["attention_mask"])
+    assert split is not None and len(split[0]) == 8      # the shared path ran, one row per pair
+    if max_length < 128:
+        assert min(min(len(c), len(r)) for _, c, r in split[0]) <= 1    # the cut reached the responses
+    torch.manual_seed(1)
+    with torch.no_grad():         # away from the start (policy = reference: every reward exactly 0, a tie)
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    loss, grads, metrics = _loss_and_grads(trainer, inputs, shared=False)
+    trainer._metrics["train"].clear()
+    trainer._total_train_tokens = 0                      # a running count TRL logs
+    loss2, grads2, metrics2 = _loss_and_grads(trainer, inputs, shared=True)
+    assert loss2 == pytest.approx(loss, rel=1e-5)
+    assert grads.keys() == grads2.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert metrics.keys() == metrics2.keys()
+    for k in metrics:
+        np.testing.assert_allclose(metrics2[k], metrics[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_rows_that_do_not_pair_up_run_as_trl_runs_them():
+    """A batch whose chosen and rejected rows have different prompts is not reshaped."""
+    ids = torch.tensor([[5, 6, 7, 0], [5, 9, 7, 8]])
+    att = torch.ones_like(ids)
+    comp = torch.tensor([[0, 0, 1, 0], [0, 0, 1, 1]])
+    assert SharedPromptPolicy(None, comp)._split(ids, att) is None
+    comp = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]])
+    att = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    items, (rows, cols) = SharedPromptPolicy(None, comp)._split(ids, att)
+    assert items == [([5], [6, 7], [9, 7, 8])]
+    assert rows.tolist() == [0, 0, 1, 1, 1] and cols.tolist() == [0, 1, 0, 1, 2]

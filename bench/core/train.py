@@ -230,6 +230,7 @@ def _device(model) -> torch.device:
 
 
 _TRAINER = None
+SHARED_PROMPT = True    # a fine-tune runs each pair's prompt once (``SharedPromptPolicy``); False: as TRL does
 
 
 def _trainer_class():
@@ -266,8 +267,95 @@ def _trainer_class():
                 return dataset
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
+        def _compute_loss(self, model, inputs, return_outputs):
+            # the policy's forward with each pair's prompt run once (``SharedPromptPolicy``);
+            # ``core.packed`` hands in a view of its packed forward instead: left as it is
+            if SHARED_PROMPT and _is_model(model) and not self.use_weighting and not self.aux_loss_enabled:
+                model = SharedPromptPolicy(model, inputs["completion_mask"])
+            return super()._compute_loss(model, inputs, return_outputs)
+
     _TRAINER = ReadyDPOTrainer
     return _TRAINER
+
+
+def _is_model(model) -> bool:
+    from transformers import PreTrainedModel
+    from peft import PeftModel
+    return isinstance(model, (PreTrainedModel, PeftModel))
+
+
+class SharedPromptPolicy:
+    """The policy as TRL's DPO loss calls it, with each pair's prompt computed once.
+
+    TRL's collator stacks a batch of B pairs as 2B right-padded rows, ``prompt + chosen``
+    for each pair and then ``prompt + rejected``, and asks the model for the log-prob of
+    every completion token (``labels``, ``fused_lm_head=True``). On a CPU TRL's fused head
+    then projects every position, prompt and padding included, through the 49k-word
+    output layer. Here the same log-probs come from B rows ``prompt + chosen + rejected``
+    (``shared_prompt_batch``, as ``sequence_logps`` scores): the backbone sees the prompt
+    once, the output layer only the completion tokens, and the answer is laid out as TRL's
+    rows ([2B, L-1], zeros off the completions) with the per-token fields its metrics read.
+    Gradients flow through the shared prompt to both responses: the same loss and the same
+    gradients as two rows, to float rounding (tests/test_scoring.py). A batch whose two
+    rows of a pair do not share the prompt TRL cut (it never happens with TRL's collator)
+    is run as TRL would."""
+
+    def __init__(self, model, completion_mask: torch.Tensor):
+        self.model, self.completion = model, completion_mask
+
+    def __call__(self, input_ids, attention_mask, labels=None, fused_lm_head=False, use_cache=False, **kwargs):
+        split = None if kwargs or not fused_lm_head else self._split(input_ids, attention_mask)
+        if split is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                              fused_lm_head=fused_lm_head, use_cache=use_cache, **kwargs)
+        items, where = split
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        inner, head = getattr(base, base.base_model_prefix), base.get_output_embeddings()
+        dev = input_ids.device
+        pad = int(input_ids[0, -1]) if input_ids.shape[1] else 0     # any id: padding is masked out
+        batch = shared_prompt_batch(items, pad)
+        hidden = inner(input_ids=batch["ids"].to(dev), attention_mask=batch["mask"].to(dev),
+                       position_ids=batch["positions"].to(dev), use_cache=False).last_hidden_state
+        rows, src, tgt = (batch[k].to(dev) for k in ("rows", "src", "tgt"))
+        logits = head(hidden[rows, src]).float()
+        logp = torch.log_softmax(logits, -1)
+        targets = batch["ids"].to(dev)[rows, tgt]
+        lp = logp.gather(-1, targets[:, None]).squeeze(-1)
+        shape = (input_ids.shape[0], input_ids.shape[1] - 1)
+        at = (where[0].to(dev), where[1].to(dev))
+
+        def laid_out(x):
+            return x.new_zeros(shape).index_put(at, x)
+        with torch.no_grad():             # what TRL's metrics read (entropy, logits, top-1 accuracy)
+            entropy = -(logp.exp() * logp).sum(-1)
+            mean_logits, top1 = logits.mean(-1), logits.argmax(-1) == targets
+        from types import SimpleNamespace
+        return SimpleNamespace(log_probs=laid_out(lp), entropy=laid_out(entropy), mean_logits=laid_out(mean_logits),
+                               is_top1=laid_out(top1), log_sum_sq_probs=None, aux_loss=None)
+
+    def _split(self, input_ids, attention_mask):
+        """``([(prompt, chosen, rejected) ids per pair], (row, column) of each completion
+        token's log-prob in TRL's [2B, L-1] layout, in shared_prompt_batch's token order)``,
+        or None when the rows do not pair up."""
+        n = input_ids.shape[0]
+        if n % 2:
+            return None
+        ids, att, comp = (t.cpu() for t in (input_ids, attention_mask, self.completion))   # cpu: a few hundred ids
+        lengths, prompts = att.sum(1).tolist(), (att.bool() & ~comp.bool()).sum(1).tolist()
+        items, rows, cols = [], [], []
+        for b in range(n // 2):
+            P = prompts[b]
+            if P == 0 or prompts[n // 2 + b] != P or not torch.equal(ids[b, :P], ids[n // 2 + b, :P]):
+                return None
+            parts = [ids[b, :P].tolist()]
+            for row in (b, n // 2 + b):
+                if not comp[row, P:lengths[row]].all() or comp[row, lengths[row]:].any():
+                    return None
+                parts.append(ids[row, P:lengths[row]].tolist())
+                rows += [row] * (lengths[row] - P)
+                cols += range(P - 1, lengths[row] - 1)
+            items.append(tuple(parts))
+        return items, (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long))   # cpu: moved by the caller
 
 
 def dpo_stage(start_model, tok, spec: ModelSpec, pairs, s: TrainSettings, seed: int,
