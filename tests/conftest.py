@@ -240,3 +240,11 @@ def record_build_locks(monkeypatch, module) -> list:
         return build_lock(path, *a, **kw)
     monkeypatch.setattr(module, "build_lock", recording)
     return held
+
+
+@pytest.fixture(autouse=True)
+def _fresh_reference_memo(monkeypatch):
+    """Each test computes its own base reference log-probs (the influence valuers keep them
+    per process, ``valuers.influence.subject``): no test depends on which ran before it."""
+    import valuers.influence.subject as sub
+    monkeypatch.setattr(sub, "_REFERENCE_MEMO", {})

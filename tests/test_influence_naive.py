@@ -115,3 +115,26 @@ def test_bad_settings_are_one_line(kw, field):
     with pytest.raises(ConfigError) as e:
         NaiveInfluence(**kw)
     assert one_line(str(e.value)) and f"valuer.influence_naive.{field}" in str(e.value)
+
+
+def test_the_base_reference_logps_are_computed_once_per_process_for_every_seed(fresh_cache, make_game, tiny_task,
+                                                                               monkeypatch):
+    """π0 is the game's base for every seed: the second seed's subject reuses the first's
+    reference log-probs, equal to a fresh pass; other examples or another dtype compute."""
+    import valuers.influence.subject as sub
+    monkeypatch.setattr(sub, "_REFERENCE_MEMO", {})
+    calls = []
+    real = sub._reference_logps
+    monkeypatch.setattr(sub, "_reference_logps", lambda *a: calls.append(len(a[1])) or real(*a))
+    subjects = [sub.load_subject(make_game(fresh_cache, seed=seed)) for seed in (0, 1)]
+    assert subjects[0].reference_key and subjects[0].reference_key == subjects[1].reference_key
+    assert subjects[0].key != subjects[1].key               # two different fine-tunes
+    pairs = _pairs(tiny_task, 6)
+    ex0, ref0 = sub.loss_inputs(subjects[0], pairs, "dpo")
+    ex1, ref1 = sub.loss_inputs(subjects[1], pairs, "dpo")
+    assert calls == [6]
+    assert torch.equal(ref1, real(subjects[1], ex1, 32)) and torch.equal(ref0, ref1)
+    sub.loss_inputs(subjects[1], pairs[:4], "dpo")
+    subjects[1].model.double()
+    sub.loss_inputs(subjects[1], pairs, "dpo")
+    assert calls == [6, 4, 6]

@@ -153,6 +153,7 @@ class Finetuned:
     tokenizer: object
     kind: str          # "lora" | "full"
     key: str           # the coalition's cache key (names its artefacts)
+    reference_key: str = ""   # what the reference π0 is (the game's base: same for every coalition and seed)
 
 
 class Game(Metered):
@@ -558,7 +559,10 @@ class Game(Metered):
         model.to(device=device, dtype=dtype).eval()
         if ref is not None and (dtype != torch.float32 or torch.device(device) != torch.device(self.device)):
             ref = clone_model(ref).to(device=device, dtype=dtype).eval()
-        return Finetuned(model, ref, tok, last["kind"], self.key(mask))
+        # π0 is the base under every chain: the adapter disabled on a copy of the base
+        # (one stage), or the base itself (earlier stages merged, or a full fine-tune)
+        base_key = content_key({k: self._static[k] for k in ("code", "task", "model")} | {"base": True})
+        return Finetuned(model, ref, tok, last["kind"], self.key(mask), base_key)
 
     def artefacts_dir(self, name: str) -> Path:
         """A folder for a valuer's own cached artefacts (gradient logs, embeddings),

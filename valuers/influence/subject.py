@@ -41,6 +41,7 @@ class Subject:
     key: str = ""               # cache key of the weights (names their artefacts)
     kind: str = "full"          # lora | full
     budget_check: Callable[[], None] | None = None   # the game's ``check_budget`` (None: no budget)
+    reference_key: str = ""     # what π0 is (``Finetuned.reference_key``); "" = unknown, nothing memoised
 
     def check_budget(self) -> None:
         """Raise ``BudgetExhausted`` once the game's time budget is spent (called between batches)."""
@@ -76,7 +77,7 @@ def load_subject(game, dtype: str = "float32", device: str | None = None) -> Sub
         raise ConfigError("game: the grand coalition has no training stage (no owners); nothing to value")
     ft = game.finetuned((1 << game.n) - 1, DTYPES[dtype], resolve_device(device or game.device))
     return Subject(ft.model, ft.tokenizer, game.model_spec, game.train.beta, game.train.max_length, ft.reference,
-                   key=ft.key, kind=ft.kind, budget_check=game.check_budget)
+                   key=ft.key, kind=ft.kind, budget_check=game.check_budget, reference_key=ft.reference_key)
 
 
 def grand_coalition(game, meter, settings, where: str):
@@ -93,9 +94,27 @@ def grand_coalition(game, meter, settings, where: str):
     return subject, layers
 
 
-@torch.no_grad()
+_REFERENCE_MEMO: dict = {}     # per process: (π0, dtype, device, batch size, examples) -> [N, rows]
+_MEMO_SIZE = 16
+
+
 def reference_logps(subject: Subject, examples, batch_size: int = 32) -> torch.Tensor:
-    """[N, rows] Σ log π0 over response tokens (float64), for the DPO loss."""
+    """[N, rows] Σ log π0 over response tokens (float64), for the DPO loss. π0 is the
+    game's base whatever the seed or coalition, so a process computes it once per set of
+    examples (every seed's influence valuers reuse it: the same bits as a fresh pass,
+    which runs the same batches); subjects without a ``reference_key`` always compute."""
+    if not subject.reference_key:
+        return _reference_logps(subject, examples, batch_size)
+    key = (subject.reference_key, str(subject.dtype), str(subject.device), batch_size, tuple(examples))
+    if key not in _REFERENCE_MEMO:
+        while len(_REFERENCE_MEMO) >= _MEMO_SIZE:
+            _REFERENCE_MEMO.pop(next(iter(_REFERENCE_MEMO)))
+        _REFERENCE_MEMO[key] = _reference_logps(subject, examples, batch_size)
+    return _REFERENCE_MEMO[key].clone()
+
+
+@torch.no_grad()
+def _reference_logps(subject: Subject, examples, batch_size: int) -> torch.Tensor:
     out = torch.zeros((len(examples), len(examples[0])), dtype=torch.float64)   # cpu: losses move it (data.py)
     with subject.reference() as ref:
         for idx in batches(examples, batch_size):
