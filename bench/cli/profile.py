@@ -21,6 +21,12 @@ Fine-tune efficiency = (optimizer steps + evaluation) / wall: the share of the t
 spent in passes that change the model or score it.
 
     python -m bench profile experiment=smoke --coalitions 3
+
+``--save FILE.json`` also writes the figures with the commit, the machine and the
+command (atomically). Files saved under ``results/published/profile/`` (from a
+committed tree) become the README's "What a fine-tune costs" table at ``make report``:
+
+    python -m bench profile experiment=default --coalitions 2 --save results/published/profile/default.json
 """
 from __future__ import annotations
 
@@ -134,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--coalitions", type=int, default=3, help="single-owner coalitions to train (default 3)")
+    ap.add_argument("--save", metavar="FILE.json", help="also write the figures, commit and machine to this file")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
     args = ap.parse_intermixed_args(argv)      # options and overrides in any order
     from bench.core.errors import ConfigError, fail
     if args.coalitions < 1:
         fail("--coalitions: use >= 1")
+    if args.save and not args.save.endswith(".json"):
+        fail(f"--save: {args.save!r} is not a .json file name; e.g. --save results/published/profile/default.json")
     t_start = time.perf_counter()
     from bench.core.env import quiet_libraries
     from bench.harness.build import compose_config, scratch_game
@@ -159,7 +168,30 @@ def main(argv: list[str] | None = None) -> int:
     print(format_breakdown(res, f"{len(masks)} fine-tunes, per fine-tune {wall / len(masks):.2f} s"))
     print(f"memory: resident {mem.start / 2**20:.0f} MiB before the fine-tunes, peak {mem.peak / 2**20:.0f} MiB "
           f"(+{mem.delta / 2**20:.0f} MiB; sampled every 10 ms)")
+    if args.save:
+        saved = save(args.save, cfg, res, masks, setup_s, prepare_s, mem, args)
+        print(f"[dvbench] profile saved to {saved}")
     return 0
+
+
+def save(path: str, cfg, res: dict, masks: list[int], setup_s: float, prepare_s: float, mem, args) -> str:
+    """The profile as one JSON object (``bench.analysis.report.profile_block`` reads it)."""
+    import json
+
+    from bench.core.cache import atomic_write_bytes
+    from bench.tracking.provenance import git_info, utc_timestamp
+    from bench.tracking.system import hardware_fingerprint
+    out = {"schema": 1, "experiment": cfg.experiment_name, "model": cfg.model.name,
+           "precision": cfg.train.precision, "fine_tunes": len(masks), "masks": masks,
+           "per_fine_tune_s": res["wall_s"] / len(masks), "wall_s": res["wall_s"], "phases": res["phases"],
+           "efficiency": res["efficiency"], "once_per_process_s": setup_s, "pool_prepared_s": prepare_s,
+           "peak_rss_bytes": mem.peak, "rss_growth_bytes": mem.delta,
+           "command": "python -m bench profile " + " ".join([f"--coalitions {args.coalitions}", *args.overrides]),
+           **git_info(), "hardware": hardware_fingerprint(), "timestamp": utc_timestamp()}
+    target = os.path.abspath(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    atomic_write_bytes(target, (json.dumps(out, indent=1) + "\n").encode())
+    return path
 
 
 if __name__ == "__main__":

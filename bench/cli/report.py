@@ -37,9 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", metavar="REPORT.md",
                     help="write a markdown report with tables and PNG plots (frontier, owner values, "
                          "detection ROC, selection curves) in a folder next to it, e.g. results/report.md")
-    ap.add_argument("--readme", metavar="README.md",
-                    help="rewrite the generated results block of this file (leaderboards, LDS, consensus) from "
-                         "the records (make report: from results/published)")
+    ap.add_argument("--readme", metavar="FILE.md", nargs="+",
+                    help="rewrite the generated blocks of these files (each block where its marker lines are) from the records (leaderboards, LDS, "
+                         "consensus) and from the saved profiles in <results>/profile/*.json (the fine-tune cost "
+                         "table); make report: from results/published")
     ap.add_argument("--allow-dirty", action="store_true",
                     help="with --readme: publish records made from a dirty tree (marked †); refused by default, "
                          "as no commit reproduces them")
@@ -55,9 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"no results in {store.runs}{what}; run `python -m bench experiment=<name>` "
              "or pass --results DIR")
     if args.readme:
-        from bench.analysis.report import update_readme
-        path = update_readme(args.readme, records, allow_dirty=args.allow_dirty, jobs=store.read_jobs())
-        print(f"wrote {path}", file=sys.stderr)
+        from pathlib import Path
+
+        from bench.analysis.report import read_profiles, update_readme
+        path = update_readme(args.readme, records, allow_dirty=args.allow_dirty, jobs=store.read_jobs(),
+                             profiles=read_profiles(Path(args.results) / "profile"))
+        print(f"wrote {', '.join(map(str, path))}", file=sys.stderr)
         return 0
     print(format_leaderboard(records, markdown=args.markdown))
     print()
