@@ -15,7 +15,7 @@ PRESET    ?=
 ARGS      ?=
 BENCH_TOL ?= 25
 
-.PHONY: venv bench bench-quick bench-graded bench-real bench-scaling bench-selection test test-slow bench-micro compare report clean-cache cluster-up cluster-down test-cluster gpu-smoke gpu-wheels help
+.PHONY: venv bench first bench-quick bench-graded bench-real bench-scaling bench-selection test test-slow bench-micro compare report clean-cache cluster-up cluster-down test-cluster gpu-smoke gpu-wheels help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -31,6 +31,9 @@ venv: $(STAMP)  ## create .venv and install the project
 
 bench: $(STAMP)  ## fingerprint, the preset that fits (CPU: default), report + baseline candidate (PRESET= ARGS= STRICT=1)
 	$(BIN)/python -m bench hardware bench $(if $(PRESET),--preset $(PRESET)) $(if $(STRICT),--strict) -- $(ARGS)
+
+first: $(STAMP)  ## a first result in minutes: tiny tier, 3 owners, 2 seeds, 6 valuers, small per-pair LDS (experiment=first)
+	$(BIN)/python -m bench experiment=first $(ARGS)
 
 bench-quick: $(STAMP)  ## tiny tier, 6 owners, 8 seeds, per-pair LDS (64 subsets x 2 LDS seeds); 6 seeds took ~30 min from an empty cache on 2 shared cores, 8 not yet timed
 	$(BIN)/python -m bench experiment=quick
@@ -90,7 +93,7 @@ compare: $(STAMP)  ## compare the latest run with results/baselines (BASE=, EXP=
 	$(BIN)/python -m bench compare $(if $(EXP),--experiment $(EXP)) $(if $(BASE),--baseline $(BASE))
 
 report: $(STAMP)  ## tables + plots of results/runs into results/report.md (and results/report/*.png); the README's results from results/published (refuses records of a dirty tree unless ALLOW_DIRTY=1)
-	$(BIN)/python -m bench report --results results/published --readme README.md $(if $(ALLOW_DIRTY),--allow-dirty)
+	$(BIN)/python -m bench report --results results/published --readme README.md docs/results.md docs/internals.md $(if $(ALLOW_DIRTY),--allow-dirty)
 	$(BIN)/python -m bench report --out results/report.md
 
 clean-cache:  ## delete caches (utilities, models, tokenizers)

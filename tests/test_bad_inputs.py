@@ -2,7 +2,7 @@
 ``conftest.run_cli``), exits 2 with exactly one ``error:`` line naming the field and
 the fix, writes nothing under results_dir and leaves no temporary file.
 
-``python tests/test_bad_inputs.py --markdown`` prints the README's catalogue table
+``python tests/test_bad_inputs.py --markdown`` prints docs/bad-inputs.md's catalogue table
 from these same cases (case → message → exit code).
 """
 from __future__ import annotations

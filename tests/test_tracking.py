@@ -388,3 +388,21 @@ def test_safe_logger_survives_wandb_failures(capsys):
 def test_sweep_group_outside_hydra():
     from bench.tracking import sweep_group
     assert sweep_group("quick") == "quick"
+
+
+def test_compare_falls_back_to_this_hardwares_baseline_and_says_where_it_looked(tmp_path, capsys):
+    """After make bench there is no <experiment>.jsonl baseline: compare uses this machine's
+    hardware baseline (<slug>.jsonl) when it holds the experiment, and otherwise names both
+    files it looked in."""
+    from bench.analysis.compare import write_baseline
+    from bench.tracking.system import hardware_fingerprint
+    store = _store(tmp_path, new_spearman=0.6)
+    slug = hardware_fingerprint(devices=True)["slug"]
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--results", str(tmp_path), "--commit", NEW])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"baselines/toy.jsonl or {tmp_path}/baselines/{slug}.jsonl" in err
+    old = [r for r in store.read() if r["commit"] == OLD]
+    write_baseline(old, tmp_path / "baselines" / f"{slug}.jsonl")
+    assert compare.main(["--results", str(tmp_path), "--commit", NEW]) == 1
+    assert f"vs {tmp_path}/baselines/{slug}.jsonl" in capsys.readouterr().out

@@ -179,3 +179,19 @@ def test_the_concordance_interval_is_never_zero_width():
         r["metrics"]["detection_graded"]["concordance"] = 0.95
     c = _rows(recs)["good"]["concordance"]
     assert c[1] < 0.95 < c[2], "six equal values of a coarse statistic are not zero variance"
+
+
+def test_what_has_been_run_comes_from_the_records_and_job_summaries():
+    from bench.analysis.report import RUNS_BEGIN, RUNS_END, runs_block
+    hw = {"n_cpus": 2, "cpu_name": "AMD EPYC"}
+    recs = [dict(rec(v, s, 0.5, 0.5), job="j2", seeds=[0, 1], n_owners=4, commit="abcdef123", hardware=hw,
+                 timestamp="2026-12-07T10:00:00", config={"model": {"name": "smollm2-135m"}})
+            for v in ("good", "random") for s in (0, 1)]
+    old = [dict(r, job="j1", timestamp="2026-12-01T10:00:00") for r in recs]
+    block = runs_block(old + recs, [{"job": "j2", "wall_s": 630.0, "trained": 77, "cached": 3}])
+    assert block.startswith(RUNS_BEGIN) and block.endswith(RUNS_END)
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "preset" not in line]
+    assert len(rows) == 1, "one row per published job (the newest)"
+    assert "| smollm2-135m | 4 | 2 | 2 × AMD EPYC | abcdef1 | 2026-12-07 | 10.5 min (77 fine-tunes trained, 3 cached) |" \
+        in rows[0]
+    assert "| not recorded |" in runs_block(recs, [])

@@ -1,6 +1,7 @@
 """Regression check: a commit's latest results against a baseline.
 
-    python -m bench compare                         # HEAD vs results/baselines/<experiment>.jsonl
+    python -m bench compare                         # HEAD vs results/baselines/<experiment>.jsonl, else
+                                                    # this hardware's baseline (make bench's <slug>.jsonl)
     python -m bench compare --baseline 1a2b3c4      # HEAD vs another commit's records in results/runs
     python -m bench compare --baseline old.jsonl    # HEAD vs any JSONL file of records
     python -m bench compare --write-baseline        # freeze HEAD's latest records as the baseline
@@ -83,12 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if old_commit:
             old, src = _of_commit(store.read(exp), old_commit), f"commit {old_commit[:12]}"
         else:
-            f = Path(args.baseline) if args.baseline else base_dir / f"{exp}.jsonl"
-            old = [r for r in read_jsonl(f) if r.get("experiment") == exp] if f.is_file() else []
-            src = str(f)
+            old, src = _baseline(exp, Path(args.baseline) if args.baseline else None, base_dir)
         if not old:
-            print(f"{exp}: no baseline records in {src}; create one with --write-baseline",
-                  file=sys.stderr)
+            print(f"{exp}: no baseline records in {src}; create one with --write-baseline "
+                  f"(or, after make bench, commit its candidate as this hardware's baseline)", file=sys.stderr)
             continue
         new_exp = [r for r in new if r.get("experiment") == exp]
         hw_of = lambda r: (r.get("hardware") or {}).get("id")  # noqa: E731
@@ -110,6 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
              + ", ".join(experiments) + "; create one with --write-baseline or pass --baseline")
     print("REGRESSION" if any_regressed else "no regression beyond tolerance")
     return 1 if any_regressed else 0
+
+
+def _baseline(exp: str, given: Path | None, base_dir: Path) -> tuple[list[dict], str]:
+    """(records of ``exp``, where they came from): the file given, or the experiment's
+    baseline ``<exp>.jsonl``, or else this machine's hardware baseline ``<slug>.jsonl`` (what
+    ``make bench`` compares with); nothing found: ([], the files looked in)."""
+    if given is not None:
+        files = [given]
+    else:
+        from bench.tracking.system import hardware_fingerprint
+        files = [base_dir / f"{exp}.jsonl", base_dir / f"{hardware_fingerprint(devices=True)['slug']}.jsonl"]
+    for f in files:
+        old = [r for r in read_jsonl(f) if r.get("experiment") == exp] if f.is_file() else []
+        if old:
+            return old, str(f)
+    return [], " or ".join(map(str, files))
 
 
 if __name__ == "__main__":

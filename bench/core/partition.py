@@ -224,6 +224,12 @@ def make_partition(task: Task, kind: str = "by_source", n_owners: int | None = N
     rng = np.random.default_rng(seed)
     pool = list(task.train)
     if kind == "by_source":
+        if not owner_sources and len(task.sources[: n_owners or len(task.sources)]) == 1:
+            what = ("has no 'source' column (every row's source is 'all')" if task.sources == ["all"] else
+                    f"has one source ({task.sources[0]!r})")
+            raise ConfigError(f"partition: the data {what}, so partition=by_source makes one owner and leaves "
+                              f"nothing to value; use partition=iid partition.n_owners=4 (or dirichlet, by_topic), "
+                              f"or give the rows a 'source' column with several values")
         owner_sources = list(owner_sources or task.sources[: n_owners or len(task.sources)])
         owners = _by_source(pool, owner_sources, sizes, rng)
     elif kind in ("iid", "dirichlet"):

@@ -349,6 +349,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                 wb.log_table(table, columns, rows)
             log_point_values(wb, records)
     fine_tune_s = sum(u.busy_s for u in job_uses) + selection_s
+    used = [e for u in job_uses for e in u.entries.values() if e["trained"]]      # ground truth and LDS
     worker_s = sum(fresh_compute_s(u) for u in job_uses) + selection_worker_s
     print(overhead_line(t_start, fine_tune_s, valuer_own_s, worker_s, game.n_jobs, estimate_s))
     age = process_age_s()
@@ -356,7 +357,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                                            "hardware", "timestamp", "numerics") if k in base}
                      | {"kind": "job_summary", "wall_s": age if age is not None else time.time() - t_start,
                         "fine_tune_s": fine_tune_s, "valuer_own_s": valuer_own_s, "worker_s": worker_s,
-                        "n_jobs": game.n_jobs, "estimate_s": estimate_s, "n_records": len(records)})
+                        "n_jobs": game.n_jobs, "estimate_s": estimate_s, "n_records": len(records),
+                        "trained": sum(e["fresh"] for e in used), "cached": sum(not e["fresh"] for e in used)})
     return records
 
 
