@@ -152,7 +152,7 @@ def profile_block(profiles: list[dict]) -> str:
     parts.append("")
     for p in profiles:
         hw = p.get("hardware") or {}
-        parts.append(f"- {p['experiment']}: `{p['command']}`, {p['fine_tunes']} fine-tunes under cProfile, one run; "
+        parts.append(f"- {p['experiment']}: `{p['command']}`, {p['fine_tunes']} single-owner fine-tunes under cProfile, one run; "
                      f"{hw.get('n_cpus', '?')} × {hw.get('cpu_name') or hw.get('cpu')}, commit "
                      f"{str(p.get('commit'))[:7]}{' (dirty)' if p.get('dirty') else ''}, {p.get('timestamp')}; "
                      f"peak RSS {p['peak_rss_bytes'] / 2**20:,.0f} MiB.")
