@@ -127,9 +127,9 @@ class SmokeRun:
 
 
 def read_records(results: Path, experiment: str = "smoke") -> list[dict]:
-    import json
+    from bench.tracking import read_jsonl       # shared fields read back (bench.tracking.store)
     path = results / "runs" / f"{experiment}.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return read_jsonl(path) if path.exists() else []
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,11 @@ determinism, top-p, prompt selection, and the valuer end to end on a tiny game
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import SPEC, TRAIN, run_cli
+from conftest import SPEC, TRAIN, run_cli, read_records
 
 from bench.core import shapley
 from bench.core.errors import ConfigError
@@ -217,7 +216,7 @@ def test_cli_smoke_with_generation_valuer(tmp_path):
             f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra", "n_jobs=1", "progress=false"]
     code, _, err = run_cli(args)
     assert code == 0, err[-3000:]
-    recs = [json.loads(line) for line in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines()]
+    recs = read_records(tmp_path)
     rec = next(r for r in recs if r["valuer"] == "dpo_arithmetic_gen")
     assert rec["status"] == "ok", rec.get("error")
     sig = rec["extras"]["signature"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli, skip_if_code_changed, smoke_args, subprocess_env
+from conftest import REPO, run_cli, skip_if_code_changed, smoke_args, subprocess_env, read_records
 
 VALUERS = {"random", "loo", "retrain_shapley", "mc_shapley"}
 
@@ -132,7 +132,7 @@ def test_rerun_trains_nothing(smoke, smoke_run):
     _ok(proc2)
     skip_if_code_changed(version)
     lines = read_runs(results)["smoke.jsonl"]
-    assert len(lines) == n_before + 2 * len(expected_valuers(json.loads(lines[-1])))    # 2 seeds
+    assert len(lines) == n_before + 2 * len(expected_valuers(read_records(results)[-1]))    # 2 seeds
     first = {r["valuer"]: r for r in smoke_run.records if r["seed"] == 1}
     second = {json.loads(x)["valuer"]: json.loads(x) for x in lines[n_before:] if json.loads(x)["seed"] == 1}
     r = second["retrain_shapley"]

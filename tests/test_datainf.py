@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import one_line
+from conftest import one_line, read_records
 from scipy.stats import spearmanr
 from test_logra import _inject_game
 
@@ -115,8 +115,7 @@ def test_harness_runs_datainf_end_to_end(tmp_path):
                            "logger=none", f"results_dir={tmp_path}", "progress=false", "lds.n_subsets=6"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_records(tmp_path):
         if r["valuer"] != "datainf":
             continue
         assert r["status"] == "ok", r.get("error")

@@ -4,14 +4,13 @@ settings, and (slow) the harness end to end. Tiny tier, offline; the games get t
 grand-coalition stage injected (``test_logra._inject_game``), so no test waits for TRL."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, one_line, subprocess_env, time_runs_out_at
+from conftest import REPO, one_line, subprocess_env, time_runs_out_at, read_records
 from test_logra import _inject_game
 
 from bench.core.errors import ConfigError
@@ -179,8 +178,7 @@ def test_harness_runs_dattri_valuer_end_to_end(name, tmp_path, smoke_cache):
                            "lds.n_subsets=6"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = {json.loads(x)["valuer"]: json.loads(x) for x in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines()
-            if json.loads(x)["seed"] == 0}
+    recs = {r["valuer"]: r for r in read_records(tmp_path) if r["seed"] == 0}
     r = recs[name]
     assert r["status"] == "ok", r.get("error")
     pv = np.array(r["point_values"])

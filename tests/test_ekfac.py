@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, one_line, subprocess_env, time_runs_out_at
+from conftest import REPO, one_line, subprocess_env, time_runs_out_at, read_records
 from test_logra import _collect, _inject_game
 
 from bench.core.errors import ConfigError
@@ -193,8 +193,7 @@ def test_harness_runs_ekfac_end_to_end(tmp_path):
                            f"results_dir={tmp_path}", "progress=false", "lds.n_subsets=6"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = {json.loads(x)["valuer"]: json.loads(x) for x in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines()
-            if json.loads(x)["seed"] == 0}
+    recs = {r["valuer"]: r for r in read_records(tmp_path) if r["seed"] == 0}
     for name in ("ekfac", "ekfac_identity"):
         r = recs[name]
         assert r["status"] == "ok", r.get("error")

@@ -4,11 +4,10 @@ seconds; dialogues become chat turns on a model with a chat template; eval pairs
 than train.max_length are cut as TRL cuts training pairs."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, read_records
 
 from bench.core.hh_rlhf import dialogue_messages, hh_rlhf, render_messages
 
@@ -21,7 +20,7 @@ HH_TINY = ["task=hh_rlhf", "model=tiny", "train=dpo_tiny", "partition=iid", "par
 def test_a_tiny_hh_game_runs_offline_and_finds_nothing_it_should_not(tmp_path):
     code, out, err = run_cli([*HH_TINY, f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra"])
     assert code == 0, err[-3000:]
-    recs = [json.loads(x) for x in (tmp_path / "runs" / "hh_tiny.jsonl").read_text().splitlines()]
+    recs = read_records(tmp_path, "hh_tiny")
     assert {(r["valuer"], r["seed"]) for r in recs} == {(v, s) for v in ("random", "retrain_shapley", "loo")
                                                        for s in (0, 1)}
     exact = [r for r in recs if r["valuer"] == "retrain_shapley"]

@@ -9,7 +9,6 @@ waits for TRL; the real fine-tune path is the slow end-to-end test at the bottom
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 import warnings
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SPEC, TASK_KW, TRAIN, one_line, subprocess_env, time_runs_out_at
+from conftest import REPO, SPEC, TASK_KW, TRAIN, one_line, subprocess_env, time_runs_out_at, read_records
 
 from bench.core.errors import ConfigError
 from bench.core.game import Game
@@ -471,8 +470,7 @@ def test_harness_runs_logra_end_to_end(tmp_path):
                            "logger=none", f"results_dir={tmp_path}", "progress=false", "lds.n_subsets=6"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = {json.loads(x)["valuer"]: json.loads(x) for x in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines()
-            if json.loads(x)["seed"] == 0}
+    recs = {r["valuer"]: r for r in read_records(tmp_path) if r["seed"] == 0}
     r = recs["logra"]
     assert r["status"] == "ok", r.get("error")
     pv = np.array(r["point_values"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line
+from conftest import one_line, read_records
 
 from bench.core import toy_games
 from bench.core.errors import ConfigError
@@ -141,8 +141,7 @@ def test_harness_runs_the_samplers_end_to_end(tmp_path):
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = set()
-    for line in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_records(tmp_path):
         if r["valuer"] not in ("msr_banzhaf", "owen_shapley"):
             continue
         seen.add(r["valuer"])

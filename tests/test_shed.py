@@ -8,12 +8,11 @@ the game. One test trains on the tiny tier to check v(∅) against the real game
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line, run_cli
+from conftest import one_line, run_cli, read_records
 
 from bench.core import toy_games
 from bench.core.errors import ConfigError
@@ -398,7 +397,7 @@ def test_cli_smoke_with_shed(tmp_path):
     code, _, err = run_cli(["experiment=smoke", "valuer=[retrain_shapley,shed]", "logger=none",
                             f"results_dir={res}", f"hydra.run.dir={tmp_path}/hydra", "progress=false"])
     assert code == 0, err[-3000:]
-    recs = [json.loads(x) for x in (res / "runs" / "smoke.jsonl").read_text().splitlines()]
+    recs = read_records(res)
     shed = [r for r in recs if r["valuer"] == "shed"]
     assert [r["seed"] for r in shed] == [0, 1] and all(r["status"] == "ok" for r in shed), shed   # smoke: 2 seeds
     r = shed[0]

@@ -1,11 +1,10 @@
 """Slow end-to-end check of the retraining valuers on the `quick` preset (6 owners,
 one flipped, one duplicate): run with `make test-slow` or `pytest -m slow`."""
-import json
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, read_records
 
 
 @pytest.mark.slow
@@ -14,7 +13,7 @@ def test_quick_preset_end_to_end(tmp_path):
                             f"hydra.run.dir={tmp_path}/hydra", "valuer=[random,loo,retrain_shapley,mc_shapley]",
                             "progress=false"])
     assert code == 0, err[-2000:]
-    all_recs = list(map(json.loads, (tmp_path / "runs" / "quick.jsonl").read_text().splitlines()))
+    all_recs = read_records(tmp_path, "quick")
     assert sorted({r["seed"] for r in all_recs}) == [0, 1, 2]
     recs = {r["valuer"]: r for r in all_recs if r["seed"] == 0}
     assert set(recs) == {"random", "loo", "retrain_shapley", "mc_shapley"}

@@ -4,11 +4,10 @@
 Both drive the CLI in this process (``run_cli``); submitit starts the jobs' own processes."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import run_cli, read_records
 
 
 def test_slurm_launcher_reads_the_slurm_block():
@@ -26,7 +25,7 @@ def test_submitit_local_sweep_shares_the_cache(tmp_path):
     code, _, err = run_cli(["-m", "hydra/launcher=submitit_local", *small, "valuer=[loo],[mc_shapley]",
                             f"results_dir={tmp_path}", "progress=false", f"hydra.sweep.dir={tmp_path}/multirun"])
     assert code == 0, err[-3000:]
-    recs = [json.loads(line) for line in (tmp_path / "runs" / "smoke.jsonl").read_text().splitlines()]
+    recs = read_records(tmp_path)
     assert sorted(r["valuer"] for r in recs) == ["loo", "mc_shapley", "random", "random",
                                                  "retrain_shapley", "retrain_shapley"]
     assert all(r["status"] == "ok" for r in recs)

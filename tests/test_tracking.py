@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, one_line
 from store_worker import append_many
 
 from bench.analysis import tables
@@ -406,3 +406,86 @@ def test_compare_falls_back_to_this_hardwares_baseline_and_says_where_it_looked(
     write_baseline(old, tmp_path / "baselines" / f"{slug}.jsonl")
     assert compare.main(["--results", str(tmp_path), "--commit", NEW]) == 1
     assert f"vs {tmp_path}/baselines/{slug}.jsonl" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- shared fields
+
+def _job_records(n_seeds=2, valuers=("exact", "tmc", "loo")):
+    """Records as a job writes them: one config, consensus and LDS targets per job, one
+    utility table per seed, repeated in every record."""
+    config = {"task": {"sources": [f"source{i}" for i in range(100)]}, "train": {"lr": 1e-3}, "nan": float("nan")}
+    cons = {"values": list(np.linspace(-1, 1, 64)), "se": [0.01] * 64}
+    out = []
+    for seed in range(n_seeds):
+        table = [0.5 + 0.001 * i + seed for i in range(256)]
+        for v in valuers:
+            r = make_record(v, seed)
+            r.update(config=config, consensus=cons, utility_table=table, lds_targets=None if v == "tmc" else
+                     {"ceiling": [0.7] * 300}, small={"x": 1})
+            out.append(r)
+    return out
+
+
+def test_repeated_fields_are_stored_once_and_read_back_whole(tmp_path):
+    from bench.tracking.store import share_fields, shared_name
+    store = ResultsStore(tmp_path)
+    recs = _job_records()
+    for r in recs:
+        store.append(r)
+    from bench.tracking.store import dumps_line
+    plain = tmp_path / "plain" / "runs" / "toy.jsonl"
+    plain.parent.mkdir(parents=True)
+    plain.write_bytes(b"".join(dumps_line(r) for r in recs))    # the whole records, one per line, as before
+    assert store.read("toy") == ResultsStore(tmp_path / "plain").read("toy")
+    files = sorted(p.name for p in (tmp_path / "shared").iterdir())
+    assert len(files) == 1 + 1 + 1 + 2                          # config, consensus, lds_targets, 2 utility tables
+    for name in files:                                          # named by the hash of their bytes
+        data = (tmp_path / "shared" / name).read_bytes()
+        assert name == shared_name(name.split("-")[0], data) and json.loads(data) is not None
+    line = json.loads((tmp_path / "runs" / "toy.jsonl").read_text().splitlines()[1])
+    assert "config" not in line and line["shared"]["config"].startswith("config-")
+    assert line["lds_targets"] is None and line["small"] == {"x": 1}       # None and small values stay inline
+    assert share_fields({"experiment": "e", "config": {"a": 1}}, tmp_path / "shared") == {"experiment": "e",
+                                                                                       "config": {"a": 1}}
+
+
+def test_compacting_a_file_of_whole_records_reads_the_same_and_shrinks(tmp_path):
+    from bench.tracking.store import dumps_line
+    recs = _job_records(n_seeds=3)
+    path = tmp_path / "runs" / "toy.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"".join(dumps_line(r) for r in recs))    # written before the store shared fields
+    store = ResultsStore(tmp_path)
+    before = store.read("toy")
+    size, after = store.compact("toy")
+    assert after < 0.6 * size and path.stat().st_size == after
+    assert store.read("toy") == before
+    assert store.compact("toy")[1] == after, "compacting twice changes nothing"
+
+
+def test_a_missing_shared_file_is_one_line(tmp_path):
+    from bench.core.errors import ConfigError
+    store = ResultsStore(tmp_path)
+    store.append(_job_records(1, ("exact",))[0])
+    victim = next((tmp_path / "shared").glob("config-*.json"))
+    victim.unlink()
+    with pytest.raises(ConfigError) as e:
+        store.read("toy")
+    assert one_line(str(e.value)) and victim.name in str(e.value) and "git checkout" in str(e.value)
+
+
+def test_published_runs_fit_their_size_budget_and_every_shared_file_matches_its_name():
+    """What ships in git: every published records file <= 2 MB, every shared file's name the
+    hash of its bytes, and no shared file that no record names."""
+    from bench.tracking.store import read_jsonl, shared_name
+    root = REPO / "results" / "published"
+    named = set()
+    for f in sorted((root / "runs").glob("*.jsonl")):
+        assert f.stat().st_size <= 2 * 2**20, f"{f.name}: {f.stat().st_size / 2**20:.2f} MB"
+        named |= {n for line in f.read_text().splitlines() if line.strip()
+                  for n in (json.loads(line).get("shared") or {}).values()}
+        assert read_jsonl(f)                                    # every reference resolves
+    files = {p.name: p.read_bytes() for p in (root / "shared").glob("*.json")} if (root / "shared").is_dir() else {}
+    assert set(files) == named
+    for name, data in files.items():
+        assert name == shared_name(name.split("-")[0], data)

@@ -37,10 +37,68 @@ def dumps_line(record: dict) -> bytes:
     return (json.dumps(to_jsonable(record), allow_nan=False, ensure_ascii=False) + "\n").encode()
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records in a JSONL file, upgraded to the current schema; unreadable lines (a
-    truncated write) are skipped with one warning."""
+# Fields a job's records repeat (the job's config, its consensus and LDS targets, a
+# seed's utility table): the store writes each distinct value once, as a plain JSON file
+# named by the SHA-256 of its bytes under <root>/shared/, and the record line names it
+# (``"shared": {"config": "config-<hash>.json", ...}``); reading puts the values back.
+SHARED_FIELDS = ("config", "consensus", "lds_targets", "utility_table")
+SHARED_MIN_BYTES = 512       # smaller values stay in the line
+
+
+def _canonical(value) -> bytes:
+    return json.dumps(to_jsonable(value), allow_nan=False, ensure_ascii=False, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def shared_name(field: str, data: bytes) -> str:
+    """The file name of a shared value: its field and the SHA-256 of its bytes."""
+    import hashlib
+    return f"{field}-{hashlib.sha256(data).hexdigest()[:24]}.json"
+
+
+def share_fields(record: dict, shared_dir: Path) -> dict:
+    """``record`` with its large repeated fields written to ``shared_dir`` (content-
+    addressed, atomically, once) and named under ``"shared"``: what a line stores."""
+    from bench.core.cache import atomic_write_bytes
+    out, refs = dict(record), {}
+    for field in SHARED_FIELDS:
+        if record.get(field) is None:
+            continue
+        data = _canonical(record[field])
+        if len(data) < SHARED_MIN_BYTES:
+            continue
+        name = shared_name(field, data)
+        if not (shared_dir / name).is_file():
+            atomic_write_bytes(shared_dir / name, data)
+        refs[field] = name
+        del out[field]
+    if refs:
+        out["shared"] = refs
+    return out
+
+
+def _resolve(rec: dict, shared_dir: Path, texts: dict) -> dict:
+    """A line's record with its shared fields read back (``texts``: file contents by name)."""
+    refs = rec.pop("shared", None)
+    for field, name in (refs or {}).items():
+        if name not in texts:
+            try:
+                texts[name] = (shared_dir / name).read_bytes()
+            except OSError:
+                raise ConfigError(f"results: a record names {shared_dir / name}, which is missing; restore it "
+                                  f"(git checkout {shared_dir}) or rerun the job") from None
+        rec[field] = json.loads(texts[name])
+    return rec
+
+
+def read_jsonl(path: str | os.PathLike, shared_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Records in a JSONL file, their shared fields read back from ``shared_dir``
+    (default: ``shared/`` beside the file's folder, as ``<root>/runs/x.jsonl`` has it),
+    upgraded to the current schema; unreadable lines (a truncated write) are skipped
+    with one warning."""
     path = Path(path)
+    shared = Path(shared_dir) if shared_dir is not None else path.parent.parent / "shared"
+    texts: dict = {}
     with open(path, "rb") as fh:
         # Never read a line while it is being written. The writer's lock is a flock on
         # the file itself; readers share it (filelock has no shared lock, and an
@@ -62,7 +120,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             bad.append(i)
             continue
         if isinstance(rec, dict):
-            out.append(upgrade(rec))
+            out.append(upgrade(_resolve(rec, shared, texts)))
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) {bad[:5]} "
                       "(truncated or interrupted write)", RuntimeWarning, stacklevel=2)
@@ -75,6 +133,7 @@ class ResultsStore:
     def __init__(self, root: str | os.PathLike = "results"):
         self.root = Path(root)
         self.runs = self.root / "runs"
+        self.shared = self.root / "shared"
 
     def path(self, experiment: str) -> Path:
         return self.runs / f"{_safe_name(experiment)}.jsonl"
@@ -102,7 +161,22 @@ class ResultsStore:
         """
         if not record.get("experiment"):
             raise ValueError("record has no 'experiment'")
-        return self._append_line(self.path(record["experiment"]), dumps_line(record))
+        try:
+            slim = share_fields(record, self.shared)
+        except OSError as e:
+            raise full_disk(e, self.shared, "results_dir") or self._unwritable(e) from None
+        return self._append_line(self.path(record["experiment"]), dumps_line(slim))
+
+    def compact(self, experiment: str) -> tuple[int, int]:
+        """Rewrite ``runs/<experiment>.jsonl`` (atomically) with every record's shared
+        fields in ``shared/`` (records written before the store shared them); returns the
+        file's (bytes before, bytes after). Reading gives the same records."""
+        from bench.core.cache import atomic_write_bytes
+        path = self.path(experiment)
+        before = path.stat().st_size
+        lines = b"".join(dumps_line(share_fields(r, self.shared)) for r in read_jsonl(path, self.shared))
+        atomic_write_bytes(path, lines)
+        return before, len(lines)
 
     def _append_line(self, path: Path, line: bytes) -> Path:
         try:
