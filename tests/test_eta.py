@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bench.harness.eta import Plan, Warm, estimate_line, history_valuer_s, plan_of, warm_up
+from bench.harness.eta import Plan, Warm, estimate_line, history_harness_s, history_valuer_s, plan_of, warm_up
 
 
 def test_plan_counts_the_phases_and_what_is_cached(make_game, fresh_cache):
@@ -108,3 +108,19 @@ def test_the_warm_up_times_a_fine_tune_not_the_once_per_process_work(make_game, 
     monkeypatch.setattr(g, "examples", examples)
     warm = warm_up([g])
     assert slow and warm.n == 1 and warm.wall_s < 3
+
+
+def test_the_harness_time_after_the_estimate_comes_from_the_latest_summary_on_this_hardware():
+    """wall 100 s, estimate made at 30 s when 20 s of fine-tunes were done, 60 s of
+    fine-tunes in all, 15 s of valuers: 100 - 30 - (60 - 20) - 15 = 15 s of harness after."""
+    def summary(job, t, hw="h1", **kw):
+        return {"job": job, "experiment": "first", "hardware": {"id": hw}, "timestamp": t, "wall_s": 100.0,
+                "fine_tune_s": 60.0, "valuer_own_s": 15.0, **kw}
+    jobs = [summary("a", "2026-12-01", estimate_at_s=30.0, fine_tune_before_estimate_s=20.0),
+            summary("b", "2026-12-02"),                                   # from before summaries said when
+            summary("c", "2026-12-03", hw="other", estimate_at_s=1.0, fine_tune_before_estimate_s=0.0)]
+    assert history_harness_s(jobs, "first", "h1") == (pytest.approx(15.0), "a")
+    assert history_harness_s(jobs, "first", "h2") is None and history_harness_s(jobs, "quick", "h1") is None
+    warm = Warm(n=1, pairs=10, wall_s=12.0, train_s=8.0)
+    line, total = estimate_line(Plan(45, 1, 0, 0, sizes=(10,)), warm, None, 30.0, (15.0, "a"))
+    assert total == pytest.approx(30 + 12 + 15) and "harness ~15 s (job a)" in line

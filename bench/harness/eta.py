@@ -135,6 +135,22 @@ def history_valuer_s(records: list[dict], experiment: str, hardware_id: str | No
     return sum(sum(per[v]) / len(per[v]) for v in known) * seeds, job
 
 
+def history_harness_s(jobs: list[dict], experiment: str, hardware_id: str | None) -> tuple[float, str] | None:
+    """The harness's own work after the estimate (consensus, LDS metrics, records, W&B
+    offline, report lines) in the newest earlier job of ``experiment`` on this hardware,
+    from its summary: wall, less what was spent before its estimate, less its fine-tunes
+    after the estimate and its valuers' own work: (seconds, that job's id), or None (no
+    summary that says when its estimate was made)."""
+    mine = [j for j in jobs if j.get("experiment") == experiment and j.get("estimate_at_s") is not None
+            and (j.get("hardware") or {}).get("id") == hardware_id]
+    if not mine:
+        return None
+    j = max(mine, key=lambda j: (str(j.get("timestamp") or ""), str(j.get("job"))))
+    after = j["wall_s"] - j["estimate_at_s"] - (j["fine_tune_s"] - j["fine_tune_before_estimate_s"]) \
+        - j["valuer_own_s"]
+    return max(after, 0.0), str(j.get("job"))
+
+
 def fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
@@ -147,11 +163,15 @@ def plan_line(plan: Plan, seeds: int, n: int, lds_seeds: int, n_subsets: int) ->
 
 
 def estimate_line(plan: Plan, warm: Warm | None, own: tuple[float, str] | None,
-                  elapsed_s: float) -> tuple[str, float | None]:
+                  elapsed_s: float, harness: tuple[float, str] | None = None) -> tuple[str, float | None]:
     """The estimate line and the estimated wall seconds of the whole job (None: nothing
-    measured); ``plan``: what is left after the warm-up."""
+    measured); ``plan``: what is left after the warm-up; ``own``: the valuers' time and
+    ``harness``: the harness's own work, both from an earlier job on this hardware."""
     own_s, own_txt = (own[0], f"valuers ~{fmt_s(own[0])} (their wall time in job {own[1]} on this hardware)") if own \
         else (0.0, "the valuers' time unknown (no earlier job of this experiment on this hardware)")
+    if harness:
+        own_s += harness[0]
+        own_txt += f" + harness ~{fmt_s(harness[0])} (job {harness[1]})"
     if warm is None:
         if plan.fresh:
             return "[dvbench] estimate: none (nothing measured)", None

@@ -47,7 +47,7 @@ from bench.core.valuation import Budget, BudgetExhausted, Valuation
 from bench.analysis.verdicts import fidelity_ci, verdict_tables
 from bench.harness.build import build_game, build_task, build_valuer, check_trainable
 from bench.harness.checks import check_config
-from bench.harness.eta import estimate_line, history_valuer_s, plan_line, plan_of, warm_up
+from bench.harness.eta import estimate_line, history_harness_s, history_valuer_s, plan_line, plan_of, warm_up
 from bench.tracking import REPO_DIR, ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
 
@@ -261,12 +261,14 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     t0 = time.perf_counter()
     with stop_on_full_disk(), ExitStack() as job_meters:
         job_uses = [job_meters.enter_context(g.metered()) for g in [*games.values(), *lds_games.values()]]
-        estimate_s = None
+        estimate_s, estimate_at = None, None
         try:
             if shard is None:                # the plan and the estimate, before any other fine-tune
                 estimate_s = announce(list(games.values()), list(lds_games.values()), lds_cfg, store,
                                       str(cfg.experiment_name), base["hardware"].get("id"), list(built),
                                       time.time() - t_start)
+                at = process_age_s()          # on the clock of the summary's wall_s
+                estimate_at = (at if at is not None else time.time() - t_start, sum(u.busy_s for u in job_uses))
             exacts = {s: exact_shapley(g) for s, g in games.items()}
             by_utility = {u: consensus_of({s: exacts[s] if u == game.metric else exact_under(g, u)
                                            for s, g in games.items()}) for u in UTILITIES}
@@ -358,7 +360,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                      | {"kind": "job_summary", "wall_s": age if age is not None else time.time() - t_start,
                         "fine_tune_s": fine_tune_s, "valuer_own_s": valuer_own_s, "worker_s": worker_s,
                         "n_jobs": game.n_jobs, "estimate_s": estimate_s, "n_records": len(records),
-                        "trained": sum(e["fresh"] for e in used), "cached": sum(not e["fresh"] for e in used)})
+                        "trained": sum(e["fresh"] for e in used), "cached": sum(not e["fresh"] for e in used)}
+                     | ({"estimate_at_s": estimate_at[0], "fine_tune_before_estimate_s": estimate_at[1]}
+                        if estimate_at else {}))
     return records
 
 
@@ -374,8 +378,10 @@ def announce(games: list, lds_games: list, lds_cfg: dict, store, experiment: str
     history = (published.read(experiment) if published.root.resolve() != store.root.resolve() else []) \
         + store.read(experiment)
     own = history_valuer_s(history, experiment, hardware_id, valuers, len(games))
+    jobs = (published.read_jobs() if published.root.resolve() != store.root.resolve() else []) + store.read_jobs()
+    harness = history_harness_s(jobs, experiment, hardware_id)
     left = plan_of(games, lds_games, lds_cfg) if warm else plan      # what the warm-up left to train
-    line, total = estimate_line(left, warm, own, elapsed_s + time.time() - t0)     # the warm-up's time included
+    line, total = estimate_line(left, warm, own, elapsed_s + time.time() - t0, harness)     # the warm-up's time included
     print(line, flush=True)
     return total
 
