@@ -32,12 +32,14 @@ def check_overrides(argv: list[str]) -> str | None:
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
         if key in GROUPS:
-            chosen = [v.strip() for v in value.strip("[]").split(",")]
-            twice = sorted({v for v in chosen if v and chosen.count(v) > 1})
-            if twice:
-                return f"{key}: {twice} listed twice; name each once"
-            for v in value.strip("[]").split(","):     # a choice, a sweep (a,b) or a list ([a,b])
-                v = v.strip()
+            lists = value.split("],[") if value.startswith("[") else [value]   # a sweep over lists: [a],[b,c]
+            for one in lists:
+                chosen = [v.strip().strip("[]").strip() for v in one.split(",")]
+                twice = sorted({v for v in chosen if v and chosen.count(v) > 1})
+                if twice:
+                    return f"{key}: {twice} listed twice; name each once"
+            for v in value.split(","):                 # a choice, a sweep (a,b), a list ([a,b]) or lists ([a],[b])
+                v = v.strip().strip("[]").strip()
                 if v and v != "null" and not (CONF / key / f"{v}.yaml").exists():
                     names = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
                     return f"{key}={v}: no such config; choose one of {names}"
