@@ -557,7 +557,9 @@ def test_a_full_disk_mid_job_stops_it_in_one_line_keeps_the_records_and_a_rerun_
     roomy = tmp_path / "disk9"                   # the same path length as the tmpfs's: the same record sizes
     code, _, err = run_cli([*args, f"results_dir={roomy}"])
     assert code == 0, err[-2000:]
-    sizes = [len(line) + 1 for line in (roomy / "runs" / "smoke.jsonl").read_bytes().splitlines()]
+    lines = (roomy / "runs" / "smoke.jsonl").read_bytes().splitlines()
+    sizes = [len(line) + 1 for line in lines]
+    shared = [list((json.loads(line).get("shared") or {}).values()) for line in lines]   # the job's shared fields
     order = [r["valuer"] for r in read_jsonl(roomy / "runs" / "smoke.jsonl")]
 
     def full(self, game, budget):                # the last valuer's own artefact write finds the disk full
@@ -571,9 +573,13 @@ def test_a_full_disk_mid_job_stops_it_in_one_line_keeps_the_records_and_a_rerun_
     assert [r["valuer"] for r in recs] == order[:order.index("loo")] and all(r["status"] == "ok" for r in recs)
 
     page, margin = 4096, 512                     # the results folder filling up: whole records kept
-    fits = next(k for k in range(2, len(sizes)) if -(-(sum(sizes[:k]) + margin) // page) * page + margin
-                < sum(sizes[:k + 1]))
-    pages = -(-(sum(sizes[:fits]) + margin) // page)
+
+    def used(k: int) -> int:                     # pages k records take: their lines, and each shared file once
+        names = {n for refs in shared[:k] for n in refs}
+        files = sum(-(-(roomy / "shared" / n).stat().st_size // page) for n in names)
+        return -(-(sum(sizes[:k]) + margin) // page) + files
+    fits = next(k for k in range(2, len(sizes)) if used(k + 1) > used(k))
+    pages = used(fits)
     entries = sorted((tmp_path / "cache" / "utility").rglob("*.json"))
 
     disk = small_disk(f"{pages * page // 1024}k")
@@ -582,7 +588,8 @@ def test_a_full_disk_mid_job_stops_it_in_one_line_keeps_the_records_and_a_rerun_
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     records = disk / "runs" / "smoke.jsonl"
     assert code == 2 and len(errors) == 1, err[-2000:]
-    assert _one_line_about_space(errors[0], records) and "results_dir" in errors[0], errors
+    assert (_one_line_about_space(errors[0], records) or _one_line_about_space(errors[0], disk / "shared")) \
+        and "results_dir" in errors[0], errors          # the record's line, or a shared field it needs first
     assert records.read_bytes().endswith(b"\n") and len(read_jsonl(records)) == fits
     assert _leftovers(disk) == []
 

@@ -206,7 +206,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     from bench.core.cache import DiskCache, check_folder, sweep_stale_tmp
     check_folder(cfg.cache_dir, "cache_dir")
     results = Path(cfg.results_dir)       # a killed earlier run's half-written temp files and folders
-    for d in {Path(cfg.cache_dir), store.runs, results / "lds", results / "plots"}:
+    for d in {Path(cfg.cache_dir), store.runs, store.shared, results / "lds", results / "plots"}:
         if d.exists():
             sweep_stale_tmp(d)
     DiskCache(cfg.cache_dir).sweep_locks()       # the lock files of finished entries no one holds
@@ -363,6 +363,8 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         "trained": sum(e["fresh"] for e in used), "cached": sum(not e["fresh"] for e in used)}
                      | ({"estimate_at_s": estimate_at[0], "fine_tune_before_estimate_s": estimate_at[1]}
                         if estimate_at else {}))
+    from bench.core.cache import sweep_stale_tmp
+    sweep_stale_tmp(cfg.cache_dir)     # the build locks this job left beside its artefacts (none held now)
     return records
 
 
