@@ -17,10 +17,12 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 
 
-def _blocks(page: str, lang: str) -> list[str]:
-    """The fenced code blocks of a docs page tagged ``lang`` ("" = untagged), in order."""
+def _blocks(page: str, lang: str, after: str = "") -> list[str]:
+    """The fenced code blocks of a docs page tagged ``lang`` ("" = untagged), in order
+    (only those after the text ``after``)."""
     out, current, tag = [], None, None
-    for line in (DOCS / page).read_text().splitlines(keepends=True):
+    text = (DOCS / page).read_text()
+    for line in (text.split(after, 1)[-1] if after else text).splitlines(keepends=True):
         if line.startswith("```"):
             if current is None:
                 current, tag = [], line[3:].strip()
@@ -36,9 +38,7 @@ def _blocks(page: str, lang: str) -> list[str]:
 @pytest.fixture
 def singleton(tmp_path, monkeypatch):
     """The walkthrough's ``valuers/singleton.py``, importable as ``valuers.singleton``."""
-    text = (DOCS / "adding-a-valuer.md").read_text()
-    src = text.split("<!-- executed as written by tests/test_docs.py -->", 1)[1]
-    module = re.search(r"```python\n(.*?)```", src, re.S).group(1)
+    module = _blocks("adding-a-valuer.md", "python", after="<!-- executed as written by tests/test_docs.py -->")[0]
     path = tmp_path / "singleton.py"
     path.write_text(module)
     spec = importlib.util.spec_from_file_location("valuers.singleton", path)

@@ -188,9 +188,7 @@ def save(path: str, cfg, res: dict, masks: list[int], setup_s: float, prepare_s:
            "peak_rss_bytes": mem.peak, "rss_growth_bytes": mem.delta,
            "command": "python -m bench profile " + " ".join([f"--coalitions {args.coalitions}", *args.overrides]),
            **git_info(), "hardware": hardware_fingerprint(), "timestamp": utc_timestamp()}
-    target = os.path.abspath(path)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    atomic_write_bytes(target, (json.dumps(out, indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(out, indent=1) + "\n").encode())     # makes its folder
     return path
 
 

@@ -313,13 +313,8 @@ class SharedPromptPolicy:
         inner, head = getattr(base, base.base_model_prefix), base.get_output_embeddings()
         dev = input_ids.device
         pad = int(input_ids[0, -1]) if input_ids.shape[1] else 0     # any id: padding is masked out
-        batch = shared_prompt_batch(items, pad)
-        hidden = inner(input_ids=batch["ids"].to(dev), attention_mask=batch["mask"].to(dev),
-                       position_ids=batch["positions"].to(dev), use_cache=False).last_hidden_state
-        rows, src, tgt = (batch[k].to(dev) for k in ("rows", "src", "tgt"))
-        logits = head(hidden[rows, src]).float()
+        logits, targets = response_logits(inner, head, shared_prompt_batch(items, pad), dev)
         logp = torch.log_softmax(logits, -1)
-        targets = batch["ids"].to(dev)[rows, tgt]
         lp = logp.gather(-1, targets[:, None]).squeeze(-1)
         shape = (input_ids.shape[0], input_ids.shape[1] - 1)
         at = (where[0].to(dev), where[1].to(dev))
@@ -525,15 +520,22 @@ def sequence_logps(model, tok, spec: ModelSpec, pairs, batch_size: int = 64,
     for b in range(0, len(items), batch_size):
         idx = order[b:b + batch_size]
         batch = shared_prompt_batch([items[i] for i in idx], pad)
-        hidden = inner(input_ids=batch["ids"].to(dev), attention_mask=batch["mask"].to(dev),
-                       position_ids=batch["positions"].to(dev)).last_hidden_state
-        rows, src, tgt = (batch[k].to(dev) for k in ("rows", "src", "tgt"))
-        lp = token_logps(head(hidden[rows, src]).to(torch.float32), batch["ids"].to(dev)[rows, tgt])
+        lp = token_logps(*response_logits(inner, head, batch, dev))
         sums = torch.zeros(2 * len(idx), dtype=torch.float64, device=dev).index_add(0, batch["slot"].to(dev),
                                                                                   lp.to(torch.float64))
         sums = sums.cpu().numpy()
         out[2 * idx], out[2 * idx + 1] = sums[0::2], sums[1::2]
     return out[0::2], out[1::2]
+
+
+def response_logits(inner, head, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits [T, V], target ids [T]) of every response token of a
+    ``shared_prompt_batch``: one backbone pass over its rows, the output layer only at the
+    positions that predict a response token. Scoring and training both read it."""
+    hidden = inner(input_ids=batch["ids"].to(device), attention_mask=batch["mask"].to(device),
+                   position_ids=batch["positions"].to(device), use_cache=False).last_hidden_state
+    rows, src, tgt = (batch[k].to(device) for k in ("rows", "src", "tgt"))
+    return head(hidden[rows, src]).float(), batch["ids"].to(device)[rows, tgt]
 
 
 def shared_prompt_batch(items: list[tuple[list[int], list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:

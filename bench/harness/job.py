@@ -377,11 +377,10 @@ def announce(games: list, lds_games: list, lds_cfg: dict, store, experiment: str
     t0 = time.time()
     warm = warm_up(games) if plan.truth > plan.truth_cached else None
     published = ResultsStore(REPO_DIR / "results" / "published")      # the committed records, when nothing newer
-    history = (published.read(experiment) if published.root.resolve() != store.root.resolve() else []) \
-        + store.read(experiment)
-    own = history_valuer_s(history, experiment, hardware_id, valuers, len(games))
-    jobs = (published.read_jobs() if published.root.resolve() != store.root.resolve() else []) + store.read_jobs()
-    harness = history_harness_s(jobs, experiment, hardware_id)
+    stores = [published, store] if published.root.resolve() != store.root.resolve() else [store]
+    own = history_valuer_s([r for st in stores for r in st.read(experiment)], experiment, hardware_id, valuers,
+                           len(games))
+    harness = history_harness_s([j for st in stores for j in st.read_jobs()], experiment, hardware_id)
     left = plan_of(games, lds_games, lds_cfg) if warm else plan      # what the warm-up left to train
     line, total = estimate_line(left, warm, own, elapsed_s + time.time() - t0, harness)     # the warm-up's time included
     print(line, flush=True)
