@@ -27,6 +27,7 @@ COMMANDS = {
     "pack-bench": ("bench.cli.pack_bench", "K LoRA fine-tunes in one pass vs one by one: speed-up, difference"),
     "precision": ("bench.cli.precision", "bf16 vs fp32 fine-tunes: utility differences beside seed-to-seed, speed"),
     "gpu-smoke": ("bench.cli.gpu_smoke", "every device path once (make gpu-smoke): status, GPU memory, GPU-hours"),
+    "truth": ("bench.cli.truth", "the shipped ground truth: export a job's utilities, show them, retrain the canaries"),
     "compact": ("bench.cli.compact", "store a results folder's repeated record fields once (results/<dir>/shared/)"),
 }
 

@@ -42,6 +42,8 @@ from bench.core.train import (METRICS, FineTuneDiverged, ReadyExamples, TrainSet
                               prepare_examples, sequence_logps, utility_metrics)
 
 GAMES = ("union", "sequential")
+# the key fields of v(S) that say how it was computed, not what it is (``Game.definition``)
+DRIFT = ("code", "device", "deterministic", "pack")
 
 # Per process: base models and prepared training pools, shared by every game on
 # them (seeds, eval sets) and by every task a pool worker runs.
@@ -188,6 +190,9 @@ class Game(Metered):
             self._static["pack"] = self.pack
         if self.device_kind == "cuda":   # CPU kernels are deterministic either way
             self._static["deterministic"] = self.deterministic
+        # a shipped ground truth (core.truth.Truth), served before the cache; private: a valuer reaches
+        # its utilities only through the metered utility()/record(), like any cached one
+        self._shipped = None
         self._base = None   # (model, tokenizer), loaded lazily in each process
         self._trained = {}  # id(stage) -> the model a fresh stage trained, until it is scored
         self._init_meters()
@@ -244,7 +249,9 @@ class Game(Metered):
                   seed=self.seed, metric=self.metric, cache_dir=self.cache_dir, n_jobs=self.n_jobs,
                   progress=self.progress, eval_pairs=self.eval, device=self.device, pack=self.pack,
                   deterministic=self.deterministic)
-        return Game(**{**kw, **changes})
+        game = Game(**{**kw, **changes})
+        game._shipped = self._shipped
+        return game
 
     def with_seed(self, seed: int) -> "Game":
         return self._like(seed=seed)
@@ -267,7 +274,36 @@ class Game(Metered):
 
     def key(self, mask: int) -> str:
         """Content key of v(S): the coalition is named by its owners' data, in training order."""
-        return content_key({**self._static, "data": [self._owner_fps[i] for i in self.ordered(mask)]})
+        return self._keyed(self._static, mask)
+
+    def _keyed(self, static: dict, item) -> str:
+        if isinstance(item, Subset):
+            if not item.pairs:
+                return self._keyed(static, 0)
+            return content_key({**static, "game": "union", "data": ["pairs", _owner_fp(item.pairs)]})
+        return content_key({**static, "data": [self._owner_fps[i] for i in self.ordered(item)]})
+
+    # -- what the game is, apart from how it was computed (a shipped ground truth, core.truth)
+    def definition(self) -> dict:
+        """What decides v(S) under a seed, less what may drift between machines and code
+        versions (``DRIFT``: the utility path's code and library versions, the device,
+        CUDA determinism, packing): the task's data, the eval pairs, the base model, the
+        trainer settings (precision included), the game kind, and the owners' data."""
+        return {k: v for k, v in self._static.items() if k not in DRIFT + ("seed",)} | {"owners": self._owner_fps}
+
+    def definition_key(self, item) -> str:
+        """The key of an item's utility by the game's definition (``definition``) and seed:
+        what a shipped ground truth (``core.truth``) files its utilities under."""
+        return self._keyed({k: v for k, v in self._static.items() if k not in DRIFT}, item)
+
+    def _lookup(self, item) -> dict | None:
+        """The utility record of a coalition (mask) or ``Subset`` without computing it:
+        from the shipped ground truth (``self._shipped``), else from the cache."""
+        if self._shipped is not None:
+            rec = self._shipped.get(self.definition_key(item))
+            if rec is not None:
+                return rec
+        return self.cache.get_json("utility", self._item_key(item))
 
     # ----------------------------------------------------------- public
     def utility(self, mask: int) -> float:
@@ -313,8 +349,7 @@ class Game(Metered):
         BudgetExhausted before training anything."""
         items = list(dict.fromkeys(items))
         self._admit(items)
-        missing = [m for m in items
-                   if self.cache.get_json("utility", self._item_key(m)) is None]
+        missing = [m for m in items if self._lookup(m) is None]
         if not missing:
             return
         size = lambda m: bin(m).count("1") if isinstance(m, int) else 0
@@ -393,11 +428,7 @@ class Game(Metered):
         return item if isinstance(item, int) else self._item_key(item)
 
     def _item_key(self, item) -> str:
-        if isinstance(item, Subset):
-            if not item.pairs:
-                return self.key(0)
-            return content_key({**self._static, "game": "union", "data": ["pairs", _owner_fp(item.pairs)]})
-        return self.key(item)
+        return self._keyed(self._static, item)
 
     def _get_or_compute_batch(self, batch: tuple) -> list[tuple]:
         """``[(item, record, fresh)]`` for a batch of items: one by one, or (``pack`` > 1)
@@ -411,7 +442,8 @@ class Game(Metered):
         from contextlib import ExitStack
         out, by_key = [], {}
         for it in batch:
-            if not self._trains(it):      # the base: nothing to pack
+            shipped = self._shipped.get(self.definition_key(it)) if self._shipped is not None else None
+            if shipped is not None or not self._trains(it):      # shipped, or the base: nothing to pack
                 out.append((it, *self._get_or_compute(it)))
             else:
                 by_key.setdefault(self._item_key(it), []).append(it)
@@ -467,10 +499,10 @@ class Game(Metered):
         return out
 
     def _get_or_compute(self, item) -> tuple[dict, bool]:
-        key = self._item_key(item)
-        rec = self.cache.get_json("utility", key)
+        rec = self._lookup(item)
         if rec is not None:
             return rec, False
+        key = self._item_key(item)
         # one writer per entry: another process (a second job or worker on the same
         # cache) training this coalition holds the lock; we wait and read its result
         with self.cache.lock("utility", key):

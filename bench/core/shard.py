@@ -60,11 +60,11 @@ def run_shard(games, i: int, k: int) -> dict:
 
 
 def missing(games) -> list[dict]:
-    """The ground-truth coalitions not in the cache; ``position`` % k is the shard of k that owns one."""
+    """The ground-truth coalitions neither shipped nor in the cache; ``position`` % k is the shard of k that owns one."""
     out = []
     for pos, (g, m) in enumerate(truth_items(games)):
         game = games[g]
-        if game.cache.get_json("utility", game.key(m)) is None:
+        if game._lookup(m) is None:
             out.append({"seed": game.seed, "mask": m, "position": pos})
     return out
 

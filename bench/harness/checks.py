@@ -55,6 +55,8 @@ class JobSettings(Settings):
     slurm: dict = setting(REQUIRED, "hydra/launcher=slurm settings")
     results_dir: str = setting(REQUIRED, "run records: <results_dir>/runs/<experiment>.jsonl")
     cache_dir: str = setting(REQUIRED, "the utility cache")
+    truth: str = setting(REQUIRED, "the ground truth: auto (results/published/truth/<experiment_name>/ when it is "
+                                 "this game's) | off (retrain) | a folder `python -m bench truth export` wrote")
     progress: bool = setting(REQUIRED, "progress bars")
     model: dict = setting(REQUIRED, "the base model (conf/model)")
     task: dict = setting(REQUIRED, "the preference data (conf/task)")
@@ -220,6 +222,8 @@ def check_config(cfg: DictConfig) -> tuple[dict, dict]:
     data and the valuers it selects, built (``build.check_valuers``)."""
     c = _container(cfg)
     job = JobSettings.of(c, prefix="")
+    from bench.harness.truth import check_truth_setting
+    check_truth_setting(job.truth, job.experiment_name)
     both = sorted(set(c["lds"].get("seeds") or []) & set(job.seeds))
     if c["lds"]["n_subsets"] and both:
         free = [s for s in range(100, 200) if s not in job.seeds][:2]

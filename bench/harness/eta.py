@@ -59,7 +59,7 @@ class Warm:
 
 
 def _cached(game, item) -> bool:
-    return game.cache.get_json("utility", game._item_key(item)) is not None
+    return game._lookup(item) is not None
 
 
 def _size(game, item) -> int:
@@ -67,16 +67,21 @@ def _size(game, item) -> int:
                                                                  if item >> i & 1)
 
 
+def lds_items(lds_games: list, lds_cfg: dict) -> list[tuple]:
+    """(game, Subset) of every LDS fine-tune: the subsets ``lds.lds_targets`` trains, under each LDS seed."""
+    if not lds_games or not lds_cfg.get("n_subsets"):
+        return []
+    pairs = [p for o in lds_games[0].owners for p in o]
+    sets = [Subset(tuple(pairs[i] for i in s))
+            for s in lds_subsets(len(pairs), lds_cfg["n_subsets"], lds_cfg["frac"], lds_cfg["seed"])]
+    return [(g, s) for g in lds_games for s in sets]
+
+
 def plan_of(games: list, lds_games: list, lds_cfg: dict) -> Plan:
     """Fine-tunes per phase, how many are cached (one cache lookup each, no training), and
     the training pairs of each one still to train."""
     truth = [(g, m) for g in games for m in range(1, 2 ** g.n)]
-    lds = []
-    if lds_games and lds_cfg.get("n_subsets"):
-        pairs = [p for o in lds_games[0].owners for p in o]
-        sets = [tuple(pairs[i] for i in s)
-                for s in lds_subsets(len(pairs), lds_cfg["n_subsets"], lds_cfg["frac"], lds_cfg["seed"])]
-        lds = [(g, Subset(s)) for g in lds_games for s in sets]
+    lds = lds_items(lds_games, lds_cfg)
     truth_todo = [(g, m) for g, m in truth if not _cached(g, m)]
     lds_todo = [(g, s) for g, s in lds if not _cached(g, s)]
     return Plan(len(truth), len(truth) - len(truth_todo), len(lds), len(lds) - len(lds_todo),

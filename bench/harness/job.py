@@ -47,6 +47,7 @@ from bench.core.valuation import Budget, BudgetExhausted, Valuation
 from bench.analysis.verdicts import fidelity_ci, verdict_tables
 from bench.harness.build import build_game, build_task, build_valuer, check_trainable
 from bench.harness.checks import check_config
+from bench.harness.truth import attach_truth
 from bench.harness.eta import estimate_line, history_harness_s, history_valuer_s, plan_line, plan_of, warm_up
 from bench.tracking import REPO_DIR, ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
@@ -234,6 +235,10 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
                         "corruption": owner_corruption(game.owners, part.planted.corrupted_ids)},
             "example_ids": example_ids, "owner_sizes": part.sizes(), "task_dropped": dict(task.dropped),
             "config": config}
+    lds_cfg = OmegaConf.to_container(cfg.lds, resolve=True)
+    lds_games = {int(s): game.with_seed(int(s)) for s in lds_cfg["seeds"]} if lds_cfg["n_subsets"] else {}
+    base["truth"] = attach_truth(cfg.get("truth", "auto"), str(cfg.experiment_name),
+                                 [*games.values(), *lds_games.values()], base["hardware"].get("cpu"))
     print(f"[dvbench] {cfg.experiment_name}: {part.n_owners} owners {part.sizes()}, game={game.kind}, "
           f"metric={game.metric}, seeds={seeds}, model={cfg.model.name}, n_jobs={cfg.n_jobs}"
           + (f", precision={game.train.precision}" if game.train.precision != "fp32" else ""))
@@ -255,8 +260,6 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
 
     records: list[dict] = []
     ref, exact_error = None, None
-    lds_cfg = OmegaConf.to_container(cfg.lds, resolve=True)
-    lds_games = {int(s): game.with_seed(int(s)) for s in lds_cfg["seeds"]} if lds_cfg["n_subsets"] else {}
     lds_preds: dict[str, np.ndarray] = {}     # "<valuer>/s<seed>" -> [M, E] predicted targets (the artefact)
     t0 = time.perf_counter()
     with stop_on_full_disk(), ExitStack() as job_meters:
