@@ -190,3 +190,14 @@ def test_every_shipped_truth_verifies_and_fits_the_size_budget(folder):
     names = {f["name"] for f in truth.manifest["files"].values()} | {T.MANIFEST}
     assert {p.name for p in folder.iterdir()} == names, "files the manifest does not name"
     assert truth.manifest["canaries"]
+
+
+def test_the_shipped_first_tables_canaries_reproduce_here(tmp_path, tiny_base, session_cache):
+    """CI's check that today's code, libraries and CPU still give the shipped utilities
+    (tiny tier: the `first` preset's canaries, a few seconds)."""
+    assert (SHIPPED / "first" / T.MANIFEST).is_file(), "results/published/truth/first is not shipped"
+    code, out, err = run_cli(["truth", "canary", "experiment=first", f"cache_dir={tmp_path / 'c'}",
+                              f"results_dir={tmp_path / 'r'}", "progress=false"])
+    assert code == 0, out + err
+    n = 4 * len(json.loads((SHIPPED / "first" / T.MANIFEST).read_text())["canaries"])
+    assert f"truth canary: {n}/{n} within" in out
