@@ -205,7 +205,7 @@ def drift_line(truth: Truth, drift: dict) -> str | None:
     for k in ("device", "cpu"):
         if k in drift:
             parts.append(f"{k} {drift[k][0]} → {drift[k][1]}")
-    return (f"[dvbench] warning: the shipped ground truth was computed with other {', '.join(parts)}; scoring "
+    return (f"[dvbench] warning: the shipped ground truth was computed differently: {'; '.join(parts)}; scoring "
             f"against it anyway (recorded in every record's truth.drift); check it still holds with "
             f"`python -m bench truth canary <same overrides>`")
 
