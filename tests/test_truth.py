@@ -82,7 +82,10 @@ def test_a_job_on_an_empty_cache_is_served_the_ground_truth_and_trains_none_of_i
     for r in recs:
         assert r["exact_values"] == old[("retrain_shapley", r["seed"])]["exact_values"]
         assert r["truth"]["folder"] == str(exported) and r["truth"]["drift"] == {}
-    assert old[("loo", 0)]["owner_values"] == next(r for r in recs if r["valuer"] == "loo")["owner_values"]
+    loo = next(r for r in recs if r["valuer"] == "loo" and r["seed"] == 0)
+    assert old[("loo", 0)]["owner_values"] == loo["owner_values"]
+    # a shipped utility costs the valuer what it would have from the cache: counted, with its seconds
+    assert loo["cost"]["fine_tunes"] == old[("loo", 0)]["cost"]["fine_tunes"] > 0
     assert not list((cache / "utility").rglob("*.json")) if (cache / "utility").exists() else True
     job = json.loads((results / "jobs" / "smoke.jsonl").read_text().splitlines()[-1])
     assert job["trained"] == 0

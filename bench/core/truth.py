@@ -35,7 +35,7 @@ The manifest separates
 fine-tunes): ``python -m bench truth canary <overrides>`` retrains them with the code
 and libraries of this machine and checks each metric against the shipped value within
 ``CANARY_SIGMAS`` seed-to-seed standard deviations of that coalition (floored at
-``CANARY_FLOOR`` of the table's spread), so a change of code, library or hardware that
+``CANARY_FLOOR`` of the table's spread, and for an accuracy at one eval pair), so a change of code, library or hardware that
 moves the utilities is caught in seconds without retraining the game.
 
 A sharded ground truth (``game.shard=i/k``) ships shard by shard: export after each,
@@ -67,6 +67,7 @@ COLUMNS = ("key", "kind", "seed", "mask", "members", "n_train", *METRICS, "train
 N_CANARIES = 3
 CANARY_SIGMAS = 3.0
 CANARY_FLOOR = 0.01     # of the metric's standard deviation over the whole table
+ACCURACIES = ("pref_acc", "reward_acc")      # and at least one eval pair for these
 
 
 def sha256(path: Path) -> str:
@@ -327,6 +328,8 @@ def canary_rows(truth: Truth, games: dict[int, Game]) -> list[dict]:
     shipped table) and compare every metric: one row per (canary, metric) with the shipped
     value, the new one, the tolerance and ``ok``."""
     out = []
+    # an accuracy moves in steps of one eval pair: one pair's flip is never more than noise
+    quantum = {m: 1.0 / truth.manifest["definition"]["n_eval"] for m in ACCURACIES}
     for c in truth.manifest["canaries"]:
         g = games[c["seed"]]
         shipped = truth.get(g.definition_key(c["mask"]))
@@ -337,7 +340,7 @@ def canary_rows(truth: Truth, games: dict[int, Game]) -> list[dict]:
             g._shipped = served
         for m in METRICS:
             sd = c["noise"].get(m)
-            tol = max(CANARY_SIGMAS * (sd or 0.0), CANARY_FLOOR * spread(truth, m))
+            tol = max(CANARY_SIGMAS * (sd or 0.0), CANARY_FLOOR * spread(truth, m), quantum.get(m, 0.0))
             a, b = shipped["metrics"][m], float(now["metrics"][m])
             out.append({"seed": c["seed"], "mask": c["mask"], "metric": m, "shipped": a, "now": b,
                         "diff": b - a, "tolerance": tol, "seed_sd": sd,
