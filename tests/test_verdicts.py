@@ -106,6 +106,22 @@ def test_only_the_newest_job_is_read():
     assert {r["job"] for r in kept} == {"new", None} and len(kept) == 3
 
 
+def test_a_later_job_scored_against_the_same_reference_joins_the_newest_table():
+    """A job that values new methods against a shipped ground truth has the same seeds and
+    consensus as the job that computed it: its records join that table; a job with another
+    consensus never does."""
+    cons = {"values": [0.1, 0.2], "per_seed": [[0.1, 0.2]]}
+    first = [dict(rec("good", s, 0.6, 0.9, job="truth", ts="2026-01-01T00:00:00+00:00"), consensus=cons)
+             for s in range(3)]
+    later = [dict(rec("new", s, 0.3, 0.9, job="served", ts="2026-02-01T00:00:00+00:00"), consensus=cons)
+             for s in range(3)]
+    other = [dict(rec("odd", s, 0.3, 0.9, job="other", ts="2025-06-01T00:00:00+00:00"),
+                  consensus={"values": [0.2, 0.1]}) for s in range(3)]
+    kept = newest_jobs(first + later + other)
+    assert {r["job"] for r in kept} == {"truth", "served"}
+    assert {r["job"] for r in newest_jobs(first + other)} == {"truth"}
+
+
 def _lds(value, reps, ceiling=0.8):
     return {"lds": value, "replicates": list(reps), "ceiling": ceiling, "lo": min(reps), "hi": max(reps),
             "per_pair": [value] * 5}

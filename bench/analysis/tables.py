@@ -99,17 +99,26 @@ def tag_variants(records: list[dict]) -> list[dict]:
     return [{**r, "game": str(r.get("game")) + (f" · {var[id(r)]}" if var.get(id(r)) else "")} for r in records]
 
 
+def _reference(r: dict) -> str:
+    """What a record was scored against: its seeds and their consensus ground truth."""
+    return json.dumps([r.get("seeds"), r.get("consensus")], sort_keys=True)
+
+
 def newest_jobs(records: list[dict]) -> list[dict]:
-    """Only the newest job's records of every (experiment, game): a job's seeds are scored
-    against each other's consensus, so seeds of different jobs are never mixed. Records
-    written before jobs held seeds (no ``job`` key) are kept as they are."""
+    """Only the newest job's records of every (experiment, game), and those of other jobs
+    scored against the very same reference (same seeds, same consensus: e.g. a later job
+    that valued new methods against the shipped ground truth, ``docs/ground-truth.md``):
+    a job's seeds are scored against each other's consensus, so seeds of jobs with
+    different references are never mixed. Records written before jobs held seeds (no
+    ``job`` key) are kept as they are."""
     newest: dict = {}
     for r in records:
         if r.get("job"):
             k = (r.get("experiment"), r.get("game"))
-            t = (str(r.get("timestamp") or ""), r["job"])
+            t = (str(r.get("timestamp") or ""), r["job"], _reference(r))
             newest[k] = max(newest.get(k, t), t)
-    return [r for r in records if not r.get("job") or newest[(r.get("experiment"), r.get("game"))][1] == r["job"]]
+    return [r for r in records if not r.get("job") or newest[(r.get("experiment"), r.get("game"))][1] == r["job"]
+            or (r.get("consensus") is not None and newest[(r.get("experiment"), r.get("game"))][2] == _reference(r))]
 
 
 def summarize(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
