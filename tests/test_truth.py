@@ -204,3 +204,27 @@ def test_the_shipped_first_tables_canaries_reproduce_here(tmp_path, tiny_base, s
     assert code == 0, out + err
     n = 4 * len(json.loads((SHIPPED / "first" / T.MANIFEST).read_text())["canaries"])
     assert f"truth canary: {n}/{n} within" in out
+
+
+def test_weights_a_shipped_utility_lacks_are_trained_and_counted_as_a_fresh_fine_tune(fresh_cache, make_game,
+                                                                                         tmp_path, tiny_base,
+                                                                                         session_cache):
+    """Gradient methods need the grand coalition's weights; the table ships its utility,
+    not its weights: the valuer's cost says one fresh fine-tune, not a cached one."""
+    trained = make_game(fresh_cache)
+    trained.table()
+    T.export([trained], [], tmp_path / "t", "tiny", {"commit": "x"}, {})
+    root = tmp_path / "empty"
+    root.mkdir()
+    (root / "models").symlink_to(session_cache / "models", target_is_directory=True)
+    served = make_game(root)
+    served._shipped = T.load(tmp_path / "t")
+    full = 2 ** served.n - 1
+    with served.metered() as use:
+        assert served.utility(3) == trained.utility(3) and use.entries[3]["fresh"] is False
+        ft = served.finetuned(full)
+    assert ft.model is not None
+    assert use.entries[full]["fresh"] is True and use.fine_tunes() == 2 and use.busy_s > 0
+    with served.metered() as again:            # now cached: no second training
+        served.finetuned(full)
+    assert again.entries[full]["fresh"] is False

@@ -195,6 +195,7 @@ class Game(Metered):
         self._shipped = None
         self._base = None   # (model, tokenizer), loaded lazily in each process
         self._trained = {}  # id(stage) -> the model a fresh stage trained, until it is scored
+        self._fits = 0      # stages trained by this object (weights a shipped utility did not bring)
         self._init_meters()
 
     def _check_pack(self) -> None:
@@ -551,8 +552,15 @@ class Game(Metered):
         if not self.kept(mask):
             raise ValueError(f"coalition {mask}: the {self.kind} game keeps the weights of single owners and "
                              f"the grand coalition only; ask for one of those")
-        self.record(mask)                  # trains it if needed, counted and budgeted like any utility
-        return self.stages(mask)
+        rec = self.record(mask)            # trains it if needed, counted and budgeted like any utility
+        fits, t0 = self._fits, time.perf_counter()
+        chain = self.stages(mask)
+        if self._fits > fits:              # a shipped utility brings no weights: they were trained now,
+            dt = time.perf_counter() - t0  # a fresh fine-tune of this valuer's
+            self._trained.clear()
+            self._add_busy(dt)
+            self._note(mask, {**rec, "train_s": dt, "eval_s": 0.0}, True)
+        return chain
 
     def trained_model(self, mask: int):
         """A fresh copy of coalition ``mask``'s fine-tuned model (every stage merged),
@@ -643,6 +651,7 @@ class Game(Metered):
         if keep:
             self.cache.put_tensors("stage", key, stage)
         self._trained = {id(stage): trained}    # scored next, without rebuilding it from the base
+        self._fits += 1
         return stage
 
     def _compute(self, mask: int) -> dict:
