@@ -50,7 +50,7 @@ def attach_truth(spec: str, experiment: str, games: list, cpu: str | None = None
     line = T.drift_line(truth, drift)
     if line:
         print(line, flush=True)
-    return truth.summary(drift)
+    return {**truth.summary(drift), "folder": _rel(truth.folder)}      # relative to the repository when inside it
 
 
 def served_line(truth, games: list) -> str:
