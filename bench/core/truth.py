@@ -247,21 +247,12 @@ def export(games: list[Game], subsets: list[tuple[Game, Subset]], dest: str | Pa
         if g.definition() != game0.definition():
             raise ConfigError("truth export: the seeds' games differ in definition; export one game")
     rows, chosen, rejected = [], [], []
-    for g in games:
-        for m in range(2 ** g.n):
-            rec = g._lookup(m)
-            if rec is not None:
-                rows.append(_row(g, m, rec, "coalition"))
-                chosen.append(rec["logp_chosen"]), rejected.append(rec["logp_rejected"])
-    for g, m in extra:
-        rec = g._lookup(m)
+    items = [(g, m, "coalition") for g in games for m in range(2 ** g.n)] + \
+        [(g, m, "coalition") for g, m in extra] + [(g, s, "subset") for g, s in subsets]
+    for g, item, kind in items:
+        rec = g._lookup(item)
         if rec is not None:
-            rows.append(_row(g, m, rec, "coalition"))
-            chosen.append(rec["logp_chosen"]), rejected.append(rec["logp_rejected"])
-    for g, s in subsets:
-        rec = g._lookup(s)
-        if rec is not None:
-            rows.append(_row(g, s, rec, "subset"))
+            rows.append(_row(g, item, rec, kind))
             chosen.append(rec["logp_chosen"]), rejected.append(rec["logp_rejected"])
     if not rows:
         raise ConfigError(f"truth export: no utility of {experiment} is cached in {game0.cache_dir}; run the job (or "
