@@ -93,7 +93,7 @@ compare: $(STAMP)  ## compare the latest run with results/baselines (BASE=, EXP=
 	$(BIN)/python -m bench compare $(if $(EXP),--experiment $(EXP)) $(if $(BASE),--baseline $(BASE))
 
 report: $(STAMP)  ## tables + plots of results/runs into results/report.md (and results/report/*.png); the README's results from results/published (refuses records of a dirty tree unless ALLOW_DIRTY=1)
-	$(BIN)/python -m bench report --results results/published --readme README.md docs/results.md docs/internals.md docs/presets.md $(if $(ALLOW_DIRTY),--allow-dirty)
+	$(BIN)/python -m bench report --results results/published --readme README.md docs/results.md docs/internals.md docs/presets.md docs/ground-truth.md $(if $(ALLOW_DIRTY),--allow-dirty)
 	$(BIN)/python -m bench report --out results/report.md
 
 clean-cache:  ## delete caches (utilities, models, tokenizers)

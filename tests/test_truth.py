@@ -228,3 +228,14 @@ def test_weights_a_shipped_utility_lacks_are_trained_and_counted_as_a_fresh_fine
     with served.metered() as again:            # now cached: no second training
         served.finetuned(full)
     assert again.entries[full]["fresh"] is False
+
+
+def test_the_docs_table_of_shipped_truths_is_generated_from_the_manifests():
+    from bench.analysis.report import TRUTH_BEGIN, read_truths, truth_block
+    manifests = read_truths(SHIPPED)
+    block = truth_block(manifests)
+    assert len(manifests) == len([d for d in SHIPPED.iterdir() if d.is_dir()])
+    for m in manifests:
+        assert f"| `{m['experiment']}` |" in block
+    page = (REPO / "docs" / "ground-truth.md").read_text()
+    assert TRUTH_BEGIN in page and block in page, "docs/ground-truth.md is stale: run `make report`"

@@ -58,9 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.readme:
         from pathlib import Path
 
-        from bench.analysis.report import read_profiles, update_readme
+        from bench.analysis.report import read_profiles, read_truths, update_readme
         path = update_readme(args.readme, records, allow_dirty=args.allow_dirty, jobs=store.read_jobs(),
-                             profiles=read_profiles(Path(args.results) / "profile"))
+                             profiles=read_profiles(Path(args.results) / "profile"),
+                             truths=read_truths(Path(args.results) / "truth"))
         print(f"wrote {', '.join(map(str, path))}", file=sys.stderr)
         return 0
     print(format_leaderboard(records, markdown=args.markdown))
