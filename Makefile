@@ -32,8 +32,8 @@ venv: $(STAMP)  ## create .venv and install the project
 bench: $(STAMP)  ## fingerprint, the preset that fits (CPU: default), report + baseline candidate (PRESET= ARGS= STRICT=1)
 	$(BIN)/python -m bench hardware bench $(if $(PRESET),--preset $(PRESET)) $(if $(STRICT),--strict) -- $(ARGS)
 
-first: $(STAMP)  ## a first result in minutes: tiny tier, 3 owners, 2 seeds, 6 valuers, small per-pair LDS (experiment=first)
-	$(BIN)/python -m bench experiment=first $(ARGS)
+first: $(STAMP)  ## a first result in minutes: tiny tier, 3 owners, 2 seeds, 6 valuers, small per-pair LDS (experiment=first; trains its ground truth: truth=off)
+	$(BIN)/python -m bench experiment=first $(if $(findstring truth=,$(ARGS)),,truth=off) $(ARGS)
 
 bench-quick: $(STAMP)  ## tiny tier, 6 owners, 8 seeds, per-pair LDS (64 subsets x 2 LDS seeds); 6 seeds took ~30 min from an empty cache on 2 shared cores, 8 not yet timed
 	$(BIN)/python -m bench experiment=quick

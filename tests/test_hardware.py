@@ -258,7 +258,7 @@ def test_bench_without_baseline_writes_report_and_candidate(driver, capsys):
     rc = hardware.bench_main(None, ["--", "seed=0", f"results_dir={results}"])
     assert rc == 0
     assert fake.calls[0] == [sys.executable, "-m", "bench", "experiment=default", "seed=0",
-                             f"results_dir={results}"]
+                             f"results_dir={results}", "truth=off"]     # it measures this machine: no shipped truth
     assert fake.kinds() == ["experiment", "report"]          # no baseline: no compare
     assert fake.calls[1][fake.calls[1].index("--commit") + 1] == COMMIT
     assert (results / "report.md").read_text() == "# report\n"
@@ -302,7 +302,7 @@ def test_bench_failed_run_keeps_its_exit_status(driver, capsys):
     fake = make(run_rc=1)
     rc = hardware.bench_main("quick", [f"results_dir={results}", "n_jobs=2"])
     assert rc == 1
-    assert fake.calls[0][3:] == ["experiment=quick", f"results_dir={results}", "n_jobs=2"]
+    assert fake.calls[0][3:] == ["experiment=quick", f"results_dir={results}", "n_jobs=2", "truth=off"]
     assert fake.kinds() == ["experiment", "report", "compare"]   # still reported and compared
     assert not (results / "baselines" / f"{slug}.candidate.jsonl").exists()
     assert "no baseline candidate" in capsys.readouterr().err
@@ -418,7 +418,7 @@ def test_bench_on_several_gpus_runs_one_shard_per_gpu_then_assembles(driver, mon
     (shards,) = launched
     assert [c[3:6] for c in shards] == [["experiment=default_gpu", f"game.shard={i}/3", f"game.device=cuda:{i}"]
                                        for i in range(3)]
-    assert fake.calls[0][3:] == ["assemble", "experiment=default_gpu", f"results_dir={results}"]
+    assert fake.calls[0][3:] == ["assemble", "experiment=default_gpu", f"results_dir={results}", "truth=off"]
     assert "3 GPUs: the ground truth as 3 shards" in capsys.readouterr().out
 
     launched.clear()

@@ -201,6 +201,8 @@ def bench_main(preset: str | None, overrides: Sequence[str], strict: bool = Fals
     if _override(overrides, "experiment") is not None:
         fail("ARGS: experiment= is chosen by the preset; use make bench PRESET=<name> "
              "(python -m bench hardware bench --preset <name>)")
+    if _override(overrides, "truth") is None:   # it measures this machine: the ground truth is trained
+        overrides = [*overrides, "truth=off"]  # here, not served from results/published/truth/
     if preset:
         preset, why = check_preset(preset), "chosen by PRESET"
     fp = hardware_fingerprint(devices=True)
