@@ -211,3 +211,15 @@ def test_what_has_been_run_comes_from_the_records_and_job_summaries():
     assert "| smollm2-135m | 4 | 2 | 2 × AMD EPYC | abcdef1 | 2026-12-07 | 10.5 min (77 fine-tunes trained, 3 cached) |" \
         in rows[0]
     assert "| not recorded |" in runs_block(recs, [])
+
+
+def test_the_answer_table_sets_games_side_by_side_with_their_marks_against_random():
+    from bench.analysis.report import answer_block
+    six = [rec("good", s, 0.9, 0.95) for s in range(6)] + [rec("random", s, 0.01 * s, 0.95) for s in range(6)]
+    three = [dict(r, experiment="toy3", seeds=[0, 1, 2]) for r in six if r["seed"] < 3 and r["valuer"] == "good"]
+    three += [dict(rec("random", s, 0.0, 0.95), experiment="toy3", seeds=[0, 1, 2]) for s in range(3)]
+    three += [dict(rec("only3", s, 0.5, 0.95), experiment="toy3", seeds=[0, 1, 2]) for s in range(3)]
+    block = answer_block(six + three)
+    assert "| good | +0.90 + | +0.90 ? |" in block        # 6 seeds can show it; 3 seeds cannot (p >= 1/4)
+    assert "| only3 | not run | +0.50 ? |" in block
+    assert block.index("| good |") < block.index("| random |")
