@@ -97,6 +97,8 @@ CASES = {
     "the LDS seed count of older versions": (["lds.n_seeds=2"], "lds.n_seeds: replaced by lds.seeds", 2),
     "the single seed of older versions": (["seed=1"], "seed: replaced by seeds", 2),
     "malformed shard": (["game.shard=4/4"], "game.shard: '4/4' needs 0 <= i < k", 2),
+    "a truth folder that is not one": (["truth=results/nope"], "truth: 'results/nope' is neither auto, off nor a "
+                                                               "folder", 2),
     "pack below 1": (["game.pack=0"], "game.pack: 0; use a value >= 1", 2),
     "a GPU on a CPU build of torch": (["game.device=cuda"], "game.device: 'cuda' but this torch", 2),
     "pack above the coalitions": (["game.pack=8", "train.lora_r=8"], "game.pack: 8 is more than the 7 coalitions", 2),

@@ -76,5 +76,5 @@ def check_truth_setting(spec, experiment: str) -> None:
     folder, explicit = truth_folder(str(spec), experiment)
     if explicit and not (folder / T.MANIFEST).is_file():
         raise ConfigError(f"truth: {spec!r} is neither auto, off nor a folder with a {T.MANIFEST}; use truth=auto "
-                          f"(the shipped one of this experiment, if any), truth=off, or a folder "
-                          f"`python -m bench truth export` wrote")
+                          f"(the shipped one of this experiment, if any), truth=off, or a folder that "
+                          f"'python -m bench truth export' wrote")
