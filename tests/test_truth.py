@@ -239,3 +239,11 @@ def test_the_docs_table_of_shipped_truths_is_generated_from_the_manifests():
         assert f"| `{m['experiment']}` |" in block
     page = (REPO / "docs" / "ground-truth.md").read_text()
     assert TRUTH_BEGIN in page and block in page, "docs/ground-truth.md is stale: run `make report`"
+
+
+def test_show_says_what_is_shipped_and_whether_this_game_is_it(exported, smoke_run):
+    code, out, err = run_cli(["truth", "show", *smoke_args(smoke_run.results), f"truth={exported}"])
+    assert code == 0, err
+    assert "{'0': 8, '1': 8} of 8" in out and "this job's game: the same" in out and "drift from this machine: none" in out
+    code, out, err = run_cli(["truth", "show", *smoke_args(smoke_run.results), f"truth={exported}", "train.lr=0.002"])
+    assert code == 0 and "this job's game: another (train.lr=" in out
