@@ -82,8 +82,12 @@ def job_summary(by_valuer: dict[str, list[dict]]) -> str:
 
 def job_time(by_valuer: dict[str, list[dict]], jobs: list[dict]) -> str:
     """One sentence: the job's wall time and where it went, from its summary (``jobs``:
-    ``ResultsStore.read_jobs``), or that it was not recorded."""
+    ``ResultsStore.read_jobs``), or that it was not recorded. Of jobs scored against the same
+    reference, the one that computed the ground truth (its records were not served one)."""
     ids = {r.get("job") for rs in by_valuer.values() for r in rs} - {None}
+    served = {r.get("job") for rs in by_valuer.values() for r in rs if r.get("truth")}
+    if ids - served:                  # the job that computed the ground truth, not a later one served it
+        ids -= served
     mine = [j for j in jobs if j.get("job") in ids]
     if not mine:
         return "Job wall time: not recorded (this job ran before jobs wrote their summaries)."
@@ -261,7 +265,12 @@ def runs_block(records: list[dict], jobs: list[dict] | None = None) -> str:
         else:
             wall = "not recorded"
         seeds = r.get("seeds") or sorted({x.get("seed") for x in records if x.get("job") == r.get("job")})
-        rows.append(f"| {r.get('experiment')} | {r.get('game')} | {model} | {r.get('n_owners')} | {len(seeds)} | "
+        preset = str(r.get("experiment"))
+        if r.get("truth"):               # a job served the shipped ground truth: name what it added
+            added = sorted({x.get("valuer") for x in records if x.get("job") == r.get("job")}
+                           - {"random", "retrain_shapley"})
+            preset += f" ({', '.join(added)} against the shipped ground truth)"
+        rows.append(f"| {preset} | {r.get('game')} | {model} | {r.get('n_owners')} | {len(seeds)} | "
                     f"{hw.get('n_cpus', '?')} × {hw.get('cpu_name') or hw.get('cpu')}"
                     f"{' + ' + str(len(hw.get('gpus'))) + ' GPU' if hw.get('gpus') else ''} | "
                     f"{str(r.get('commit'))[:7]}{' (dirty)' if r.get('dirty') else ''} | "
