@@ -55,6 +55,14 @@ def _games(overrides: list[str], truth: str | None = None):
     return cfg, games, lds_games, lds_items(list(lds_games.values()), lds_cfg), lds_cfg
 
 
+def _shipped(cfg):
+    """(folder, loaded truth) the job's ``truth`` setting names (``off`` reads the shipped one)."""
+    from bench.core import truth as T
+    from bench.harness.truth import truth_folder
+    folder, _ = truth_folder(str(cfg.truth) if cfg.truth != "off" else "auto", str(cfg.experiment_name))
+    return folder, T.load(folder)
+
+
 def export(args) -> int:
     from pathlib import Path
 
@@ -88,10 +96,8 @@ def export(args) -> int:
 
 def show(args) -> int:
     from bench.core import truth as T
-    from bench.harness.truth import truth_folder
-    cfg, games, lds_games, items, _ = _games(args.overrides)
-    folder, _ = truth_folder(str(cfg.truth) if cfg.truth != "off" else "auto", str(cfg.experiment_name))
-    truth = T.load(folder)
+    cfg, games, _, _, _ = _games(args.overrides)
+    folder, truth = _shipped(cfg)
     g = next(iter(games.values()))
     why = T.mismatch(truth, g)
     c = truth.counts()
@@ -107,10 +113,8 @@ def show(args) -> int:
 
 def canary(args) -> int:
     from bench.core import truth as T
-    from bench.harness.truth import truth_folder
     cfg, games, _, _, _ = _games(args.overrides)
-    folder, _ = truth_folder(str(cfg.truth) if cfg.truth != "off" else "auto", str(cfg.experiment_name))
-    truth = T.load(folder)
+    _, truth = _shipped(cfg)
     why = T.mismatch(truth, next(iter(games.values())))
     if why:
         from bench.core.errors import ConfigError

@@ -300,11 +300,11 @@ class Game(Metered):
     def _lookup(self, item) -> dict | None:
         """The utility record of a coalition (mask) or ``Subset`` without computing it:
         from the shipped ground truth (``self._shipped``), else from the cache."""
-        if self._shipped is not None:
-            rec = self._shipped.get(self.definition_key(item))
-            if rec is not None:
-                return rec
-        return self.cache.get_json("utility", self._item_key(item))
+        return self._served(item) or self.cache.get_json("utility", self._item_key(item))
+
+    def _served(self, item) -> dict | None:
+        """The shipped record of an item, or None (no table, or not in it)."""
+        return self._shipped.get(self.definition_key(item)) if self._shipped is not None else None
 
     # ----------------------------------------------------------- public
     def utility(self, mask: int) -> float:
@@ -443,8 +443,7 @@ class Game(Metered):
         from contextlib import ExitStack
         out, by_key = [], {}
         for it in batch:
-            shipped = self._shipped.get(self.definition_key(it)) if self._shipped is not None else None
-            if shipped is not None or not self._trains(it):      # shipped, or the base: nothing to pack
+            if not self._trains(it) or self._served(it) is not None:      # the base, or shipped: nothing to pack
                 out.append((it, *self._get_or_compute(it)))
             else:
                 by_key.setdefault(self._item_key(it), []).append(it)

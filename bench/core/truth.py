@@ -183,8 +183,8 @@ def drift_of(truth: Truth, game: Game, hardware: str | None = None) -> dict:
     out = {}
     if d.get("code") != code_version():
         out["code"] = [d.get("code"), code_version()]
-    libs = {k: [v, library_versions().get(k)] for k, v in d.get("libraries", {}).items()
-            if library_versions().get(k) != v}
+    here = library_versions()
+    libs = {k: [v, here.get(k)] for k, v in d.get("libraries", {}).items() if here.get(k) != v}
     if libs:
         out["libraries"] = libs
     if d.get("device") != game.device_kind:
