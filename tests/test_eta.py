@@ -45,6 +45,19 @@ def test_the_valuers_time_comes_from_the_latest_job_on_this_hardware():
     assert history_valuer_s(recs, "quick", "h1", ["trak"], 3) is None
 
 
+def test_the_valuers_history_leaves_out_fetching_fine_tunes_and_a_served_job_prices_them():
+    """A served job's LoGra trains the grand coalition inside its "fine_tune" phase; the
+    next job's estimate must not take that as LoGra's own time and price it again."""
+    rec = _rec("a", "logra", 70.0)
+    rec["cost"]["phases"] = {"fine_tune": 50.0, "log_train": 20.0}
+    assert history_valuer_s([rec], "quick", "h1", ["logra"], seeds=3)[0] == pytest.approx(20.0 * 3)
+    line, total = estimate_line(Plan(45, 45, 0, 0), None, (60.0, "a"), 5.0, None, (3, 45.0))
+    assert total == pytest.approx(5 + 60 + 45) and "+ 3 fine-tunes of weights the valuers load ~45 s" in line
+    warm = Warm(n=1, pairs=10, wall_s=12.0, train_s=8.0)            # timed here: priced by the warm-up instead
+    _, total = estimate_line(Plan(45, 44, 0, 0, sizes=()), warm, (60.0, "a"), 5.0, None, (3, 45.0))
+    assert total == pytest.approx(5 + 0 + 60 + 3 * 12.0)
+
+
 def test_estimate_line_scales_training_with_the_pairs():
     """A fine-tune's training grows with its pairs, its scoring does not: the warm-up's one
     fine-tune of 10 pairs (8 s training + 4 s the rest) predicts 4 + 8 × 30 / 10 s for 30 pairs."""

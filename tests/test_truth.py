@@ -91,6 +91,34 @@ def test_a_job_on_an_empty_cache_is_served_the_ground_truth_and_trains_none_of_i
     assert job["trained"] == 0
 
 
+def test_a_served_job_trains_only_the_weights_its_valuers_load_and_says_so_first(exported, smoke_run, tmp_path):
+    """DPO arithmetic reads the owners' eval log-probs from the table (their weights'
+    meta is fixed by the game's definition): nothing trained. Influence loads the grand
+    coalition's weights, which a table does not carry: one fine-tune per seed, named in
+    the job's first lines and in the estimate, counted as the valuer's fresh fine-tune."""
+    cache = _fresh(tmp_path, smoke_run, "cache")
+    results = tmp_path / "r"
+    code, out, err = run_cli([*smoke_args(results, cache), f"truth={exported}",
+                              "valuer=[dpo_arithmetic,influence_naive]", "lds.n_subsets=0"])     # none shipped
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("[dvbench] ground truth: shipped in"), lines[:3]
+    assert lines[1] == ("[dvbench] not shipped: the weights the valuers load (influence_naive: the grand "
+                        "coalition × 2 seeds): 2 fine-tunes to train, metered as each valuer's own (a shipped "
+                        "truth carries utilities, not weights)"), lines[:3]
+    assert any("+ 2 fine-tunes of weights the valuers load" in ln for ln in lines if "estimate" in ln), out
+    old = {(r["valuer"], r["seed"]): r for r in smoke_run.records}
+    for r in read_records(results):
+        fresh = r["cost"]["fine_tunes"] - r["cost"]["fine_tunes_cached"]
+        if r["valuer"] == "dpo_arithmetic":
+            assert r["owner_values"] == old[("dpo_arithmetic", r["seed"])]["owner_values"]
+            assert fresh == 0 and r["cost"]["fine_tunes"] == 3           # the 3 owners' utilities, read
+        if r["valuer"] == "influence_naive":
+            assert fresh == 1 and r["cost"]["phases"]["fine_tune"] > r["cost"]["phases"]["load_model"]
+    # on disk: the grand coalition's stage per seed, no owner's
+    assert len(list((cache / "stage").rglob("*.pt"))) == 2
+
+
 def test_another_game_is_refused_when_named_and_retrained_under_auto(exported, smoke_run, tmp_path, monkeypatch):
     code, out, err = run_cli([*smoke_args(tmp_path / "r", _fresh(tmp_path, smoke_run, "c")), f"truth={exported}",
                               "train.lr=0.002", "valuer=[loo]"])

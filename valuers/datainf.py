@@ -41,7 +41,7 @@ import numpy as np
 from bench.core.settings import setting
 from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.settings import InfluenceSettings
-from valuers.influence.subject import grand_coalition
+from valuers.influence.subject import grand_coalition, grand_only
 from valuers.influence_naive import NaiveInfluence
 
 
@@ -84,6 +84,8 @@ def datainf_scores(train: list, pair_queries: list, mean_queries: list, damping_
 
 class DataInf:
     """DataInf influence of each training pair on the grand-coalition LoRA model's eval loss."""
+
+    models_needed = staticmethod(grand_only)     # the grand coalition's weights
 
     def __init__(self, name: str = "datainf", **settings):
         self.name = name

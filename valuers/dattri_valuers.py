@@ -63,7 +63,7 @@ from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.data import collate, unwrap
 from valuers.influence.per_example import dpo_margin, functional_row_logps, sft_logp
 from valuers.influence.settings import InfluenceSettings
-from valuers.influence.subject import grand_coalition, loss_inputs
+from valuers.influence.subject import grand_coalition, grand_only, loss_inputs
 from valuers.peers import require
 
 PROJ_TYPES = ("normal", "rademacher")      # dattri's CPU projectors (its sjlt needs CUDA and the sjlt package)
@@ -151,6 +151,8 @@ def _quiet(module):
 class _DattriValuer:
     settings_class: type
     default_name: str
+
+    models_needed = staticmethod(grand_only)     # the grand coalition's weights
 
     def __init__(self, name: str | None = None, **settings):
         self.name = name or self.default_name

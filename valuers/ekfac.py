@@ -71,7 +71,7 @@ from valuers.base import Budget, CostMeter, Valuation, owner_sums
 from valuers.influence.data import Batch, collate, example_losses, row_logps, unwrap
 from valuers.influence.settings import InfluenceSettings
 from valuers.influence.solve import PAIR_SCORES_RAM_BYTES
-from valuers.influence.subject import grand_coalition, loss_inputs
+from valuers.influence.subject import grand_coalition, grand_only, loss_inputs
 from valuers.peers import require
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
@@ -220,6 +220,8 @@ def _rmtree(path: Path) -> None:
 class EKFAC:
     """EK-FAC (or K-FAC / diagonal / identity) influence of each training example on
     each eval pair's loss, via Kronfluence. See the module docstring."""
+
+    models_needed = staticmethod(grand_only)     # the grand coalition's weights
 
     def __init__(self, name: str = "ekfac", **settings):
         self.name = name

@@ -37,7 +37,7 @@ from valuers.influence.per_example import per_example_gradients
 from valuers.influence.projection import dense_projections
 from valuers.influence.settings import InfluenceSettings
 from valuers.influence.solve import pair_and_mean_scores
-from valuers.influence.subject import grand_coalition, loss_inputs
+from valuers.influence.subject import grand_coalition, grand_only, loss_inputs
 
 HESSIANS = ("layer", "full")
 
@@ -53,6 +53,8 @@ class NaiveInfluenceSettings(InfluenceSettings):
 
 
 class NaiveInfluence:
+    models_needed = staticmethod(grand_only)     # the grand coalition's weights
+
     def __init__(self, name: str = "influence_naive", **settings):
         self.name = name
         self.where = f"valuer.{name}"

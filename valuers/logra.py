@@ -59,7 +59,7 @@ from valuers.influence.logs import LOG_FORMAT, GradientLogs, write_logs
 from valuers.influence.projection import eigen_projections, projection_shapes, random_projections
 from valuers.influence.settings import InfluenceSettings
 from valuers.influence.solve import pair_and_mean_scores
-from valuers.influence.subject import grand_coalition, loss_inputs
+from valuers.influence.subject import grand_coalition, grand_only, loss_inputs
 
 PROJECTIONS = ("random", "eigen")
 
@@ -79,6 +79,8 @@ class LoGraSettings(InfluenceSettings):
 class LoGra:
     """Projected-gradient influence of each training example on the eval loss of the
     grand-coalition model. See the module docstring for the formula and sign."""
+
+    models_needed = staticmethod(grand_only)     # the grand coalition's weights
 
     def __init__(self, name: str = "logra", **settings):
         self.name = name

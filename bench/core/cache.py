@@ -572,6 +572,10 @@ class DiskCache:
             return None
         return obj if isinstance(obj, dict) and obj.get("key") == key else None
 
+    def has_tensors(self, kind: str, key: str) -> bool:
+        """Whether a tensor blob is on disk (not read or checked: for plans and estimates)."""
+        return self._path(kind, key, "pt").is_file()
+
     def put_tensors(self, kind: str, key: str, obj: dict) -> None:
         import io
 

@@ -547,6 +547,21 @@ class Game(Metered):
         prefix; in the union game the single owners and the grand coalition)."""
         return mask != 0 and (self.kind == "sequential" or bin(mask).count("1") == 1 or mask == (1 << self.n) - 1)
 
+    def chain_masks(self, mask: int) -> list[int]:
+        """The coalitions whose stages make up ``mask``'s model: ``[mask]`` in the union
+        game, every sequential prefix (``mask`` last) in the sequential one."""
+        if mask == 0:
+            return []
+        if self.kind == "union":
+            return [mask]
+        ms = members(mask, self.n)
+        return [sum(1 << i for i in ms[:k]) for k in range(1, len(ms) + 1)]
+
+    def weights_to_train(self, mask: int) -> int:
+        """How many stages loading coalition ``mask``'s weights would train now: those of
+        its chain not on disk (a shipped ground truth carries utilities, not weights)."""
+        return sum(not self.cache.has_tensors("stage", self.key(m)) for m in self.chain_masks(mask))
+
     def _kept_stages(self, mask: int) -> list[dict]:
         if not self.kept(mask):
             raise ValueError(f"coalition {mask}: the {self.kind} game keeps the weights of single owners and "
@@ -561,6 +576,11 @@ class Game(Metered):
             self._note(mask, {**rec, "train_s": dt, "eval_s": 0.0}, True)
         return chain
 
+    def ensure_weights(self, mask: int) -> None:
+        """Coalition ``mask``'s utility and weights, trained now if missing (counted as a
+        fine-tune), so a valuer times fetching them apart from loading them."""
+        self._kept_stages(mask)
+
     def trained_model(self, mask: int):
         """A fresh copy of coalition ``mask``'s fine-tuned model (every stage merged),
         in eval mode, on the game's device."""
@@ -568,7 +588,16 @@ class Game(Metered):
 
     def coalition_meta(self, mask: int) -> dict | None:
         """What the coalition's weights were trained with (beta, base model,
-        tokenizer; see ``stage_meta``), or None for weights from before it was recorded."""
+        tokenizer; see ``stage_meta``), or None for weights from before it was recorded.
+        A coalition served by a shipped ground truth whose weights are not here is not
+        trained for this: the truth was matched on the game's definition (base model, task,
+        trainer settings with beta), which fixes the meta, so it is this game's own."""
+        if not self.kept(mask):
+            raise ValueError(f"coalition {mask}: the {self.kind} game keeps the weights of single owners and "
+                             f"the grand coalition only; ask for one of those")
+        if self._served(mask) is not None and self.weights_to_train(mask):
+            self.record(mask)                  # the utility read is metered as before
+            return self.stage_meta()
         return self._kept_stages(mask)[-1].get("meta")
 
     def finetuned(self, mask: int, dtype=torch.float32, device=None) -> Finetuned:

@@ -164,17 +164,22 @@ class CostMeter:
     @contextmanager
     def phase(self, name: str, own_compute: bool = False, cpu_only: bool = False):
         """Time a phase; ``own_compute``: work the game did not count; ``cpu_only``: it runs
-        on the CPU whatever the game's device (reported apart from GPU time)."""
-        t0 = time.perf_counter()
+        on the CPU whatever the game's device (reported apart from GPU time). Fine-tunes the
+        game trains inside an own phase (weights a shipped table does not carry, loaded
+        there) are the game's count, not the valuer's own: left out of ``_own_s``."""
+        t0, busy0 = time.perf_counter(), self._busy()
         try:
             yield
         finally:
             dt = time.perf_counter() - t0
             self.phases[name] = self.phases.get(name, 0.0) + dt
             if own_compute:     # work not already counted as a game utility
-                self._own_s += dt
+                self._own_s += max(dt - (self._busy() - busy0), 0.0)
             if cpu_only:
                 self._cpu_only_s += dt
+
+    def _busy(self) -> float:
+        return float(getattr(getattr(self.game, "usage", None), "busy_s", 0.0) or 0.0)
 
     def add_own(self, seconds: float) -> None:
         """Charge compute done earlier and reused now (e.g. cached embeddings), so the
@@ -223,6 +228,7 @@ class GameView(Protocol):
     def subset_utilities(self, subsets) -> np.ndarray: ...
     def subset_record(self, pairs) -> dict: ...
     def base(self) -> tuple: ...
+    def ensure_weights(self, mask: int) -> None: ...
     def trained_model(self, mask: int): ...
     def coalition_meta(self, mask: int) -> dict | None: ...
     def stage_meta(self) -> dict: ...
@@ -238,7 +244,11 @@ GAME_VIEW = tuple(n for n in list(GameView.__annotations__) + [
 
 class Valuer(Protocol):
     """A valuation method. ``value`` is the method; ``check(game)`` (optional) raises
-    ConfigError for settings that do not fit the game, before anything is trained."""
+    ConfigError for settings that do not fit the game, before anything is trained;
+    ``models_needed(n)`` (optional; none if absent) lists the coalitions whose trained
+    weights ``value`` loads (``finetuned``/``trained_model``), not only their utilities: a
+    shipped ground truth carries utilities, not weights, so a job served one trains these,
+    says so in its first lines and counts them in its estimate (``harness.truth``)."""
     name: str
 
     def value(self, game: GameView, budget: Budget) -> Valuation: ...

@@ -118,12 +118,17 @@ def warm_up(games: list) -> Warm | None:
     return None
 
 
+# a valuer's phases that fetch coalitions' fine-tunes through the game (read when cached or
+# shipped, trained when not): left out of its history time, as the plan prices them itself
+FETCH_PHASES = ("fine_tune", "owner_fine_tunes")
+
+
 def history_valuer_s(records: list[dict], experiment: str, hardware_id: str | None, valuers: list[str],
                   seeds: int) -> tuple[float, str] | None:
     """The valuers' wall time in the latest earlier job of ``experiment`` on this hardware
     (each record's ``cost.wall_s``: its own work plus any fine-tune it asked for beyond the
-    ground truth, e.g. SHED's proxy sets), per valuer and seed, scaled to this job's
-    ``seeds``: (seconds, that job's id), or None."""
+    ground truth, e.g. SHED's proxy sets, less its ``FETCH_PHASES``), per valuer and seed,
+    scaled to this job's ``seeds``: (seconds, that job's id), or None."""
     mine = [r for r in records if r.get("experiment") == experiment and r.get("status") == "ok"
             and (r.get("cost") or {}).get("wall_s") is not None and r.get("job")
             and (r.get("hardware") or {}).get("id") == hardware_id]
@@ -133,7 +138,9 @@ def history_valuer_s(records: list[dict], experiment: str, hardware_id: str | No
     per = {}
     for r in mine:
         if r["job"] == job:
-            per.setdefault(r["valuer"], []).append(float(r["cost"]["wall_s"]))
+            phases = r["cost"].get("phases") or {}
+            fetch = sum(float(phases.get(p) or 0.0) for p in FETCH_PHASES)
+            per.setdefault(r["valuer"], []).append(max(float(r["cost"]["wall_s"]) - fetch, 0.0))
     known = [v for v in valuers if v in per]
     if not known:
         return None
@@ -168,12 +175,20 @@ def plan_line(plan: Plan, seeds: int, n: int, lds_seeds: int, n_subsets: int) ->
 
 
 def estimate_line(plan: Plan, warm: Warm | None, own: tuple[float, str] | None,
-                  elapsed_s: float, harness: tuple[float, str] | None = None) -> tuple[str, float | None]:
+                  elapsed_s: float, harness: tuple[float, str] | None = None,
+                  weights: tuple[int, float] | None = None) -> tuple[str, float | None]:
     """The estimate line and the estimated wall seconds of the whole job (None: nothing
     measured); ``plan``: what is left after the warm-up; ``own``: the valuers' time and
-    ``harness``: the harness's own work, both from an earlier job on this hardware."""
+    ``harness``: the harness's own work, both from an earlier job on this hardware;
+    ``weights``: (fine-tunes, seconds) of the weights a served job's valuers load, priced
+    by the shipped truth's seconds (or by the warm-up's, when this job timed one)."""
     own_s, own_txt = (own[0], f"valuers ~{fmt_s(own[0])} (their wall time in job {own[1]} on this hardware)") if own \
         else (0.0, "the valuers' time unknown (no earlier job of this experiment on this hardware)")
+    if weights and weights[0]:
+        n_w, w_s = weights[0], (warm.wall_s / warm.n * weights[0] if warm else weights[1])
+        own_s += w_s
+        own_txt += (f" + {n_w} fine-tunes of weights the valuers load ~{fmt_s(w_s)} "
+                    f"({'as timed here' if warm else 'the shipped truth’s seconds for them'})")
     if harness:
         own_s += harness[0]
         own_txt += f" + harness ~{fmt_s(harness[0])} (job {harness[1]})"

@@ -47,7 +47,7 @@ from bench.core.valuation import Budget, BudgetExhausted, Valuation
 from bench.analysis.verdicts import fidelity_ci, verdict_tables
 from bench.harness.build import build_game, build_task, build_valuer, check_trainable
 from bench.harness.checks import check_config
-from bench.harness.truth import attach_truth
+from bench.harness.truth import attach_truth, weights_line, weights_seconds, weights_to_train
 from bench.harness.eta import estimate_line, history_harness_s, history_valuer_s, plan_line, plan_of, warm_up
 from bench.tracking import REPO_DIR, ResultsStore, SafeLogger, WandbLogger, provenance, sweep_group, to_jsonable
 from bench.tracking.schema import VERSION
@@ -239,6 +239,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     lds_games = {int(s): game.with_seed(int(s)) for s in lds_cfg["seeds"]} if lds_cfg["n_subsets"] else {}
     base["truth"] = attach_truth(cfg.get("truth", "auto"), str(cfg.experiment_name),
                                  [*games.values(), *lds_games.values()], base["hardware"].get("cpu"))
+    weights = weights_to_train(built, list(games.values())) if base["truth"] else {}
+    if weights:
+        print(weights_line(weights), flush=True)
     print(f"[dvbench] {cfg.experiment_name}: {part.n_owners} owners {part.sizes()}, game={game.kind}, "
           f"metric={game.metric}, seeds={seeds}, model={cfg.model.name}, n_jobs={cfg.n_jobs}"
           + (f", precision={game.train.precision}" if game.train.precision != "fp32" else ""))
@@ -269,7 +272,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
             if shard is None:                # the plan and the estimate, before any other fine-tune
                 estimate_s = announce(list(games.values()), list(lds_games.values()), lds_cfg, store,
                                       str(cfg.experiment_name), base["hardware"].get("id"), list(built),
-                                      time.time() - t_start)
+                                      time.time() - t_start, weights_seconds(weights) if weights else None)
                 at = process_age_s()          # on the clock of the summary's wall_s
                 estimate_at = (at if at is not None else time.time() - t_start, sum(u.busy_s for u in job_uses))
             exacts = {s: exact_shapley(g) for s, g in games.items()}
@@ -372,9 +375,10 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
 
 
 def announce(games: list, lds_games: list, lds_cfg: dict, store, experiment: str, hardware_id: str | None,
-             valuers: list[str], elapsed_s: float) -> float | None:
+             valuers: list[str], elapsed_s: float, weights: tuple[int, float] | None = None) -> float | None:
     """Print the plan (fine-tunes per phase, cached or not), train and time the warm-up
-    batch, print the estimate (``bench.harness.eta``); returns the estimated wall seconds."""
+    batch, print the estimate (``bench.harness.eta``); returns the estimated wall seconds.
+    ``weights``: (fine-tunes, shipped seconds) of the weights a served job's valuers load."""
     plan = plan_of(games, lds_games, lds_cfg)
     print(plan_line(plan, len(games), games[0].n, len(lds_games), lds_cfg.get("n_subsets") or 0), flush=True)
     t0 = time.time()
@@ -385,7 +389,8 @@ def announce(games: list, lds_games: list, lds_cfg: dict, store, experiment: str
                            len(games))
     harness = history_harness_s([j for st in stores for j in st.read_jobs()], experiment, hardware_id)
     left = plan_of(games, lds_games, lds_cfg) if warm else plan      # what the warm-up left to train
-    line, total = estimate_line(left, warm, own, elapsed_s + time.time() - t0, harness)     # the warm-up's time included
+    line, total = estimate_line(left, warm, own, elapsed_s + time.time() - t0, harness,     # the warm-up's time included
+                                weights)
     print(line, flush=True)
     return total
 

@@ -78,3 +78,49 @@ def check_truth_setting(spec, experiment: str) -> None:
         raise ConfigError(f"truth: {spec!r} is neither auto, off nor a folder with a {T.MANIFEST}; use truth=auto "
                           f"(the shipped one of this experiment, if any), truth=off, or a folder that "
                           f"'python -m bench truth export' wrote")
+
+
+def weights_to_train(built: dict, games: list) -> dict[str, list[tuple]]:
+    """What a served job's valuers must train beyond the shipped table: per valuer (of
+    ``built``, ``{name: (valuer, config)}``), the (game, mask) pairs whose weights it loads
+    (its ``models_needed``) that are served from the table (a table carries utilities, not
+    weights) and whose stages are not on disk. A stage two valuers need is trained once."""
+    out = {}
+    for name, (valuer, _) in built.items():
+        need = getattr(valuer, "models_needed", None)
+        if need is None:
+            continue
+        todo = [(g, m) for g in games for m in need(g.n) if g._served(m) is not None and g.weights_to_train(m)]
+        if todo:
+            out[name] = todo
+    return out
+
+
+def weights_line(todo: dict[str, list[tuple]]) -> str | None:
+    """One line naming the fine-tunes a served job trains for its valuers (None: none)."""
+    if not todo:
+        return None
+    parts, fits = [], set()
+    for name, items in todo.items():
+        n = items[0][0].n
+        masks = sorted({m for _, m in items})
+        what = ("the grand coalition" if masks == [(1 << n) - 1] else
+                f"the {len(masks)} single owners" if all(bin(m).count("1") == 1 for m in masks) else
+                f"{len(masks)} coalitions")
+        parts.append(f"{name}: {what} × {len({g.seed for g, _ in items})} seeds")
+        fits |= {(g.seed, g.key(m)) for g, m in items for m in g.chain_masks(m) if g.weights_to_train(m)}
+    return (f"[dvbench] not shipped: the weights the valuers load ({'; '.join(parts)}): {len(fits)} fine-tunes "
+            f"to train, metered as each valuer's own (a shipped truth carries utilities, not weights)")
+
+
+def weights_seconds(todo: dict[str, list[tuple]]) -> tuple[int, float]:
+    """(fine-tunes, seconds) of what ``weights_to_train`` found, priced by the shipped
+    truth's own train + eval seconds of each coalition (measured where it was computed)."""
+    seen = {}
+    for items in todo.values():
+        for g, m in items:
+            for c in g.chain_masks(m):
+                rec = g._served(c) or {}
+                if g.weights_to_train(c):
+                    seen[(g.seed, g.key(c))] = float(rec.get("train_s") or 0.0) + float(rec.get("eval_s") or 0.0)
+    return len(seen), sum(seen.values())

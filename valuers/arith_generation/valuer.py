@@ -262,6 +262,11 @@ class GenerationSettings(Settings):
 
 
 class DPOArithmeticGeneration:
+    @staticmethod
+    def models_needed(n: int) -> list[int]:
+        """The single-owner models it samples from."""
+        return [1 << i for i in range(n)]
+
     def __init__(self, name: str = "dpo_arithmetic_gen", **settings):
         self.name = name
         self.settings = s = GenerationSettings.of(settings, prefix=f"valuer.{name}")
@@ -310,7 +315,7 @@ class DPOArithmeticGeneration:
         with meter.phase("owner_fine_tunes"):       # the game's log carries their compute
             game.prefetch(singles)
             for m in singles:
-                game.record(m)
+                game.ensure_weights(m)
         with meter.phase("materialize", own_compute=True):
             base, tok = game.base()
             base.eval()

@@ -80,14 +80,19 @@ def load_subject(game, dtype: str = "float32", device: str | None = None) -> Sub
                    key=ft.key, kind=ft.kind, budget_check=game.check_budget, reference_key=ft.reference_key)
 
 
+def grand_only(n: int) -> list[int]:
+    """``models_needed`` of every influence valuer: the grand coalition's weights."""
+    return [(1 << n) - 1]
+
+
 def grand_coalition(game, meter, settings, where: str):
     """(subject, watched layers): the prologue every influence valuer shares. v(N) is logged
     (its fine-tune trained through the game if missing, charged to ``meter``'s "fine_tune"
     phase), then the model is loaded in ``settings.dtype`` on ``settings.device`` and its
     layers picked by ``settings.layers`` ("load_model", the valuer's own compute)."""
     from valuers.influence.layers import watched_layers
-    with meter.phase("fine_tune"):
-        game.record((1 << game.n) - 1)        # v(N): logged (and trained if missing) by the game
+    with meter.phase("fine_tune"):            # v(N) and its weights: logged (and trained if missing) by the game
+        game.ensure_weights((1 << game.n) - 1)
     with meter.phase("load_model", own_compute=True):
         subject = load_subject(game, settings.dtype, settings.device)
         layers = watched_layers(subject.model, settings.layers, where)
