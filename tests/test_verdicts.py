@@ -223,3 +223,22 @@ def test_the_answer_table_sets_games_side_by_side_with_their_marks_against_rando
     assert "| good | +0.90 + | +0.90 ? |" in block        # 6 seeds can show it; 3 seeds cannot (p >= 1/4)
     assert "| only3 | not run | +0.50 ? |" in block
     assert block.index("| good |") < block.index("| random |")
+
+
+def test_tier_agreement_is_one_for_the_same_ranking_minus_one_for_its_reverse_and_uncertain_with_noise():
+    from bench.analysis.report import agreement_lines, tier_agreement
+    levels = {"a": 0.9, "b": 0.6, "c": 0.3, "d": 0.0, "random": -0.1}
+    tiny = {v: [rec(v, s, x, 0.9) for s in range(6)] for v, x in levels.items()}
+    same = {v: [rec(v, s, x / 2, 0.9) for s in range(3)] for v, x in levels.items()}
+    rev = {v: [rec(v, s, -x, 0.9) for s in range(3)] for v, x in levels.items()}
+    up = tier_agreement(tiny, same)
+    assert up["rho"] == pytest.approx(1.0) and up["lo"] == pytest.approx(up["hi"]) == pytest.approx(1.0)
+    assert up["seeds"] == (6, 3)                                       # no seed spread: a zero-width interval
+    assert tier_agreement(tiny, rev)["rho"] == pytest.approx(-1.0)
+    noisy = {v: [rec(v, s, x + (0.8 if s == 0 else -0.4), 0.9) for s in range(3)] for v, x in levels.items()}
+    noisy["a"] = [rec("a", s, [0.9, -0.9, 0.0][s], 0.9) for s in range(3)]      # one valuer all over the place
+    n = tier_agreement(tiny, noisy)
+    assert n["lo"] < n["rho"] <= n["hi"] and n["lo"] < 0.9
+    assert tier_agreement({"a": tiny["a"]}, {"a": same["a"]}) is None            # too few valuers to rank
+    line = agreement_lines({("graded", "union"): tiny, ("graded_smollm2", "union"): same})[0]
+    assert "Spearman ρ of the 5 valuers' mean fidelities +1.00 [+1.00, +1.00]" in line
