@@ -489,3 +489,19 @@ def test_published_runs_fit_their_size_budget_and_every_shared_file_matches_its_
     assert set(files) == named
     for name, data in files.items():
         assert name == shared_name(name.split("-")[0], data)
+
+
+def test_what_a_job_writes_under_the_default_results_dir_leaves_the_tree_clean():
+    """A fresh clone's first job writes results/{runs,jobs,shared,lds,plots,cache,...}; if git
+    saw any of it, every later job's records would say "made from a dirty tree" (found when a
+    fresh clone's second job was). The venv may be a folder or a link."""
+    import subprocess
+    from bench.tracking.store import ResultsStore
+    root = Path(__file__).resolve().parents[1]
+    store = ResultsStore(root / "results")
+    written = [store.runs / "x.jsonl", store.shared / "x.json", store.root / "jobs" / "x.jsonl",
+               store.root / "lds" / "x.npz", store.root / "plots" / "x.png", store.root / "cache" / "x",
+               store.root / "wandb" / "x", root / ".venv"]
+    paths = [str(p.relative_to(root)) for p in written]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert sorted(out.stdout.split()) == sorted(paths), f"not ignored: {sorted(set(paths) - set(out.stdout.split()))}"
