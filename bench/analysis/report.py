@@ -70,14 +70,18 @@ def job_summary(by_valuer: dict[str, list[dict]]) -> str:
     compute = sum((x.get("cost") or {}).get("device_s") or 0 for x in exact)
     hw = r.get("hardware") or {}
     vals = ", ".join(f"{v:+.3f} ± {e:.3f}" for v, e in zip(c["values"], c["se"]))
+    t = (exact[0] if exact else r).get("truth")
+    where = (f"commit {str(r.get('commit'))[:7]}{' (dirty)' if r.get('dirty') else ''}, {hw.get('n_cpus', '?')} × "
+             f"{hw.get('cpu_name') or hw.get('cpu')}{', ' + str(len(hw.get('gpus') or [])) + ' GPU' if hw.get('gpus') else ''}"
+             if not t else f"shipped in `{t.get('folder')}`, computed at commit {str(t.get('commit'))[:7]} and served "
+                           f"to this job" + (f" (drift: {', '.join(sorted(t.get('drift') or {}))})" if t.get("drift")
+                                             else ""))
     return (f"Consensus exact Shapley over seeds {c['seeds']} (mean ± SE per owner): {vals}. "
             f"Seed-to-seed ρ {s2s['mean']:.2f}, split-half ρ {c['split_half_spearman']:.2f}. "
             f"Planted corrupted share per owner: {[round(x, 2) for x in planted.get('corruption') or []]}; "
             f"duplicates {planted.get('duplicate_pairs')}, near-duplicates {planted.get('near_duplicate_pairs')}. "
             f"Ground truth: {len(c['seeds'])} × {2 ** n - 1} coalition fine-tunes, {compute / 60:.1f} min of "
-            f"compute from scratch (train + eval, summed over fine-tunes); commit {str(r.get('commit'))[:7]}"
-            f"{' (dirty)' if r.get('dirty') else ''}, {hw.get('n_cpus', '?')} × {hw.get('cpu_name') or hw.get('cpu')}"
-            f"{', ' + str(len(hw.get('gpus') or [])) + ' GPU' if hw.get('gpus') else ''}.")
+            f"compute from scratch (train + eval, summed over fine-tunes); {where}.")
 
 
 def job_time(by_valuer: dict[str, list[dict]], jobs: list[dict]) -> str:
