@@ -547,6 +547,11 @@ class Game(Metered):
         prefix; in the union game the single owners and the grand coalition)."""
         return mask != 0 and (self.kind == "sequential" or bin(mask).count("1") == 1 or mask == (1 << self.n) - 1)
 
+    def _check_kept(self, mask: int) -> None:
+        if not self.kept(mask):
+            raise ValueError(f"coalition {mask}: the {self.kind} game keeps the weights of single owners and "
+                             f"the grand coalition only; ask for one of those")
+
     def chain_masks(self, mask: int) -> list[int]:
         """The coalitions whose stages make up ``mask``'s model: ``[mask]`` in the union
         game, every sequential prefix (``mask`` last) in the sequential one."""
@@ -563,9 +568,7 @@ class Game(Metered):
         return sum(not self.cache.has_tensors("stage", self.key(m)) for m in self.chain_masks(mask))
 
     def _kept_stages(self, mask: int) -> list[dict]:
-        if not self.kept(mask):
-            raise ValueError(f"coalition {mask}: the {self.kind} game keeps the weights of single owners and "
-                             f"the grand coalition only; ask for one of those")
+        self._check_kept(mask)
         rec = self.record(mask)            # trains it if needed, counted and budgeted like any utility
         fits, t0 = self._fits, time.perf_counter()
         chain = self.stages(mask)
@@ -592,9 +595,7 @@ class Game(Metered):
         A coalition served by a shipped ground truth whose weights are not here is not
         trained for this: the truth was matched on the game's definition (base model, task,
         trainer settings with beta), which fixes the meta, so it is this game's own."""
-        if not self.kept(mask):
-            raise ValueError(f"coalition {mask}: the {self.kind} game keeps the weights of single owners and "
-                             f"the grand coalition only; ask for one of those")
+        self._check_kept(mask)
         if self._served(mask) is not None and self.weights_to_train(mask):
             self.record(mask)                  # the utility read is metered as before
             return self.stage_meta()

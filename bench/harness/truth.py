@@ -96,11 +96,24 @@ def weights_to_train(built: dict, games: list) -> dict[str, list[tuple]]:
     return out
 
 
+def _stages(todo: dict[str, list[tuple]]) -> dict[tuple, float]:
+    """The distinct stages ``todo`` trains ((seed, stage key) -> the shipped train + eval
+    seconds of its coalition): a stage two valuers or two twin coalitions need counts once."""
+    seen = {}
+    for items in todo.values():
+        for g, m in items:
+            for c in g.chain_masks(m):
+                if g.weights_to_train(c):
+                    rec = g._served(c) or {}
+                    seen[(g.seed, g.key(c))] = float(rec.get("train_s") or 0.0) + float(rec.get("eval_s") or 0.0)
+    return seen
+
+
 def weights_line(todo: dict[str, list[tuple]]) -> str | None:
     """One line naming the fine-tunes a served job trains for its valuers (None: none)."""
     if not todo:
         return None
-    parts, fits = [], set()
+    parts = []
     for name, items in todo.items():
         n = items[0][0].n
         masks = sorted({m for _, m in items})
@@ -108,19 +121,12 @@ def weights_line(todo: dict[str, list[tuple]]) -> str | None:
                 f"the {len(masks)} single owners" if all(bin(m).count("1") == 1 for m in masks) else
                 f"{len(masks)} coalitions")
         parts.append(f"{name}: {what} × {len({g.seed for g, _ in items})} seeds")
-        fits |= {(g.seed, g.key(m)) for g, m in items for m in g.chain_masks(m) if g.weights_to_train(m)}
-    return (f"[dvbench] not shipped: the weights the valuers load ({'; '.join(parts)}): {len(fits)} fine-tunes "
+    return (f"[dvbench] not shipped: the weights the valuers load ({'; '.join(parts)}): {len(_stages(todo))} fine-tunes "
             f"to train, metered as each valuer's own (a shipped truth carries utilities, not weights)")
 
 
 def weights_seconds(todo: dict[str, list[tuple]]) -> tuple[int, float]:
     """(fine-tunes, seconds) of what ``weights_to_train`` found, priced by the shipped
     truth's own train + eval seconds of each coalition (measured where it was computed)."""
-    seen = {}
-    for items in todo.values():
-        for g, m in items:
-            for c in g.chain_masks(m):
-                rec = g._served(c) or {}
-                if g.weights_to_train(c):
-                    seen[(g.seed, g.key(c))] = float(rec.get("train_s") or 0.0) + float(rec.get("eval_s") or 0.0)
+    seen = _stages(todo)
     return len(seen), sum(seen.values())
